@@ -1,13 +1,22 @@
 //! tango-core owns the model of tango-rs (jobs, machines, input files,
 //! traces), the [`Vmms`] trait every backend implements, the [`Store`] trait
 //! the engine persists through, the job engine (queue, dispatcher, pools,
-//! worker steps, retries, callback outbox) and the output-file format.
+//! worker steps, retries, callback outbox), the data directory layout and
+//! the output-file format.
 //!
 //! It knows nothing of HTTP servers, SQL or any particular backend.
 
+pub mod config;
+pub mod engine;
+pub mod files;
 pub mod model;
 pub mod names;
+pub mod output;
+pub mod store;
 pub mod vmms;
 
+pub use config::{EngineConfig, Timeouts};
+pub use engine::{CallbackSender, Engine, EngineError, NewJob};
 pub use model::*;
+pub use store::{OutboxEntry, Store, StoreError};
 pub use vmms::*;

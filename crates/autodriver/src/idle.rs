@@ -1,0 +1,43 @@
+//! `--idle`: a container's PID 1. Sleeps, reaps every child that exits
+//! (orphans of `docker exec` sessions end up here), exits 0 on SIGTERM or
+//! SIGINT.
+
+use std::io;
+
+pub fn run() -> io::Result<()> {
+    // Blocked signals stay pending even for PID 1 (which the kernel
+    // otherwise spares from signals it has no handler for), and
+    // sigwaitinfo takes them synchronously.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for signal in [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT] {
+            libc::sigaddset(&mut set, signal);
+        }
+    }
+    crate::sys::check(unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) })?;
+    loop {
+        reap_all();
+        let signal = unsafe { libc::sigwaitinfo(&set, std::ptr::null_mut()) };
+        if signal < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if signal == libc::SIGTERM || signal == libc::SIGINT {
+            reap_all();
+            return Ok(());
+        }
+    }
+}
+
+fn reap_all() {
+    loop {
+        let mut status = 0;
+        if unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } <= 0 {
+            return;
+        }
+    }
+}

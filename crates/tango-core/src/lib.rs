@@ -13,7 +13,12 @@ pub mod model;
 pub mod names;
 pub mod output;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod vmms;
+
+#[cfg(test)]
+mod engine_tests;
 
 pub use config::{EngineConfig, Timeouts};
 pub use engine::{CallbackSender, Engine, EngineError, NewJob};

@@ -1,0 +1,290 @@
+//! In-memory stand-ins for unit tests of the engine's logic: a store, a
+//! VMMS whose behaviour a test scripts, and a callback recorder. Real
+//! backends and the SQLite store have tests of their own against the real
+//! thing.
+
+use crate::engine::CallbackSender;
+use crate::model::{parse_machine_name, InputFile, Job, JobId, JobState, Machine};
+use crate::store::{OutboxEntry, Store, StoreError};
+use crate::vmms::{RunOutcome, RunRequest, RunStatus, Vmms, VmmsError};
+use async_trait::async_trait;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+#[derive(Default)]
+pub struct MemoryStore {
+    job_seq: AtomicU64,
+    vm_seq: AtomicU64,
+    jobs: Mutex<BTreeMap<JobId, Job>>,
+    files: Mutex<HashMap<(String, String), String>>,
+    outbox: Mutex<BTreeMap<JobId, OutboxEntry>>,
+}
+
+impl Store for MemoryStore {
+    fn next_job_id(&self) -> Result<JobId, StoreError> {
+        Ok(self.job_seq.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+    fn next_vm_id(&self) -> Result<u64, StoreError> {
+        Ok(self.vm_seq.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+    fn save_job(&self, job: &Job) -> Result<(), StoreError> {
+        self.jobs.lock().unwrap().insert(job.id, job.clone());
+        Ok(())
+    }
+    fn finish_job(&self, job: &Job, callback: Option<&OutboxEntry>) -> Result<(), StoreError> {
+        self.save_job(job)?;
+        if let Some(entry) = callback {
+            self.outbox_update(entry)?;
+        }
+        Ok(())
+    }
+    fn get_job(&self, id: JobId) -> Result<Option<Job>, StoreError> {
+        Ok(self.jobs.lock().unwrap().get(&id).cloned())
+    }
+    fn jobs_in_states(
+        &self,
+        states: &[JobState],
+        limit: Option<usize>,
+    ) -> Result<Vec<Job>, StoreError> {
+        let jobs: Vec<Job> = self
+            .jobs
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|j| states.contains(&j.state))
+            .cloned()
+            .collect();
+        let skip = limit.map(|l| jobs.len().saturating_sub(l)).unwrap_or(0);
+        Ok(jobs.into_iter().skip(skip).collect())
+    }
+    fn set_file(&self, dir: &str, name: &str, md5: &str) -> Result<(), StoreError> {
+        self.files
+            .lock()
+            .unwrap()
+            .insert((dir.into(), name.into()), md5.into());
+        Ok(())
+    }
+    fn file_md5(&self, dir: &str, name: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .files
+            .lock()
+            .unwrap()
+            .get(&(dir.to_string(), name.to_string()))
+            .cloned())
+    }
+    fn files(&self, dir: &str) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(self
+            .files
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|((d, _), _)| d == dir)
+            .map(|((_, n), m)| (n.clone(), m.clone()))
+            .collect())
+    }
+    fn outbox_due(&self, now_ms: i64, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
+        Ok(self
+            .outbox
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|e| e.next_attempt_ms <= now_ms)
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+    fn outbox_next_due(&self) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .outbox
+            .lock()
+            .unwrap()
+            .values()
+            .map(|e| e.next_attempt_ms)
+            .min())
+    }
+    fn outbox_update(&self, entry: &OutboxEntry) -> Result<(), StoreError> {
+        self.outbox
+            .lock()
+            .unwrap()
+            .insert(entry.job_id, entry.clone());
+        Ok(())
+    }
+    fn outbox_remove(&self, job_id: JobId) -> Result<(), StoreError> {
+        self.outbox.lock().unwrap().remove(&job_id);
+        Ok(())
+    }
+    fn outbox_len(&self) -> Result<usize, StoreError> {
+        Ok(self.outbox.lock().unwrap().len())
+    }
+}
+
+/// What the fake backend should do on its next calls.
+#[derive(Default)]
+pub struct Script {
+    /// Errors returned by the next `initialize_vm` calls, in order.
+    pub initialize_failures: VecDeque<String>,
+    /// Statuses returned by the next `run_job` calls (default Completed).
+    pub run_statuses: VecDeque<RunStatus>,
+    /// How long `run_job` takes.
+    pub run_delay: Duration,
+    /// Makes `run_job` hang forever (to test the engine's timeouts).
+    pub run_hangs: bool,
+}
+
+/// A VMMS that keeps VMs in memory. Its "job" prints the input files it was
+/// given, with their contents, as the autodriver would print output.
+#[derive(Default)]
+pub struct FakeVmms {
+    pub script: Mutex<Script>,
+    pub vms: Mutex<BTreeMap<String, Machine>>,
+    inputs: Mutex<HashMap<String, Vec<(String, Vec<u8>)>>>,
+    outputs: Mutex<HashMap<String, Vec<u8>>>,
+    pub destroyed: Mutex<Vec<String>>,
+    pub run_order: Mutex<Vec<u64>>,
+    pub initialized: AtomicU64,
+}
+
+#[async_trait]
+impl Vmms for FakeVmms {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+    async fn initialize_vm(&self, vm: &Machine) -> Result<(), VmmsError> {
+        if let Some(err) = self.script.lock().unwrap().initialize_failures.pop_front() {
+            return Err(VmmsError::Backend(err));
+        }
+        self.initialized.fetch_add(1, Ordering::SeqCst);
+        self.vms.lock().unwrap().insert(vm.name.clone(), vm.clone());
+        Ok(())
+    }
+    async fn wait_vm(&self, vm: &Machine, _max: Duration) -> Result<(), VmmsError> {
+        if self.vms.lock().unwrap().contains_key(&vm.name) {
+            Ok(())
+        } else {
+            Err(VmmsError::NoSuchVm(vm.name.clone()))
+        }
+    }
+    async fn copy_in(&self, vm: &Machine, files: &[InputFile]) -> Result<(), VmmsError> {
+        let mut copied = Vec::new();
+        for f in files {
+            let bytes = std::fs::read(&f.path).map_err(|e| VmmsError::io("read input", e))?;
+            copied.push((f.dest_file.clone(), bytes));
+        }
+        self.inputs.lock().unwrap().insert(vm.name.clone(), copied);
+        Ok(())
+    }
+    async fn run_job(&self, vm: &Machine, req: &RunRequest) -> Result<RunOutcome, VmmsError> {
+        let (status, delay, hangs) = {
+            let mut s = self.script.lock().unwrap();
+            (
+                s.run_statuses.pop_front().unwrap_or(RunStatus::Completed),
+                s.run_delay,
+                s.run_hangs,
+            )
+        };
+        self.run_order.lock().unwrap().push(req.job_id);
+        if hangs {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(delay).await;
+        let mut out = match status {
+            RunStatus::TimedOut => format!(
+                "Autodriver: Job timed out after {} seconds\n",
+                req.timeout_secs
+            ),
+            _ => "Autodriver: Job exited with status 0\n".to_string(),
+        }
+        .into_bytes();
+        for (name, bytes) in self
+            .inputs
+            .lock()
+            .unwrap()
+            .get(&vm.name)
+            .cloned()
+            .unwrap_or_default()
+        {
+            out.extend_from_slice(format!("{name}: ").as_bytes());
+            out.extend_from_slice(&bytes);
+            out.push(b'\n');
+        }
+        self.outputs.lock().unwrap().insert(vm.name.clone(), out);
+        Ok(RunOutcome {
+            status,
+            exit_code: Some(match status {
+                RunStatus::Completed => 0,
+                RunStatus::UsageError => 1,
+                RunStatus::TimedOut => 2,
+                RunStatus::OsError => 3,
+            }),
+            summary: None,
+            notes: vec![],
+        })
+    }
+    async fn copy_out(&self, vm: &Machine, dest: &Path) -> Result<(), VmmsError> {
+        let out = self
+            .outputs
+            .lock()
+            .unwrap()
+            .get(&vm.name)
+            .cloned()
+            .ok_or_else(|| VmmsError::Backend("no output".into()))?;
+        std::fs::write(dest, out).map_err(|e| VmmsError::io("write output", e))
+    }
+    async fn destroy_vm(&self, vm: &Machine) -> Result<(), VmmsError> {
+        self.vms.lock().unwrap().remove(&vm.name);
+        self.destroyed.lock().unwrap().push(vm.name.clone());
+        Ok(())
+    }
+    async fn safe_destroy_vm(&self, vm: &Machine) -> Result<(), VmmsError> {
+        self.destroy_vm(vm).await
+    }
+    async fn get_vms(&self, prefix: &str) -> Result<Vec<Machine>, VmmsError> {
+        Ok(self
+            .vms
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|vm| parse_machine_name(prefix, &vm.name).is_some())
+            .cloned()
+            .collect())
+    }
+    async fn exists_vm(&self, vm: &Machine) -> Result<bool, VmmsError> {
+        Ok(self.vms.lock().unwrap().contains_key(&vm.name))
+    }
+    async fn get_images(&self) -> Result<Vec<String>, VmmsError> {
+        Ok(vec!["img".into(), "other".into()])
+    }
+    async fn partial_output(&self, _vm: &Machine, _max: usize) -> Result<Vec<u8>, VmmsError> {
+        Ok(b"partial".to_vec())
+    }
+}
+
+/// Records callbacks; fails the first `fail_first` deliveries.
+#[derive(Default)]
+pub struct RecordingCallbacks {
+    pub fail_first: AtomicU64,
+    pub attempts: AtomicU64,
+    pub delivered: Mutex<Vec<(String, String, Vec<u8>)>>,
+    pub notify: tokio::sync::Notify,
+}
+
+#[async_trait]
+impl CallbackSender for RecordingCallbacks {
+    async fn send(&self, url: &str, output_file: &str, body: Vec<u8>) -> Result<(), String> {
+        self.attempts.fetch_add(1, Ordering::SeqCst);
+        let left = self.fail_first.load(Ordering::SeqCst);
+        if left > 0 {
+            self.fail_first.store(left - 1, Ordering::SeqCst);
+            return Err("scripted failure".into());
+        }
+        self.delivered
+            .lock()
+            .unwrap()
+            .push((url.into(), output_file.into(), body));
+        self.notify.notify_waiters();
+        Ok(())
+    }
+}

@@ -1,0 +1,207 @@
+//! tangod's settings: command-line options over a TOML file over defaults.
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tango_core::EngineConfig;
+
+/// tangod: a drop-in Tango v1 job server for Autolab.
+///
+/// Every option may also be set in the TOML file given with --config; the
+/// command line wins. `tangod --print-config` shows the effective settings.
+#[derive(Debug, Parser)]
+#[command(name = "tangod", version)]
+pub struct Cli {
+    /// Address to listen on [default: 127.0.0.1:3000]
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Directory for courselabs, outputs, the database and VMs [default: ./tango-data]
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Default backend: sandbox (Linux namespaces, no daemon) or docker [default: sandbox]
+    #[arg(long)]
+    pub vmms: Option<String>,
+    /// A client key (repeatable). RESTFUL_KEY is also read, as Tango does.
+    #[arg(long = "key", env = "RESTFUL_KEY", value_delimiter = ',')]
+    pub keys: Vec<String>,
+    /// TOML configuration file
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Static autodriver binary put into VMs [default: next to tangod, or
+    /// target/x86_64-unknown-linux-musl/{release,debug}/autodriver]
+    #[arg(long, env = "TANGO_AUTODRIVER")]
+    pub autodriver: Option<PathBuf>,
+    /// Log format: text or json
+    #[arg(long)]
+    pub log_format: Option<LogFormat>,
+    /// Print the effective configuration as TOML and exit
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub vmms: String,
+    /// Backends to enable besides the default one.
+    pub extra_vmms: Vec<String>,
+    pub keys: Vec<String>,
+    pub autodriver: Option<PathBuf>,
+    pub log_format: LogFormat,
+    /// Largest upload (and /build tar) accepted, in bytes.
+    pub max_upload_bytes: u64,
+    /// `synchronous=FULL` for SQLite: survive power loss, slower.
+    pub full_sync: bool,
+    pub engine: EngineConfig,
+    pub sandbox: SandboxSettings,
+    pub docker: DockerSettings,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 3000)),
+            data_dir: PathBuf::from("tango-data"),
+            vmms: "sandbox".into(),
+            extra_vmms: vec![],
+            keys: vec![],
+            autodriver: None,
+            log_format: LogFormat::Text,
+            max_upload_bytes: 1 << 30,
+            full_sync: false,
+            engine: EngineConfig::default(),
+            sandbox: SandboxSettings::default(),
+            docker: DockerSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SandboxSettings {
+    pub memory_mb: u64,
+    pub max_pids: u64,
+    pub cores: Option<f64>,
+    /// Give jobs the host's network (default: loopback only).
+    pub allow_network: bool,
+    pub cgroup_name: String,
+}
+
+impl Default for SandboxSettings {
+    fn default() -> Self {
+        SandboxSettings {
+            memory_mb: 1024,
+            max_pids: 256,
+            cores: None,
+            allow_network: false,
+            cgroup_name: "tango-rs".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DockerSettings {
+    pub memory_mb: u64,
+    pub max_pids: i64,
+    pub cores: Option<f64>,
+    pub allow_network: bool,
+}
+
+impl Default for DockerSettings {
+    fn default() -> Self {
+        DockerSettings {
+            memory_mb: 1024,
+            max_pids: 256,
+            cores: None,
+            allow_network: false,
+        }
+    }
+}
+
+impl Config {
+    /// The file's settings (or defaults) with the command line applied.
+    pub fn load(cli: &Cli) -> anyhow::Result<Config> {
+        let mut config = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    anyhow::anyhow!("cannot read config file {}: {e}", path.display())
+                })?;
+                toml::from_str(&text).map_err(|e| {
+                    anyhow::anyhow!("config file {} is not valid: {e}", path.display())
+                })?
+            }
+            None => Config::default(),
+        };
+        if let Some(listen) = cli.listen {
+            config.listen = listen;
+        }
+        if let Some(dir) = &cli.data_dir {
+            config.data_dir = dir.clone();
+        }
+        if let Some(vmms) = &cli.vmms {
+            config.vmms = vmms.clone();
+        }
+        if !cli.keys.is_empty() {
+            config
+                .keys
+                .extend(cli.keys.iter().filter(|k| !k.is_empty()).cloned());
+        }
+        if let Some(path) = &cli.autodriver {
+            config.autodriver = Some(path.clone());
+        }
+        if let Some(format) = cli.log_format {
+            config.log_format = format;
+        }
+        config.engine.default_vmms = config.vmms.clone();
+        config.keys.sort();
+        config.keys.dedup();
+        for key in &config.keys {
+            tango_core::names::check_component("key", key)
+                .map_err(|e| anyhow::anyhow!("{e}: keys become directory names"))?;
+        }
+        Ok(config)
+    }
+
+    /// The autodriver binary: configured, or found beside tangod.
+    pub fn find_autodriver(&self) -> anyhow::Result<PathBuf> {
+        if let Some(path) = &self.autodriver {
+            if path.is_file() {
+                return Ok(path.clone());
+            }
+            anyhow::bail!("autodriver {} does not exist", path.display());
+        }
+        let exe = std::env::current_exe()?;
+        let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+        let candidates = [
+            dir.join("../x86_64-unknown-linux-musl/release/autodriver"),
+            dir.join("../../x86_64-unknown-linux-musl/release/autodriver"),
+            dir.join("../x86_64-unknown-linux-musl/debug/autodriver"),
+            dir.join("../../x86_64-unknown-linux-musl/debug/autodriver"),
+            // Installed side by side (a dynamically linked one only works in
+            // images with a compatible libc, such as `host`).
+            dir.join("autodriver"),
+        ];
+        candidates
+            .iter()
+            .find(|p| p.is_file())
+            .cloned()
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "cannot find the static autodriver binary; build it with \
+                     `cargo build --release -p autodriver --target x86_64-unknown-linux-musl` \
+                     or pass --autodriver PATH"
+                )
+            })
+    }
+}

@@ -1,0 +1,79 @@
+//! tangod's library half: the axum application (Tango v1 routes), the HTTP
+//! callback sender, configuration and start-up. `main.rs` only parses the
+//! command line and runs [`serve`].
+
+pub mod backends;
+pub mod callback;
+pub mod config;
+pub mod v1;
+
+use anyhow::Context;
+use std::sync::Arc;
+use tango_core::files::DataDir;
+use tango_core::Engine;
+use tokio::net::TcpListener;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub keys: Arc<Vec<String>>,
+    pub max_upload_bytes: u64,
+}
+
+pub fn app(state: AppState) -> axum::Router {
+    v1::routes()
+        .layer(axum::extract::DefaultBodyLimit::max(4 << 20))
+        .with_state(state)
+}
+
+/// Opens the data dir and store, starts the backends and the engine (which
+/// recovers the previous run's jobs and VMs), and serves until SIGTERM or
+/// SIGINT, then stops gracefully.
+pub async fn serve(config: config::Config, listener: TcpListener) -> anyhow::Result<()> {
+    if config.keys.is_empty() {
+        anyhow::bail!(
+            "no key configured: pass --key KEY (or set RESTFUL_KEY); clients send it in every URL"
+        );
+    }
+    let data = Arc::new(
+        DataDir::open(&config.data_dir)
+            .with_context(|| format!("cannot use data dir {}", config.data_dir.display()))?,
+    );
+    let store = Arc::new(tango_store::SqliteStore::open(
+        &config.data_dir.join("tango.db"),
+        config.full_sync,
+    )?);
+    let backends = backends::start(&config).await?;
+    let callbacks = Arc::new(callback::HttpCallbacks::new()?);
+    let engine =
+        Arc::new(Engine::start(config.engine.clone(), store, data, backends, callbacks).await?);
+    let state = AppState {
+        engine: engine.clone(),
+        keys: Arc::new(config.keys.clone()),
+        max_upload_bytes: config.max_upload_bytes,
+    };
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        vmms = %config.vmms,
+        data_dir = %config.data_dir.display(),
+        "tangod serving"
+    );
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    tracing::info!("stopping: no new jobs; waiting for running jobs");
+    engine.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -59,11 +59,27 @@ pub struct Evidence<'a> {
     pub output: &'a [u8],
 }
 
-fn make_reported(output: &[u8], description: &str) -> bool {
-    let needle = format!("] {description}");
-    output.split(|&b| b == b'\n').any(|line| {
-        line.starts_with(b"make") && line.windows(needle.len()).any(|w| w == needle.as_bytes())
-    })
+/// What GNU make's final `make: *** [Makefile:N: target] <reason>` line
+/// says about the recipe that stopped the build: a signal description when
+/// the recipe's program was killed directly, or `Error 152` / `Error 153`
+/// (128 + SIGXCPU / SIGXFSZ) when a shell reported it.
+fn make_failure(output: &[u8]) -> Option<&'static str> {
+    let line = output
+        .split(|&b| b == b'\n')
+        .rev()
+        .find(|line| line.starts_with(b"make") && line.windows(5).any(|w| w == b"*** ["))?;
+    let line = String::from_utf8_lossy(line);
+    let reason = line.rsplit_once("] ")?.1;
+    let is = |description: &str, status: i32| {
+        reason.starts_with(description) || reason == format!("Error {}", 128 + status)
+    };
+    if is("File size limit exceeded", libc::SIGXFSZ) {
+        Some("file_size_limit")
+    } else if is("CPU time limit exceeded", libc::SIGXCPU) {
+        Some("cpu_limit")
+    } else {
+        None
+    }
 }
 
 pub fn killed_by(e: &Evidence) -> Option<&'static str> {
@@ -85,15 +101,7 @@ pub fn killed_by(e: &Evidence) -> Option<&'static str> {
         None => {}
     }
     // make itself exited: look at what it said about its recipes.
-    if make_reported(e.output, "File size limit exceeded") {
-        Some("file_size_limit")
-    } else if make_reported(e.output, "CPU time limit exceeded") {
-        Some("cpu_limit")
-    } else if oom {
-        Some("oom")
-    } else {
-        None
-    }
+    make_failure(e.output).or(oom.then_some("oom"))
 }
 
 fn cgroup_counter(file: &str, key: &str) -> Option<u64> {
@@ -188,6 +196,15 @@ mod tests {
         assert_eq!(killed_by(&evidence(None, out)), Some("file_size_limit"));
         let out = b"make: *** [Makefile:2: all] CPU time limit exceeded\n";
         assert_eq!(killed_by(&evidence(None, out)), Some("cpu_limit"));
+        let out =
+            b"make: [Makefile:2: all] Error 153 (ignored)\nmake: *** [Makefile:4: all] Error 153\n";
+        assert_eq!(killed_by(&evidence(None, out)), Some("file_size_limit"));
+        let out = b"make: *** [Makefile:4: all] Error 152\n";
+        assert_eq!(killed_by(&evidence(None, out)), Some("cpu_limit"));
+        let out = b"make: [Makefile:2: all] Error 153 (ignored)\nok\n";
+        assert_eq!(killed_by(&evidence(None, out)), None);
+        let out = b"make: *** [Makefile:4: all] Error 1\n";
+        assert_eq!(killed_by(&evidence(None, out)), None);
         let mut e = evidence(Some(libc::SIGKILL), b"");
         e.oom_kills_rose = Some(true);
         assert_eq!(killed_by(&e), Some("oom"));

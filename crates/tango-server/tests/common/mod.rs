@@ -1,0 +1,426 @@
+//! Test harness: a real `tangod` process on the sandbox backend, a client
+//! for its v1 routes, and a callback receiver.
+#![allow(dead_code)]
+
+use axum::extract::{Multipart, Path as UrlPath, State};
+use axum::http::HeaderMap;
+use serde_json::Value;
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const KEY: &str = "testkey";
+
+/// Whether tests that need root (namespaces, cgroups) can run.
+pub fn root_or_skip(test: &str) -> bool {
+    if unsafe { libc::geteuid() } == 0 {
+        true
+    } else {
+        eprintln!("SKIPPED {test}: the sandbox backend needs root");
+        false
+    }
+}
+
+/// The static autodriver: $TANGO_AUTODRIVER, or built now with cargo.
+pub fn autodriver() -> PathBuf {
+    static BUILT: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut built = BUILT.lock().unwrap();
+    if let Some(p) = built.as_ref() {
+        return p.clone();
+    }
+    let path = match std::env::var_os("TANGO_AUTODRIVER") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let target = target_dir();
+            let status = Command::new(env!("CARGO"))
+                .args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "autodriver",
+                    "--target",
+                    "x86_64-unknown-linux-musl",
+                ])
+                .env("CARGO_TARGET_DIR", &target)
+                .status()
+                .expect("run cargo");
+            assert!(status.success(), "building the autodriver failed");
+            target.join("x86_64-unknown-linux-musl/release/autodriver")
+        }
+    };
+    assert!(path.is_file(), "autodriver {} missing", path.display());
+    *built = Some(path.clone());
+    path
+}
+
+fn target_dir() -> PathBuf {
+    // .../target/debug/tangod -> .../target
+    PathBuf::from(env!("CARGO_BIN_EXE_tangod"))
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .to_path_buf()
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Tangod {
+    pub child: Option<Child>,
+    pub url: String,
+    pub data_dir: PathBuf,
+    pub config: Option<PathBuf>,
+    pub prefix: String,
+    port: u16,
+}
+
+impl Tangod {
+    /// Starts tangod on `data_dir` with an optional TOML config snippet.
+    pub fn start(data_dir: &Path, config_toml: &str) -> Tangod {
+        // A distinct VM prefix per server keeps parallel tests' orphan
+        // sweeps from destroying each other's sandboxes.
+        let prefix = format!(
+            "t{}x{}",
+            std::process::id(),
+            data_dir.to_string_lossy().len() + free_port() as usize
+        );
+        let config = data_dir.with_extension("toml");
+        let body = if config_toml.contains("[engine]") {
+            config_toml.replace("[engine]", &format!("[engine]\nprefix = \"{prefix}\""))
+        } else {
+            format!("{config_toml}\n[engine]\nprefix = \"{prefix}\"\n")
+        };
+        std::fs::write(&config, body).unwrap();
+        let mut t = Tangod {
+            child: None,
+            url: String::new(),
+            data_dir: data_dir.to_path_buf(),
+            config: Some(config),
+            prefix,
+            port: free_port(),
+        };
+        t.spawn();
+        t
+    }
+
+    fn spawn(&mut self) {
+        self.url = format!("http://127.0.0.1:{}", self.port);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tangod"));
+        cmd.arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--key")
+            .arg(KEY)
+            .arg("--autodriver")
+            .arg(autodriver())
+            .env("RUST_LOG", "info,tango_core=debug")
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::create(self.data_dir.with_extension("log"))
+                    .map(Stdio::from)
+                    .unwrap_or_else(|_| Stdio::null()),
+            );
+        if let Some(config) = &self.config {
+            cmd.arg("--config").arg(config);
+        }
+        self.child = Some(cmd.spawn().expect("start tangod"));
+        let start = Instant::now();
+        loop {
+            if is_serving(&self.url) {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "tangod exited with {status}: {}",
+                    std::fs::read_to_string(self.data_dir.with_extension("log"))
+                        .unwrap_or_default()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "tangod did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn sigterm(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().unwrap()
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()
+    }
+
+    pub fn client(&self) -> Client {
+        Client {
+            http: reqwest::Client::new(),
+            url: self.url.clone(),
+        }
+    }
+}
+
+impl Drop for Tangod {
+    fn drop(&mut self) {
+        // SIGTERM so the server removes its sandboxes.
+        if let Some(child) = self.child.as_mut() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A tiny synchronous liveness probe (no tokio runtime needed).
+fn is_serving(url: &str) -> bool {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://").to_string();
+    let Ok(mut s) = std::net::TcpStream::connect(&addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if write!(s, "GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200")
+}
+
+#[derive(Clone)]
+pub struct Client {
+    pub http: reqwest::Client,
+    pub url: String,
+}
+
+impl Client {
+    pub async fn get(&self, path: &str) -> Value {
+        let r = self
+            .http
+            .get(format!("{}{}", self.url, path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "GET {path}");
+        let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+        assert!(ct.starts_with("application/json"), "GET {path}: {ct}");
+        r.json().await.unwrap()
+    }
+
+    pub async fn post(
+        &self,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+        headers: &[(&str, &str)],
+    ) -> Value {
+        let mut req = self
+            .http
+            .post(format!("{}{}", self.url, path))
+            // What Autolab's HTTP library sends for raw bytes.
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 200, "POST {path}");
+        r.json().await.unwrap()
+    }
+
+    pub async fn open(&self, lab: &str) -> Value {
+        self.get(&format!("/open/{KEY}/{lab}/")).await
+    }
+
+    pub async fn upload(&self, lab: &str, name: &str, bytes: &[u8]) -> Value {
+        self.post(
+            &format!("/upload/{KEY}/{lab}/"),
+            bytes.to_vec(),
+            &[("Filename", name)],
+        )
+        .await
+    }
+
+    pub async fn add_job(&self, lab: &str, job: &Value) -> Value {
+        self.post(&format!("/addJob/{KEY}/{lab}/"), job.to_string(), &[])
+            .await
+    }
+
+    /// The output file's bytes, or None while it does not exist.
+    pub async fn poll(&self, lab: &str, output: &str) -> Option<Vec<u8>> {
+        let r = self
+            .http
+            .get(format!("{}/poll/{KEY}/{lab}/{output}", self.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+        let bytes = r.bytes().await.unwrap().to_vec();
+        if ct.starts_with("application/json") {
+            let v: Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(v["statusMsg"], "Output file not found");
+            None
+        } else {
+            Some(bytes)
+        }
+    }
+
+    pub async fn wait_output(&self, lab: &str, output: &str, limit: Duration) -> Vec<u8> {
+        let start = Instant::now();
+        loop {
+            if let Some(bytes) = self.poll(lab, output).await {
+                return bytes;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "no output {output} after {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A job body as Autolab sends it.
+pub fn job(name: &str, output: &str, callback: Option<&str>, timeout: u64) -> Value {
+    let mut job = serde_json::json!({
+        "image": "host",
+        "files": [{"localFile": "Makefile", "destFile": "Makefile"}],
+        "jobName": name,
+        "output_file": output,
+        "timeout": timeout,
+        "max_kb": 256,
+        "disable_network": true,
+    });
+    if let Some(url) = callback {
+        job["callback_url"] = Value::String(url.to_string());
+    }
+    job
+}
+
+#[derive(Debug, Clone)]
+pub struct Callback {
+    pub path: String,
+    pub filename_header: String,
+    pub part_name: String,
+    pub part_filename: String,
+    pub body: Vec<u8>,
+}
+
+/// Receives callbacks on 127.0.0.1; `fail_first` answers 500 that many times.
+#[derive(Clone)]
+pub struct Receiver {
+    pub url: String,
+    pub got: Arc<Mutex<Vec<Callback>>>,
+    pub notify: Arc<tokio::sync::Notify>,
+}
+
+#[derive(Clone)]
+struct RecvState {
+    got: Arc<Mutex<Vec<Callback>>>,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+async fn receive(
+    State(state): State<RecvState>,
+    UrlPath(path): UrlPath<String>,
+    headers: HeaderMap,
+    mut multipart: Multipart,
+) -> axum::http::StatusCode {
+    while let Ok(Some(field)) = multipart.next_field().await {
+        let part_name = field.name().unwrap_or_default().to_string();
+        let part_filename = field.file_name().unwrap_or_default().to_string();
+        let body = field.bytes().await.unwrap_or_default().to_vec();
+        state.got.lock().unwrap().push(Callback {
+            path: path.clone(),
+            filename_header: headers
+                .get("Filename")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
+            part_name,
+            part_filename,
+            body,
+        });
+    }
+    state.notify.notify_waiters();
+    axum::http::StatusCode::NO_CONTENT
+}
+
+impl Receiver {
+    pub async fn start() -> Receiver {
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let app = axum::Router::new()
+            .route("/cb/{path}", axum::routing::post(receive))
+            .with_state(RecvState {
+                got: got.clone(),
+                notify: notify.clone(),
+            });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Receiver { url, got, notify }
+    }
+
+    pub fn url_for(&self, tag: &str) -> String {
+        format!("{}/cb/{tag}", self.url)
+    }
+
+    pub fn count(&self) -> usize {
+        self.got.lock().unwrap().len()
+    }
+
+    pub async fn wait_for(&self, n: usize, limit: Duration) {
+        let start = Instant::now();
+        while self.count() < n {
+            let left = limit.saturating_sub(start.elapsed());
+            assert!(
+                !left.is_zero(),
+                "only {} of {n} callbacks after {limit:?}",
+                self.count()
+            );
+            let _ =
+                tokio::time::timeout(left.min(Duration::from_millis(200)), self.notify.notified())
+                    .await;
+        }
+    }
+
+    pub fn get(&self, tag: &str) -> Vec<Callback> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.path == tag)
+            .cloned()
+            .collect()
+    }
+}

@@ -1,0 +1,350 @@
+//! Every v1 route of the contract over HTTP against a real tangod (sandbox
+//! backend): status strings, JSON shapes, transport rules, and a full
+//! upload -> addJob -> callback -> poll round trip.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const HELLO_MAKEFILE: &[u8] =
+    b"all:\n\t@echo 'Hello, tango!'\n\t@echo '{\"scores\": {\"hello\": 100}}'\n";
+
+fn md5_hex(bytes: &[u8]) -> String {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8(out.stdout).unwrap()[..32].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_and_status_string() {
+    if !root_or_skip("every_route_and_status_string") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Tangod::start(&dir.path().join("data"), "");
+    let c = server.client();
+
+    // Liveness.
+    let text = reqwest::get(format!("{}/", c.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("Tango"), "{text}");
+
+    // Unknown key on every route.
+    for path in [
+        "/open/nokey/lab/",
+        "/poll/nokey/lab/out/",
+        "/getPartialOutput/nokey/1/",
+        "/info/nokey/",
+        "/jobs/nokey/0/",
+        "/pool/nokey/",
+        "/pool/nokey/host/",
+        "/prealloc/nokey/host/1/",
+    ] {
+        let v = c.get(path).await;
+        assert_eq!(v["statusId"], -1, "{path}");
+        assert_eq!(v["statusMsg"], "Key not recognized", "{path}");
+    }
+    for path in [
+        "/upload/nokey/lab/",
+        "/addJob/nokey/lab/",
+        "/build/nokey/",
+        "/prealloc/nokey/host/1/",
+    ] {
+        let v = c
+            .post(path, "x", &[("Filename", "f"), ("imageName", "i")])
+            .await;
+        assert_eq!(v["statusMsg"], "Key not recognized", "{path}");
+    }
+
+    // open: created, then found with real md5s; trailing slash optional.
+    let v = c.open("lab").await;
+    assert_eq!(
+        (v["statusId"].clone(), v["statusMsg"].clone()),
+        (json!(0), json!("Created directory"))
+    );
+    assert_eq!(v["files"], json!({}));
+    let v = c.get(&format!("/open/{KEY}/lab")).await;
+    assert_eq!(v["statusMsg"], "Found directory");
+
+    // upload: raw body whatever the Content-Type; same bytes -> File exists.
+    let v = c.upload("lab", "Makefile", HELLO_MAKEFILE).await;
+    assert_eq!(
+        (v["statusId"].clone(), v["statusMsg"].clone()),
+        (json!(0), json!("Uploaded file"))
+    );
+    let v = c.upload("lab", "Makefile", HELLO_MAKEFILE).await;
+    assert_eq!(v["statusMsg"], "File exists");
+    let form_like = b"a=1&b=2&c";
+    let v = c
+        .post(
+            &format!("/upload/{KEY}/lab"),
+            form_like.to_vec(),
+            &[("Filename", "data.txt")],
+        )
+        .await;
+    assert_eq!(v["statusMsg"], "Uploaded file");
+    let v = c.open("lab").await;
+    assert_eq!(v["files"]["Makefile"], md5_hex(HELLO_MAKEFILE));
+    assert_eq!(v["files"]["data.txt"], md5_hex(form_like));
+    let stored = std::fs::read(
+        server
+            .data_dir
+            .join(format!("courselabs/{KEY}-lab/data.txt")),
+    )
+    .unwrap();
+    assert_eq!(stored, form_like);
+    let v = c.upload("nolab", "Makefile", b"x").await;
+    assert_eq!(v["statusMsg"], "Courselab not found");
+
+    // info.
+    let v = c.get(&format!("/info/{KEY}/")).await;
+    assert_eq!(v["statusMsg"], "Found info successfully");
+    for field in [
+        "elapsed_secs",
+        "job_requests",
+        "job_retries",
+        "waitvm_timeouts",
+        "runjob_timeouts",
+        "copyin_errors",
+        "runjob_errors",
+        "copyout_errors",
+        "num_threads",
+    ] {
+        assert!(v["info"][field].is_u64(), "info.{field}: {v}");
+    }
+
+    // poll before the output exists.
+    assert!(c.poll("lab", "out.txt").await.is_none());
+
+    // addJob + round trip with callback.
+    let receiver = Receiver::start().await;
+    let body = job(
+        "course_lab_1_a@b.c",
+        "out.txt",
+        Some(&receiver.url_for("one")),
+        20,
+    );
+    let v = c.add_job("lab", &body).await;
+    assert_eq!(
+        (v["statusId"].clone(), v["statusMsg"].clone()),
+        (json!(0), json!("Job added"))
+    );
+    let id = v["jobId"].as_str().expect("jobId is a string");
+    assert!(id.chars().all(|ch| ch.is_ascii_digit()) && !id.is_empty());
+
+    receiver.wait_for(1, Duration::from_secs(30)).await;
+    let cb = receiver.get("one").remove(0);
+    assert_eq!(cb.filename_header, "out.txt");
+    assert_eq!(cb.part_name, "file");
+    assert_eq!(cb.part_filename, "file");
+    let polled = c.poll("lab", "out.txt").await.expect("output");
+    assert_eq!(polled, cb.body);
+    let text = String::from_utf8(polled).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("Autograder ["), "{text}");
+    assert!(
+        lines[0].ends_with(&format!("]: Received job course_lab_1_a@b.c:{id}")),
+        "{text}"
+    );
+    assert!(
+        lines[1].ends_with("]: Success: Autodriver returned normally"),
+        "{text}"
+    );
+    assert!(
+        lines[2].ends_with("]: Here is the output from the autograder:"),
+        "{text}"
+    );
+    assert_eq!(lines[3], "---");
+    assert_eq!(lines[4], "Autodriver: Job exited with status 0", "{text}");
+    assert!(text.contains("Hello, tango!"));
+    assert_eq!(
+        *lines.last().unwrap(),
+        "{\"scores\": {\"hello\": 100}}",
+        "{text}"
+    );
+    // poll with a URL-encoded name.
+    c.upload("lab", "Makefile", HELLO_MAKEFILE).await;
+    let v = c.add_job("lab", &job("enc", "out put.txt", None, 20)).await;
+    assert_eq!(v["statusMsg"], "Job added");
+    c.wait_output("lab", "out%20put.txt", Duration::from_secs(30))
+        .await;
+
+    // jobs: dead list has the job in Tango's shape.
+    let v = c.get(&format!("/jobs/{KEY}/1/")).await;
+    assert_eq!(v["statusMsg"], "Found list of jobs");
+    let jobs = v["jobs"].as_array().unwrap();
+    let rec = jobs
+        .iter()
+        .find(|j| j["id"].to_string() == id)
+        .expect("job listed");
+    for field in [
+        "id",
+        "name",
+        "assigned",
+        "retries",
+        "timeout",
+        "maxOutputFileSize",
+        "outputFile",
+        "notifyURL",
+        "input",
+        "vm",
+        "trace",
+    ] {
+        assert!(rec.get(field).is_some(), "job field {field}: {rec}");
+    }
+    assert!(rec["id"].is_u64());
+    assert_eq!(rec["notifyURL"], receiver.url_for("one"));
+    assert_eq!(
+        rec["outputFile"],
+        format!("courselabs/{KEY}-lab/output/out.txt")
+    );
+    assert_eq!(
+        rec["input"][0]["localFile"],
+        format!("courselabs/{KEY}-lab/Makefile")
+    );
+    assert_eq!(rec["input"][0]["destFile"], "Makefile");
+    for field in [
+        "name", "id", "image", "vmms", "cores", "memory", "disk", "network", "resume",
+    ] {
+        assert!(rec["vm"].get(field).is_some(), "vm field {field}");
+    }
+    let trace = rec["trace"].as_array().unwrap();
+    let last = trace.last().unwrap().as_str().unwrap();
+    let (when, msg) = last.split_once('|').unwrap();
+    assert_eq!(when.split_whitespace().count(), 5, "{when}");
+    assert!(msg.contains("Autodriver returned normally"), "{msg}");
+    let v = c.get(&format!("/jobs/{KEY}/0")).await;
+    assert_eq!(v["statusMsg"], "Found list of jobs");
+    assert!(v["jobs"].is_array());
+
+    // Rejected jobs answer -1 and are listed dead with the reason.
+    let mut bad = job("bad", "x", None, 10);
+    bad["image"] = json!("no-such-image");
+    let v = c.add_job("lab", &bad).await;
+    assert_eq!(
+        (v["statusId"].clone(), v["statusMsg"].clone()),
+        (json!(-1), json!("Invalid image name"))
+    );
+    let v = c.get(&format!("/jobs/{KEY}/1/")).await;
+    let last = v["jobs"].as_array().unwrap().last().unwrap().clone();
+    assert!(last["trace"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .contains("Error"));
+    let v = c.add_job("nolab", &job("x", "x", None, 10)).await;
+    assert_eq!(v["statusMsg"], "Courselab not found");
+
+    // pools and prealloc.
+    let v = c.get(&format!("/pool/{KEY}/nosuch/")).await;
+    assert_eq!(v["statusMsg"], "Pool not found");
+    let v = c.get(&format!("/prealloc/{KEY}/host/x/")).await;
+    assert_eq!(v["statusMsg"], "Invalid prealloc size");
+    let v = c.get(&format!("/prealloc/{KEY}/host/-1/")).await;
+    assert_eq!(v["statusMsg"], "Invalid prealloc size");
+    let v = c.get(&format!("/prealloc/{KEY}/nosuch/1/")).await;
+    assert_eq!(v["statusMsg"], "Invalid image name");
+    let v = c
+        .post(
+            &format!("/prealloc/{KEY}/host/2"),
+            r#"{"cores": 1, "memory": 512}"#,
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (v["statusId"].clone(), v["statusMsg"].clone()),
+        (json!(0), json!("VMs preallocated"))
+    );
+    let mut free = 0;
+    for _ in 0..200 {
+        let v = c.get(&format!("/pool/{KEY}/host/")).await;
+        assert_eq!(v["statusMsg"], "Found pool");
+        free = v["pools"]["host"]["free"].as_array().unwrap().len();
+        if free >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(free >= 2, "pool never filled");
+    let v = c.get(&format!("/pool/{KEY}")).await;
+    assert_eq!(v["statusMsg"], "Found all pools");
+    assert!(v["pools"]["host"]["total"].as_array().unwrap().len() >= 2);
+
+    // getPartialOutput of an unknown job.
+    let v = c.get(&format!("/getPartialOutput/{KEY}/999999/")).await;
+    assert_eq!(v["statusId"], -1);
+
+    // build is answered (the sandbox backend cannot load docker images).
+    let v = c
+        .post(
+            &format!("/build/{KEY}/"),
+            b"not a tar".to_vec(),
+            &[("imageName", "img")],
+        )
+        .await;
+    assert_eq!(
+        (v["statusId"].clone(), v["statusMsg"].clone()),
+        (json!(-1), json!("Image build failed"))
+    );
+    let v = c
+        .post(
+            &format!("/build/{KEY}/"),
+            b"x".to_vec(),
+            &[("imageName", "../x")],
+        )
+        .await;
+    assert_eq!(v["statusMsg"], "Invalid image name");
+
+    let v: Value = c.get(&format!("/info/{KEY}")).await;
+    assert!(v["info"]["job_requests"].as_u64().unwrap() >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_output_of_a_running_job() {
+    if !root_or_skip("partial_output_of_a_running_job") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Tangod::start(&dir.path().join("data"), "");
+    let c = server.client();
+    c.open("lab").await;
+    c.upload(
+        "lab",
+        "Makefile",
+        b"all:\n\t@echo started-output\n\t@sleep 3\n\t@echo done\n",
+    )
+    .await;
+    let v = c.add_job("lab", &job("p", "p.out", None, 20)).await;
+    let id = v["jobId"].as_str().unwrap().to_string();
+    let mut seen = String::new();
+    for _ in 0..100 {
+        let v = c.get(&format!("/getPartialOutput/{KEY}/{id}/")).await;
+        if v["statusId"] == 0 {
+            assert_eq!(v["statusMsg"], "Partial output obtained");
+            seen = v["output"].as_str().unwrap().to_string();
+            if seen.contains("started-output") {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen.contains("started-output"), "partial output: {seen:?}");
+    let out = c.wait_output("lab", "p.out", Duration::from_secs(30)).await;
+    assert!(String::from_utf8_lossy(&out).contains("done"));
+}

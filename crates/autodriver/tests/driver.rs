@@ -93,7 +93,10 @@ fn daemons_left_after_a_normal_exit_are_killed_too() {
         return;
     }
     let uid = 64004;
-    let makefile = "all:\n\t@sh -c 'setsid sh -c \"sleep 1000\" & exit 0'\n\t@echo done\n";
+    let makefile = "all:\n\
+                    \t@sh -c 'setsid sh -c \"touch up; exec sleep 1000\" & exit 0'\n\
+                    \t@while [ ! -e up ]; do sleep 0.05; done\n\
+                    \t@echo done\n";
     let scratch = Scratch::with_job(&[("Makefile", makefile)]);
     let out = run(&scratch, uid, &["-t", "30"]);
     assert_eq!(out.code, 0, "stderr: {}", out.stderr);
@@ -113,8 +116,11 @@ fn fork_bomb_is_contained_and_wiped_out() {
         return;
     }
     let uid = 64005;
-    let makefile =
-        "all:\n\t@echo bombing\n\t-@sh -c 'b() { b | b & }; b' 2>/dev/null\n\t@sleep 1000\n";
+    // In its own session, out of reach of a kill of make's process group,
+    // and persistent: every process keeps forking while the limit allows.
+    let makefile = "all:\n\t@echo bombing\n\
+                    \t-@setsid sh -c 'b() { while :; do b & sleep 1000 & done; }; b' 2>/dev/null\n\
+                    \t@sleep 1000\n";
     let scratch = Scratch::with_job(&[("Makefile", makefile)]);
     let out = run(&scratch, uid, &["-u", "20", "-t", "3"]);
     assert_eq!(out.code, 2, "stderr: {}", out.stderr);

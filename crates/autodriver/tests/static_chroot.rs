@@ -17,7 +17,11 @@ const CALLER: u32 = 64021;
 
 fn target_dir() -> PathBuf {
     // .../<target>/debug/autodriver
-    Path::new(BIN).parent().and_then(Path::parent).unwrap().to_path_buf()
+    Path::new(BIN)
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Builds the musl binary into its own target directory (the outer cargo
@@ -28,7 +32,14 @@ fn musl_binary() -> Option<PathBuf> {
     }
     let build_dir = target_dir().join("musl-for-tests");
     let output = Command::new(env!("CARGO"))
-        .args(["build", "--release", "-p", "autodriver", "--target", "x86_64-unknown-linux-musl"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "autodriver",
+            "--target",
+            "x86_64-unknown-linux-musl",
+        ])
         .env("CARGO_TARGET_DIR", &build_dir)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
@@ -56,7 +67,9 @@ fn write(path: &Path, text: &str, mode: u32, owner: u32) {
 }
 
 fn build_root(root: &Path, driver: &Path) {
-    for dir in ["bin", "sbin", "usr/bin", "usr/sbin", "etc", "dev", "home", "var"] {
+    for dir in [
+        "bin", "sbin", "usr/bin", "usr/sbin", "etc", "dev", "home", "var",
+    ] {
         mkdir(&root.join(dir), 0o755, 0);
     }
     for dir in ["tmp", "var/tmp", "dev/shm"] {
@@ -71,7 +84,18 @@ fn build_root(root: &Path, driver: &Path) {
     assert!(status.success(), "busybox --install failed");
     let null = std::ffi::CString::new(root.join("dev/null").to_str().unwrap()).unwrap();
     let made = unsafe { libc::mknod(null.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
-    assert_eq!(made, 0, "mknod /dev/null: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        made,
+        0,
+        "mknod /dev/null: {}",
+        std::io::Error::last_os_error()
+    );
+    // mknod's mode went through the umask.
+    std::fs::set_permissions(
+        root.join("dev/null"),
+        std::fs::Permissions::from_mode(0o666),
+    )
+    .unwrap();
     write(
         &root.join("etc/passwd"),
         &format!(
@@ -81,10 +105,19 @@ fn build_root(root: &Path, driver: &Path) {
         0o644,
         0,
     );
-    write(&root.join("usr/bin/make"), "#!/bin/sh\nexec /bin/sh ./job.sh\n", 0o755, 0);
+    write(
+        &root.join("usr/bin/make"),
+        "#!/bin/sh\nexec /bin/sh ./job.sh\n",
+        0o755,
+        0,
+    );
     std::fs::copy(driver, root.join("autodriver")).unwrap();
     std::os::unix::fs::chown(root.join("autodriver"), Some(0), Some(0)).unwrap();
-    std::fs::set_permissions(root.join("autodriver"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+    std::fs::set_permissions(
+        root.join("autodriver"),
+        std::fs::Permissions::from_mode(0o4755),
+    )
+    .unwrap();
     mkdir(&root.join("home/caller"), 0o755, CALLER);
 }
 
@@ -125,9 +158,15 @@ fn setuid_static_binary_in_a_busybox_root() {
 
     let roots = target_dir().join("musl-for-tests");
     std::fs::create_dir_all(&roots).unwrap();
-    let holder = tempfile::Builder::new().prefix("root-").tempdir_in(&roots).unwrap();
+    let holder = tempfile::Builder::new()
+        .prefix("root-")
+        .tempdir_in(&roots)
+        .unwrap();
     if on_nosuid_mount(holder.path()) {
-        eprintln!("SKIPPED setuid_static_binary_in_a_busybox_root: {} is nosuid", roots.display());
+        eprintln!(
+            "SKIPPED setuid_static_binary_in_a_busybox_root: {} is nosuid",
+            roots.display()
+        );
         return;
     }
     std::fs::set_permissions(holder.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -136,12 +175,18 @@ fn setuid_static_binary_in_a_busybox_root() {
 
     let job = root.join("home/caller/job");
     mkdir(&job, 0o755, CALLER);
-    write(&job.join("Makefile"), "all:\n\t@echo unused\n", 0o644, CALLER);
+    write(
+        &job.join("Makefile"),
+        "all:\n\t@echo unused\n",
+        0o644,
+        CALLER,
+    );
     write(
         &job.join("job.sh"),
         "echo \"ids $(id -u) $(id -g) [$(id -G)]\"\n\
          echo \"home=$HOME pwd=$(pwd) user=$USER\"\n\
-         setsid sh -c 'sleep 1000' > /dev/null 2>&1 &\n\
+         setsid sh -c 'touch /tmp/daemon-up; exec sleep 1000' > /dev/null 2>&1 &\n\
+         while [ ! -e /tmp/daemon-up ]; do sleep 0.05; done\n\
          echo litter > /tmp/litter\n\
          echo done\n",
         0o644,
@@ -158,13 +203,23 @@ fn setuid_static_binary_in_a_busybox_root() {
         out.stderr
     );
     assert_eq!(out.code, 0);
-    assert!(out.stderr.contains("/proc is not mounted"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("/proc is not mounted"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(processes_of(GRADER), Vec::<String>::new());
     assert!(!root.join("tmp/litter").exists());
+    assert!(!root.join("tmp/daemon-up").exists());
     assert!(!job.exists());
     let home = std::fs::metadata(root.join("home/autograde")).unwrap();
     assert_eq!((home.uid(), home.mode() & 0o777), (GRADER, 0o700));
-    assert_eq!(std::fs::read_dir(root.join("home/autograde")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(root.join("home/autograde"))
+            .unwrap()
+            .count(),
+        0
+    );
 
     // What a set-uid driver refuses: a home of the caller's choosing, a
     // directory the caller does not own, and writing files as root.
@@ -175,7 +230,10 @@ fn setuid_static_binary_in_a_busybox_root() {
     let out = as_caller(root, &["/home/rootjob"]);
     assert_eq!(out.code, 1, "{}", out.stderr);
     assert!(root.join("home/rootjob").exists());
-    let out = as_caller(root, &["--summary", "/etc/summary.json", "/home/caller/job"]);
+    let out = as_caller(
+        root,
+        &["--summary", "/etc/summary.json", "/home/caller/job"],
+    );
     assert_eq!(out.code, 1, "{}", out.stderr);
     assert!(!root.join("etc/summary.json").exists());
     let out = as_caller(root, &["--user", &CALLER.to_string(), "/home/caller/job"]);

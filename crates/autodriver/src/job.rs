@@ -342,7 +342,8 @@ pub fn start_and_watch(spec: &JobSpec, signals: &OwnedFd) -> Result<(JobRun, Own
         return Err(describe_child_failure(message[0], errno));
     }
 
-    let deadline = spec.timeout.map(|t| started + t);
+    // A timeout too large for the clock is no timeout.
+    let deadline = spec.timeout.and_then(|t| started.checked_add(t));
     let mut out_open = true;
     let mut buffer = vec![0u8; 64 * 1024];
     loop {

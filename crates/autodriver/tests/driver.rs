@@ -467,3 +467,90 @@ fn idle_reaps_and_exits_on_sigterm() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+/// A memory cgroup limited to `bytes`, removed on drop.
+struct MemoryCgroup {
+    dir: std::path::PathBuf,
+}
+
+impl MemoryCgroup {
+    fn create(bytes: u64) -> Option<MemoryCgroup> {
+        let name = format!("autodriver-oom-test-{}", std::process::id());
+        let v1 = std::path::Path::new("/sys/fs/cgroup/memory");
+        let (dir, limit_file) = if v1.join("memory.limit_in_bytes").exists() {
+            (v1.join(&name), "memory.limit_in_bytes")
+        } else if std::fs::read_to_string("/sys/fs/cgroup/cgroup.subtree_control")
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"))
+        {
+            (
+                std::path::Path::new("/sys/fs/cgroup").join(&name),
+                "memory.max",
+            )
+        } else {
+            return None;
+        };
+        std::fs::create_dir(&dir).ok()?;
+        let group = MemoryCgroup { dir };
+        std::fs::write(group.dir.join(limit_file), bytes.to_string()).ok()?;
+        // No swap to escape to, where the knob exists.
+        let _ = std::fs::write(group.dir.join("memory.swap.max"), "0");
+        let _ = std::fs::write(group.dir.join("memory.swappiness"), "0");
+        Some(group)
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn oom_kill_in_the_memory_cgroup_is_reported() {
+    if !root_or_skip("oom_kill_in_the_memory_cgroup_is_reported") {
+        return;
+    }
+    let Some(cgroup) = MemoryCgroup::create(64 << 20) else {
+        eprintln!(
+            "SKIPPED oom_kill_in_the_memory_cgroup_is_reported: cannot create a memory cgroup"
+        );
+        return;
+    };
+    let scratch = Scratch::with_job(&[(
+        "Makefile",
+        "all:\n\t@echo before\n\tdd if=/dev/zero of=/dev/null bs=200M count=1\n",
+    )]);
+    let summary = scratch.path().join("summary.json");
+    // The driver enters the cgroup before it starts, so the job is in it.
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"",
+        cgroup.dir.display()
+    );
+    let output = std::process::Command::new("sh")
+        .args(["-c", &script, BIN, "--user", "64016", "--home"])
+        .arg(scratch.home())
+        .arg("--summary")
+        .arg(&summary)
+        .arg(scratch.job())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        text.starts_with("Autodriver: Job exited with status 2\nbefore\n"),
+        "{text}"
+    );
+    let s = read_summary(&summary);
+    assert_eq!(s["killed_by"], "oom", "{s}\n{text}");
+    assert_eq!(processes_of(64016), Vec::<String>::new());
+}

@@ -48,6 +48,9 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> FilesError {
 pub struct DataDir {
     root: PathBuf,
     temp_counter: AtomicU64,
+    /// Serialises publishing uploads, so a file and its recorded md5 always
+    /// agree when two uploads of one name race.
+    publish: tokio::sync::Mutex<()>,
 }
 
 /// The result of an upload.
@@ -73,6 +76,7 @@ impl DataDir {
         Ok(DataDir {
             root,
             temp_counter: AtomicU64::new(0),
+            publish: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -277,6 +281,7 @@ impl Upload {
                 .map_err(io_err("cannot write the uploaded file"))?;
         }
         let dest = data.courselab_path(&self.dir).join(&self.name);
+        let _publishing = data.publish.lock().await;
         let existed = store.file_md5(&self.dir, &self.name)?.as_deref() == Some(md5.as_str())
             && dest.is_file()
             && data.blob_path(&md5).is_file();

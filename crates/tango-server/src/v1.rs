@@ -39,7 +39,17 @@ pub fn routes() -> Router<AppState> {
             .route(path, handler.clone())
             .route(&format!("{path}/"), handler);
     }
-    router
+    router.fallback(unknown_route)
+}
+
+/// Clients treat any non-200 answer as "Tango is down", so even a request
+/// that matches no route gets a 200 with a message saying what exists.
+async fn unknown_route(uri: axum::http::Uri) -> V1 {
+    fail(format!(
+        "no such route: {}; routes are /open, /upload, /addJob, /poll, /getPartialOutput, \
+         /info, /jobs, /pool, /prealloc and /build, each followed by /<key>/...",
+        uri.path()
+    ))
 }
 
 /// A v1 answer: always HTTP 200 and a JSON object.

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole test suite: what `.ci/run` runs, and what a developer runs.
+# Needs root (the sandbox tests make namespaces, mounts and cgroups) and a
+# running dockerd for the Docker tests (they skip, saying so, without one).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target_dir=${CARGO_TARGET_DIR:-$PWD/target}
+musl=x86_64-unknown-linux-musl
+
+if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx "$musl"; then
+  rustup target add "$musl"
+fi
+# The static autodriver every backend puts into its VMs.
+cargo build --release -p autodriver --target "$musl"
+export TANGO_AUTODRIVER="$target_dir/$musl/release/autodriver"
+
+# A Debian root filesystem for image tests (built once per machine).
+TANGO_TEST_ROOTFS=$(scripts/build-test-rootfs.sh)
+export TANGO_TEST_ROOTFS
+if [ -S /var/run/docker.sock ] && [ -x scripts/build-docker-test-image.sh ]; then
+  scripts/build-docker-test-image.sh
+fi
+
+cargo test --workspace "$@"

@@ -516,9 +516,7 @@ fn oom_kill_in_the_memory_cgroup_is_reported() {
         return;
     }
     let Some(cgroup) = MemoryCgroup::create(64 << 20) else {
-        eprintln!(
-            "SKIPPED oom_kill_in_the_memory_cgroup_is_reported: cannot create a memory cgroup"
-        );
+        skip("oom_kill_in_the_memory_cgroup_is_reported: cannot create a memory cgroup");
         return;
     };
     let scratch = Scratch::with_job(&[(

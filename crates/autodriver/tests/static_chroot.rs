@@ -45,10 +45,10 @@ fn musl_binary() -> Option<PathBuf> {
         .output()
         .ok()?;
     if !output.status.success() {
-        eprintln!(
-            "SKIPPED static_chroot: cannot build the musl binary:\n{}",
+        skip(&format!(
+            "static_chroot: cannot build the musl binary:\n{}",
             String::from_utf8_lossy(&output.stderr)
-        );
+        ));
         return None;
     }
     Some(build_dir.join("x86_64-unknown-linux-musl/release/autodriver"))
@@ -149,7 +149,7 @@ fn setuid_static_binary_in_a_busybox_root() {
         return;
     }
     if !Path::new("/bin/busybox").exists() {
-        eprintln!("SKIPPED setuid_static_binary_in_a_busybox_root: /bin/busybox is missing");
+        skip("setuid_static_binary_in_a_busybox_root: /bin/busybox is missing");
         return;
     }
     let Some(driver) = musl_binary() else { return };
@@ -163,10 +163,10 @@ fn setuid_static_binary_in_a_busybox_root() {
         .tempdir_in(&roots)
         .unwrap();
     if on_nosuid_mount(holder.path()) {
-        eprintln!(
-            "SKIPPED setuid_static_binary_in_a_busybox_root: {} is nosuid",
+        skip(&format!(
+            "setuid_static_binary_in_a_busybox_root: {} is nosuid",
             roots.display()
-        );
+        ));
         return;
     }
     std::fs::set_permissions(holder.path(), std::fs::Permissions::from_mode(0o755)).unwrap();

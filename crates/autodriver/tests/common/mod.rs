@@ -16,8 +16,17 @@ pub fn root_or_skip(test: &str) -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    eprintln!("SKIPPED {test}: the autodriver tests must run as root (they switch uids)");
+    skip(&format!(
+        "{test}: the autodriver tests must run as root (they switch uids)"
+    ));
     false
+}
+
+/// Says loudly that a test was skipped: written straight to stderr, which
+/// the test harness does not capture (it only captures `eprintln!`).
+pub fn skip(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {why}");
 }
 
 pub struct Scratch {

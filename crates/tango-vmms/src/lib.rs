@@ -1,5 +1,7 @@
 //! VMMS backends for tango-rs, one module per backend, each behind a cargo
 //! feature. Backends know nothing of HTTP or of the engine's internals: they
 //! implement [`tango_core::Vmms`].
+#[cfg(feature = "docker")]
+pub mod docker;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;

@@ -1,0 +1,137 @@
+//! Tar streams for the Engine API's archive endpoints: files go into and come
+//! out of containers this way, so no host directory is shared with them.
+
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(kind);
+    header.set_mode(mode);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_size(size);
+    header.set_mtime(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    );
+    header
+}
+
+fn append_dir(builder: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32) -> io::Result<()> {
+    let mut h = header(tar::EntryType::Directory, mode, 0);
+    builder.append_data(&mut h, path, io::empty())
+}
+
+/// A tar, to be extracted at `/`, holding the private directory `dir` (mode
+/// 0700: the grading user must not see the driver's files) with the
+/// autodriver binary as `dir/name`.
+pub fn autodriver_tar(dir: &str, name: &str, binary: &[u8]) -> io::Result<Vec<u8>> {
+    let mut builder = tar::Builder::new(Vec::new());
+    append_dir(&mut builder, &format!("{dir}/"), 0o700)?;
+    let mut h = header(tar::EntryType::Regular, 0o755, binary.len() as u64);
+    builder.append_data(&mut h, format!("{dir}/{name}"), binary)?;
+    builder.into_inner()
+}
+
+/// Whether `name` may be a file name in the job directory: one plain path
+/// component.
+pub fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
+}
+
+/// A tar holding directory `dir` (relative, mode 0755) with each `(name,
+/// host path)` file in it, owned by root; the autodriver hands them to the
+/// grading user. Regular files only; execute bits of the host file are kept.
+pub fn inputs_tar<'a>(
+    dir: &str,
+    files: impl IntoIterator<Item = (&'a str, &'a Path)>,
+) -> io::Result<Vec<u8>> {
+    let mut builder = tar::Builder::new(Vec::new());
+    append_dir(&mut builder, &format!("{dir}/"), 0o755)?;
+    for (name, path) in files {
+        if !is_plain_file_name(name) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{name:?} is not a plain file name"),
+            ));
+        }
+        let file = std::fs::File::open(path)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a regular file", path.display()),
+            ));
+        }
+        let mode = 0o644 | (meta.permissions().mode() & 0o111);
+        let mut h = header(tar::EntryType::Regular, mode, meta.len());
+        // take(): a file that grew since stat must not make the entry lie
+        // about its size.
+        builder.append_data(&mut h, format!("{dir}/{name}"), file.take(meta.len()))?;
+    }
+    builder.into_inner()
+}
+
+/// The contents of the first regular file in a tar (what the archive
+/// endpoint returns for a single file), at most `max` bytes of it.
+pub fn first_file(tar_bytes: &[u8], max: usize) -> io::Result<Option<Vec<u8>>> {
+    let mut archive = tar::Archive::new(tar_bytes);
+    for entry in archive.entries()? {
+        let entry = entry?;
+        if entry.header().entry_type().is_file() {
+            let mut data = Vec::new();
+            entry.take(max as u64).read_to_end(&mut data)?;
+            return Ok(Some(data));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inputs_round_trip() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let a = dir.path().join("a");
+        std::fs::write(&a, b"all:\n\techo hi\n")?;
+        let tar = inputs_tar("x/job", [("Makefile", a.as_path())])?;
+        let mut archive = tar::Archive::new(tar.as_slice());
+        let names: Vec<String> = archive
+            .entries()?
+            .map(|e| e.and_then(|e| Ok(e.path()?.display().to_string())))
+            .collect::<io::Result<_>>()?;
+        assert_eq!(names, ["x/job/", "x/job/Makefile"]);
+        assert_eq!(
+            first_file(&tar, 1 << 20)?.as_deref(),
+            Some(&b"all:\n\techo hi\n"[..])
+        );
+        assert_eq!(first_file(&tar, 3)?.as_deref(), Some(&b"all"[..]));
+        Ok(())
+    }
+
+    #[test]
+    fn unsafe_names_are_refused() {
+        let path = Path::new("/dev/null");
+        for bad in ["", "..", "a/b", "../x", "."] {
+            assert!(inputs_tar("d", [(bad, path)]).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn autodriver_tar_is_private() -> io::Result<()> {
+        let tar = autodriver_tar(".tango", "autodriver", b"\x7fELF")?;
+        let mut archive = tar::Archive::new(tar.as_slice());
+        let modes: Vec<u32> = archive
+            .entries()?
+            .map(|e| e.and_then(|e| e.header().mode()))
+            .collect::<io::Result<_>>()?;
+        assert_eq!(modes, [0o700, 0o755]);
+        Ok(())
+    }
+}

@@ -1,0 +1,928 @@
+//! The `docker` backend: each VM is a container driven through the Docker
+//! Engine API (bollard), never the `docker` CLI.
+//!
+//! A container runs the autodriver's `--idle` mode as PID 1; the backend
+//! puts the autodriver into it (an archive upload before start), so images
+//! need neither the autodriver nor a grading user. Files go in and out as
+//! tar streams through the API and the job's output is the attached exec
+//! stream, written to a file under [`DockerConfig::work_dir`] on the host:
+//! no host directory is shared with containers, so `tangod` can itself run
+//! in a container with only the Docker socket mounted.
+//!
+//! Inside a container, everything of the backend lives in `/.tango` (mode
+//! 0700, root): the autodriver, every copy-in (each in a fresh directory,
+//! so nothing of an earlier job can leak into a later one), the summaries
+//! and the live output streams.
+
+mod archive;
+mod naming;
+
+pub use naming::container_name;
+
+use async_trait::async_trait;
+use bollard::container::LogOutput;
+use bollard::errors::Error as ApiError;
+use bollard::exec::{CreateExecOptions, StartExecResults};
+use bollard::models::{
+    ContainerCreateBody, ContainerStateStatusEnum, HostConfig, HostConfigLogConfig,
+    NetworkConnectRequest, NetworkDisconnectRequest,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, DownloadFromContainerOptionsBuilder, EventsOptionsBuilder,
+    ImportImageOptionsBuilder, ListContainersOptionsBuilder, ListImagesOptionsBuilder,
+    RemoveContainerOptionsBuilder, TagImageOptionsBuilder, UploadToContainerOptionsBuilder,
+    WaitContainerOptionsBuilder,
+};
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tango_core::model::{InputFile, Machine};
+use tango_core::vmms::{RunOutcome, RunRequest, RunStatus, Vmms, VmmsError};
+use tokio::io::AsyncWriteExt;
+
+/// The backend's directory inside every container (relative form for tar).
+const DRIVER_DIR_REL: &str = ".tango";
+const AUTODRIVER_PATH: &str = "/.tango/autodriver";
+/// The job directory's name: jobs run in `<grading home>/autolab`, as under
+/// Tango.
+const JOB_DIR_NAME: &str = "autolab";
+/// Linux capabilities the autodriver needs as root in the container: switch
+/// to the grading user, hand it the job's files, remove what it leaves
+/// anywhere, kill what it leaves running. Everything else is dropped.
+const AUTODRIVER_CAPS: [&str; 8] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETUID",
+    "SETGID",
+];
+/// How long past the job's own time limit the backend waits for the
+/// autodriver to report (it kills the job at the limit, then cleans up).
+const RUN_GRACE: Duration = Duration::from_secs(60);
+/// Loading a large `docker save` tar can take a while.
+const IMAGE_LOAD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Bytes of autodriver output kept on the host beyond the job's output cap
+/// (its header line and its own error messages).
+const OUTPUT_SLACK: u64 = 1 << 20;
+
+/// Settings of the docker backend.
+#[derive(Debug, Clone)]
+pub struct DockerConfig {
+    /// Host path of the static autodriver binary; the backend copies it into
+    /// every container.
+    pub autodriver: PathBuf,
+    /// Host directory for the captured output of each container's job.
+    pub work_dir: PathBuf,
+    /// Memory limit of a container unless its pool says otherwise; swap is
+    /// limited to the same amount, i.e. none.
+    pub default_memory_mb: u64,
+    /// CPUs of a container unless its pool says otherwise; `None`: no limit.
+    pub default_cores: Option<f64>,
+    /// Process limit of a whole container.
+    pub default_max_pids: i64,
+    /// `false`: every container has `network_mode none`. `true`: containers
+    /// are on the default bridge, and jobs with `disable_network` have it
+    /// disconnected while they run.
+    pub allow_network: bool,
+    /// The grading user when the image's `/etc/passwd` has it (Tango's
+    /// images have `autograde`).
+    pub grading_user: String,
+    /// `UID:GID` the job runs as when the image lacks `grading_user`.
+    pub fallback_user: String,
+    /// Bound on each Engine API request (to its response headers).
+    pub api_timeout: Duration,
+}
+
+impl DockerConfig {
+    /// The defaults: 1024 MiB, no CPU limit, 256 processes, no network,
+    /// user `autograde` or else `1000:1000`, 30 s per API request.
+    pub fn new(autodriver: PathBuf, work_dir: PathBuf) -> Self {
+        DockerConfig {
+            autodriver,
+            work_dir,
+            default_memory_mb: 1024,
+            default_cores: None,
+            default_max_pids: 256,
+            allow_network: false,
+            grading_user: "autograde".into(),
+            fallback_user: "1000:1000".into(),
+            api_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the backend remembers of a container between trait calls.
+#[derive(Debug, Default)]
+struct VmState {
+    /// Copy-ins so far; each gets a fresh directory.
+    copy_ins: u64,
+    /// Job directory (in the container) of the last copy-in not yet run.
+    pending_job_dir: Option<String>,
+    /// The live output stream (in the container) of the last run.
+    stream_path: Option<String>,
+    /// Host file with the output of the last run.
+    output: Option<PathBuf>,
+}
+
+/// The docker VMMS. One instance serves every container of the server.
+pub struct Docker {
+    api: bollard::Docker,
+    config: DockerConfig,
+    /// The tar that installs the autodriver, built once.
+    autodriver_tar: Bytes,
+    vms: Mutex<HashMap<String, VmState>>,
+    /// `--user` value per image, from the image's `/etc/passwd`.
+    users: Mutex<HashMap<String, String>>,
+}
+
+fn status_code(error: &ApiError) -> Option<u16> {
+    match error {
+        ApiError::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+fn is_not_found(error: &ApiError) -> bool {
+    status_code(error) == Some(404)
+}
+
+fn api_error(context: impl std::fmt::Display, error: ApiError) -> VmmsError {
+    VmmsError::Backend(format!("docker: {context}: {error}"))
+}
+
+/// Maps a 404 on a container to [`VmmsError::NoSuchVm`].
+fn vm_error(vm: &str, context: &str, error: ApiError) -> VmmsError {
+    if is_not_found(&error) {
+        VmmsError::NoSuchVm(vm.to_string())
+    } else {
+        api_error(format_args!("{context} {vm}"), error)
+    }
+}
+
+fn unix_seconds(at: SystemTime) -> String {
+    let since_epoch = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    format!(
+        "{}.{:09}",
+        since_epoch.as_secs(),
+        since_epoch.subsec_nanos()
+    )
+}
+
+/// The user line for `name` in a passwd file's text.
+fn passwd_has_user(passwd: &str, name: &str) -> bool {
+    passwd
+        .lines()
+        .any(|line| line.split(':').next() == Some(name))
+}
+
+/// The image a `docker load` reported, from its progress messages.
+fn loaded_image(message: &str) -> Option<&str> {
+    let message = message.trim();
+    message
+        .strip_prefix("Loaded image: ")
+        .or_else(|| message.strip_prefix("Loaded image ID: "))
+        .map(str::trim)
+        .filter(|image| !image.is_empty())
+}
+
+/// Tango's image names: the repository for `latest`, `repo:tag` otherwise.
+fn image_names(repo_tags: &[String]) -> Vec<String> {
+    let mut names = BTreeSet::new();
+    for tag in repo_tags {
+        if tag == "<none>:<none>" {
+            continue;
+        }
+        match tag.rsplit_once(':') {
+            Some((repo, "latest")) => {
+                names.insert(repo.to_string());
+            }
+            _ => {
+                names.insert(tag.clone());
+            }
+        }
+    }
+    names.into_iter().collect()
+}
+
+impl Docker {
+    /// Connects to the daemon named by `DOCKER_HOST` (`unix://` or `tcp://`),
+    /// by default `/var/run/docker.sock`, and agrees on an API version with
+    /// it. Fails clearly when the daemon cannot be reached.
+    pub async fn connect(config: DockerConfig) -> Result<Docker, VmmsError> {
+        let binary = tokio::fs::read(&config.autodriver).await.map_err(|e| {
+            VmmsError::io(
+                format!("cannot read the autodriver {}", config.autodriver.display()),
+                e,
+            )
+        })?;
+        if !binary.starts_with(b"\x7fELF") {
+            return Err(VmmsError::Backend(format!(
+                "{} is not an executable (ELF) file",
+                config.autodriver.display()
+            )));
+        }
+        let autodriver_tar = archive::autodriver_tar(DRIVER_DIR_REL, "autodriver", &binary)
+            .map_err(|e| VmmsError::io("cannot pack the autodriver", e))?;
+        tokio::fs::create_dir_all(&config.work_dir)
+            .await
+            .map_err(|e| {
+                VmmsError::io(format!("cannot create {}", config.work_dir.display()), e)
+            })?;
+
+        let host = std::env::var("DOCKER_HOST")
+            .unwrap_or_else(|_| "unix:///var/run/docker.sock".to_string());
+        let api = bollard::Docker::connect_with_defaults()
+            .map_err(|e| VmmsError::Backend(format!("docker: bad DOCKER_HOST {host:?}: {e}")))?
+            .with_timeout(config.api_timeout);
+        let api = match tokio::time::timeout(config.api_timeout, api.negotiate_version()).await {
+            Ok(Ok(api)) => api,
+            Ok(Err(e)) => {
+                return Err(VmmsError::Backend(format!(
+                    "cannot reach the Docker daemon at {host}: {e}"
+                )))
+            }
+            Err(_) => {
+                return Err(VmmsError::Backend(format!(
+                    "the Docker daemon at {host} did not answer within {:?}",
+                    config.api_timeout
+                )))
+            }
+        };
+        Ok(Docker {
+            api,
+            config,
+            autodriver_tar: Bytes::from(autodriver_tar),
+            vms: Mutex::new(HashMap::new()),
+            users: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The bollard client, for callers that need more of the Engine API.
+    pub fn api(&self) -> &bollard::Docker {
+        &self.api
+    }
+
+    fn with_state<T>(&self, name: &str, f: impl FnOnce(&mut VmState) -> T) -> T {
+        let mut vms = self.vms.lock().unwrap_or_else(|e| e.into_inner());
+        f(vms.entry(name.to_string()).or_default())
+    }
+
+    fn forget(&self, name: &str) -> Option<VmState> {
+        self.vms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+    }
+
+    fn memory_mb(&self, vm: &Machine) -> u64 {
+        vm.memory_mb.unwrap_or(self.config.default_memory_mb)
+    }
+
+    /// The whole body of an archive download, bounded in time.
+    async fn download(&self, container: &str, path: &str) -> Result<Vec<u8>, ApiError> {
+        let options = DownloadFromContainerOptionsBuilder::default()
+            .path(path)
+            .build();
+        let collect = self
+            .api
+            .download_from_container(container, Some(options))
+            .try_fold(Vec::new(), |mut all, chunk| async move {
+                all.extend_from_slice(&chunk);
+                Ok(all)
+            });
+        tokio::time::timeout(self.config.api_timeout, collect)
+            .await
+            .unwrap_or(Err(ApiError::RequestTimeoutError))
+    }
+
+    /// One file of a container, at most `max` bytes; `None` if it does not
+    /// exist.
+    async fn read_file(
+        &self,
+        container: &str,
+        path: &str,
+        max: usize,
+    ) -> Result<Option<Vec<u8>>, VmmsError> {
+        match self.download(container, path).await {
+            Ok(tar) => archive::first_file(&tar, max)
+                .map_err(|e| VmmsError::io(format!("bad archive of {path} from {container}"), e)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(api_error(
+                format_args!("cannot read {path} of {container}"),
+                e,
+            )),
+        }
+    }
+
+    async fn upload(&self, container: &str, tar: Bytes) -> Result<(), ApiError> {
+        let options = UploadToContainerOptionsBuilder::default().path("/").build();
+        self.api
+            .upload_to_container(container, Some(options), bollard::body_full(tar))
+            .await
+    }
+
+    /// The `--user` of jobs on `image`: the grading user if the image has
+    /// it, else the numeric fallback. Read once per image from a container.
+    async fn grading_user(&self, container: &str, image: &str) -> Result<String, VmmsError> {
+        if let Some(user) = self
+            .users
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(image)
+        {
+            return Ok(user.clone());
+        }
+        let passwd = self.read_file(container, "/etc/passwd", 4 << 20).await?;
+        let has_user = passwd
+            .map(|bytes| {
+                passwd_has_user(&String::from_utf8_lossy(&bytes), &self.config.grading_user)
+            })
+            .unwrap_or(false);
+        let user = if has_user {
+            self.config.grading_user.clone()
+        } else {
+            self.config.fallback_user.clone()
+        };
+        self.users
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(image.to_string(), user.clone());
+        Ok(user)
+    }
+
+    async fn create_and_start(&self, vm: &Machine, name: &str) -> Result<(), VmmsError> {
+        self.upload(name, self.autodriver_tar.clone())
+            .await
+            .map_err(|e| api_error(format_args!("cannot put the autodriver into {name}"), e))?;
+        self.grading_user(name, &vm.image).await?;
+        self.api
+            .start_container(name, None)
+            .await
+            .map_err(|e| api_error(format_args!("cannot start {name}"), e))
+    }
+
+    /// With networking allowed, a job without network runs disconnected
+    /// from every network; a job with network gets the default bridge back.
+    async fn apply_network(&self, name: &str, disable: bool) -> Result<(), VmmsError> {
+        if !self.config.allow_network {
+            return Ok(()); // network_mode none since creation
+        }
+        let inspect = self
+            .api
+            .inspect_container(name, None)
+            .await
+            .map_err(|e| vm_error(name, "cannot inspect", e))?;
+        let networks: Vec<String> = inspect
+            .network_settings
+            .and_then(|s| s.networks)
+            .map(|n| n.into_keys().collect())
+            .unwrap_or_default();
+        if disable {
+            for network in networks {
+                let request = NetworkDisconnectRequest {
+                    container: name.to_string(),
+                    force: Some(true),
+                };
+                self.api
+                    .disconnect_network(&network, request)
+                    .await
+                    .map_err(|e| {
+                        api_error(format_args!("cannot disconnect {name} from {network}"), e)
+                    })?;
+            }
+        } else if networks.is_empty() {
+            let request = NetworkConnectRequest {
+                container: name.to_string(),
+                endpoint_config: None,
+            };
+            self.api
+                .connect_network("bridge", request)
+                .await
+                .map_err(|e| api_error(format_args!("cannot connect {name} to bridge"), e))?;
+        }
+        Ok(())
+    }
+
+    /// Whether the memory limit killed something in the container since
+    /// `since`: the autodriver's verdict, Docker's `oom` events, or the
+    /// container's OOMKilled flag.
+    async fn oom_killed(
+        &self,
+        name: &str,
+        since: SystemTime,
+        summary: Option<&serde_json::Value>,
+    ) -> bool {
+        if summary
+            .and_then(|s| s.get("killed_by"))
+            .and_then(|k| k.as_str())
+            == Some("oom")
+        {
+            return true;
+        }
+        let filters = HashMap::from([
+            ("container", vec![name]),
+            ("type", vec!["container"]),
+            ("event", vec!["oom"]),
+        ]);
+        let options = EventsOptionsBuilder::default()
+            .since(&unix_seconds(since))
+            .until(&unix_seconds(SystemTime::now()))
+            .filters(&filters)
+            .build();
+        let events = self.api.events(Some(options)).try_collect::<Vec<_>>();
+        if let Ok(Ok(events)) = tokio::time::timeout(self.config.api_timeout, events).await {
+            if !events.is_empty() {
+                return true;
+            }
+        }
+        match self.api.inspect_container(name, None).await {
+            Ok(inspect) => inspect.state.and_then(|s| s.oom_killed).unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+
+    async fn remove(&self, name: &str) -> Result<(), VmmsError> {
+        let options = RemoveContainerOptionsBuilder::default()
+            .force(true)
+            .v(true)
+            .build();
+        let removed = self.api.remove_container(name, Some(options)).await;
+        if let Some(state) = self.forget(name) {
+            if let Some(output) = state.output {
+                let _ = tokio::fs::remove_file(output).await;
+            }
+        }
+        match removed {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            // 409: a removal is already in progress.
+            Err(e) if status_code(&e) == Some(409) => Ok(()),
+            Err(e) => Err(api_error(format_args!("cannot remove {name}"), e)),
+        }
+    }
+}
+
+#[async_trait]
+impl Vmms for Docker {
+    fn name(&self) -> &'static str {
+        "docker"
+    }
+
+    async fn initialize_vm(&self, vm: &Machine) -> Result<(), VmmsError> {
+        let name = container_name(vm);
+        let prefix = naming::machine_prefix(vm).ok_or_else(|| {
+            VmmsError::Backend(format!(
+                "VM name {:?} does not follow <prefix>-<id>-<image>",
+                vm.name
+            ))
+        })?;
+        let memory_bytes = i64::try_from(self.memory_mb(vm).saturating_mul(1 << 20))
+            .map_err(|_| VmmsError::Backend("memory limit too large".into()))?;
+        let cores = vm.cores.map(f64::from).or(self.config.default_cores);
+        let host_config = HostConfig {
+            memory: Some(memory_bytes),
+            memory_swap: Some(memory_bytes),
+            nano_cpus: cores.map(|c| (c * 1e9) as i64),
+            pids_limit: Some(self.config.default_max_pids),
+            network_mode: Some(
+                if self.config.allow_network {
+                    "bridge"
+                } else {
+                    "none"
+                }
+                .into(),
+            ),
+            security_opt: Some(vec!["no-new-privileges:true".into()]),
+            cap_drop: Some(vec!["ALL".into()]),
+            cap_add: Some(AUTODRIVER_CAPS.iter().map(|c| c.to_string()).collect()),
+            // PID 1 prints nothing and job output is attached, not logged.
+            log_config: Some(HostConfigLogConfig {
+                typ: Some("none".into()),
+                config: None,
+            }),
+            init: Some(false),
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(vm.image.clone()),
+            entrypoint: Some(vec![AUTODRIVER_PATH.into(), "--idle".into()]),
+            cmd: Some(vec![]),
+            user: Some("0:0".into()),
+            working_dir: Some("/".into()),
+            labels: Some(naming::labels(vm, prefix)),
+            host_config: Some(host_config),
+            ..Default::default()
+        };
+        let options = CreateContainerOptionsBuilder::default().name(&name).build();
+        if let Err(e) = self.api.create_container(Some(options), body).await {
+            return Err(match status_code(&e) {
+                Some(404) => VmmsError::NoSuchImage(vm.image.clone()),
+                Some(409) => VmmsError::Backend(format!("container {name} already exists")),
+                _ => api_error(format_args!("cannot create {name}"), e),
+            });
+        }
+        self.forget(&name);
+        if let Err(e) = self.create_and_start(vm, &name).await {
+            // A half-made container must not be left behind.
+            let _ = self.remove(&name).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn wait_vm(&self, vm: &Machine, max: Duration) -> Result<(), VmmsError> {
+        let name = container_name(vm);
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            let inspect = self
+                .api
+                .inspect_container(&name, None)
+                .await
+                .map_err(|e| vm_error(&name, "cannot inspect", e))?;
+            let state = inspect.state.unwrap_or_default();
+            match state.status {
+                Some(ContainerStateStatusEnum::RUNNING) if state.running == Some(true) => {
+                    return Ok(())
+                }
+                Some(
+                    ContainerStateStatusEnum::CREATED
+                    | ContainerStateStatusEnum::RESTARTING
+                    | ContainerStateStatusEnum::RUNNING,
+                ) => {}
+                other => {
+                    return Err(VmmsError::Backend(format!(
+                        "container {name} is not running ({other:?}, exit code {:?})",
+                        state.exit_code
+                    )))
+                }
+            }
+            // Docker has no event for "started" on an already created
+            // container that start_container did not report: poll briefly.
+            if tokio::time::Instant::now() >= deadline {
+                return Err(VmmsError::Backend(format!(
+                    "container {name} did not start within {max:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn copy_in(&self, vm: &Machine, files: &[InputFile]) -> Result<(), VmmsError> {
+        let name = container_name(vm);
+        let number = self.with_state(&name, |state| {
+            state.copy_ins += 1;
+            state.copy_ins
+        });
+        let dir = format!("{DRIVER_DIR_REL}/jobs/{number}/{JOB_DIR_NAME}");
+        let pairs: Vec<(String, PathBuf)> = files
+            .iter()
+            .map(|f| (f.dest_file.clone(), f.path.clone()))
+            .collect();
+        let tar_dir = dir.clone();
+        let tar = tokio::task::spawn_blocking(move || {
+            archive::inputs_tar(
+                &tar_dir,
+                pairs
+                    .iter()
+                    .map(|(name, path)| (name.as_str(), path.as_path())),
+            )
+        })
+        .await
+        .map_err(|e| VmmsError::Backend(format!("packing the input files failed: {e}")))?
+        .map_err(|e| VmmsError::io("cannot pack the input files", e))?;
+        self.upload(&name, Bytes::from(tar))
+            .await
+            .map_err(|e| vm_error(&name, "cannot copy the input files into", e))?;
+        self.with_state(&name, |state| {
+            state.pending_job_dir = Some(format!("/{dir}"))
+        });
+        Ok(())
+    }
+
+    async fn run_job(&self, vm: &Machine, req: &RunRequest) -> Result<RunOutcome, VmmsError> {
+        let name = container_name(vm);
+        let (job_dir, number) = self.with_state(&name, |state| {
+            (state.pending_job_dir.take(), state.copy_ins)
+        });
+        let job_dir = job_dir.ok_or_else(|| {
+            VmmsError::Backend(format!("run_job on {name} without copy_in before it"))
+        })?;
+        let user = self.grading_user(&name, &vm.image).await?;
+        self.apply_network(&name, req.disable_network).await?;
+
+        let summary_path = format!("/{DRIVER_DIR_REL}/summary-{number}.json");
+        let stream_path = format!("/{DRIVER_DIR_REL}/stream-{number}");
+        let mut args = req.autodriver_args(&user, &summary_path, &job_dir);
+        let dir_arg = args.pop().unwrap_or_else(|| job_dir.clone());
+        args.extend(["--stream".to_string(), stream_path.clone(), dir_arg]);
+        let mut cmd = vec![AUTODRIVER_PATH.to_string()];
+        cmd.extend(args);
+
+        let output_path = self.config.work_dir.join(format!("{name}.out"));
+        let mut output = tokio::fs::File::create(&output_path)
+            .await
+            .map_err(|e| VmmsError::io(format!("cannot create {}", output_path.display()), e))?;
+        self.with_state(&name, |state| {
+            state.output = Some(output_path.clone());
+            state.stream_path = Some(stream_path.clone());
+        });
+
+        let exec = self
+            .api
+            .create_exec(
+                &name,
+                CreateExecOptions {
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    cmd: Some(cmd),
+                    user: Some("0:0".to_string()),
+                    working_dir: Some("/".to_string()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| vm_error(&name, "cannot create the job's exec in", e))?;
+        let started_at = SystemTime::now();
+        let attached = self
+            .api
+            .start_exec(&exec.id, None)
+            .await
+            .map_err(|e| vm_error(&name, "cannot start the job in", e))?;
+        let StartExecResults::Attached {
+            output: mut stream,
+            input: _input,
+        } = attached
+        else {
+            return Err(VmmsError::Backend("docker: the exec did not attach".into()));
+        };
+
+        // The autodriver caps the job's output itself; the host file is
+        // capped too in case something else floods the stream.
+        let cap = req.output_cap_bytes.saturating_add(OUTPUT_SLACK);
+        let copy = async {
+            let mut written: u64 = 0;
+            while let Some(chunk) = stream.next().await {
+                let chunk =
+                    chunk.map_err(|e| api_error(format_args!("job output of {name}"), e))?;
+                let bytes = match chunk {
+                    LogOutput::StdOut { message } | LogOutput::StdErr { message } => message,
+                    _ => continue,
+                };
+                let room = cap.saturating_sub(written).min(bytes.len() as u64) as usize;
+                if room > 0 {
+                    output
+                        .write_all(&bytes[..room])
+                        .await
+                        .map_err(|e| VmmsError::io("cannot write the job's output", e))?;
+                    written += room as u64;
+                }
+            }
+            output
+                .flush()
+                .await
+                .map_err(|e| VmmsError::io("cannot write the job's output", e))
+        };
+        let bound =
+            (req.timeout_secs > 0).then(|| Duration::from_secs(req.timeout_secs) + RUN_GRACE);
+        match bound {
+            Some(bound) => tokio::time::timeout(bound, copy).await.map_err(|_| {
+                VmmsError::Backend(format!(
+                    "the autodriver in {name} did not finish within {bound:?}"
+                ))
+            })??,
+            None => copy.await?,
+        }
+
+        // The stream ends when the process exits; its exit code can lag
+        // behind by a moment.
+        let mut exit_code = None;
+        for _ in 0..100 {
+            let inspect = self.api.inspect_exec(&exec.id).await.map_err(|e| {
+                api_error(format_args!("cannot inspect the job's exec in {name}"), e)
+            })?;
+            if inspect.running != Some(true) {
+                exit_code = inspect.exit_code.and_then(|c| i32::try_from(c).ok());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let status = RunStatus::from_exit_code(exit_code);
+
+        let summary = match self.read_file(&name, &summary_path, 1 << 20).await {
+            Ok(Some(bytes)) => serde_json::from_slice::<serde_json::Value>(&bytes).ok(),
+            _ => None,
+        };
+        let mut notes = Vec::new();
+        if self.oom_killed(&name, started_at, summary.as_ref()).await {
+            notes.push(format!(
+                "The job was killed: it exceeded its memory limit of {} MiB",
+                self.memory_mb(vm)
+            ));
+        }
+        Ok(RunOutcome {
+            status,
+            exit_code,
+            summary,
+            notes,
+        })
+    }
+
+    async fn copy_out(&self, vm: &Machine, dest: &Path) -> Result<(), VmmsError> {
+        let name = container_name(vm);
+        let output = self
+            .with_state(&name, |state| state.output.clone())
+            .ok_or_else(|| VmmsError::Backend(format!("no job has run in {name}")))?;
+        tokio::fs::copy(&output, dest).await.map_err(|e| {
+            VmmsError::io(
+                format!("cannot copy {} to {}", output.display(), dest.display()),
+                e,
+            )
+        })?;
+        Ok(())
+    }
+
+    async fn destroy_vm(&self, vm: &Machine) -> Result<(), VmmsError> {
+        self.remove(&container_name(vm)).await
+    }
+
+    async fn safe_destroy_vm(&self, vm: &Machine) -> Result<(), VmmsError> {
+        let name = container_name(vm);
+        self.remove(&name).await?;
+        // A removal Docker reported as in progress ends with "removed".
+        let options = WaitContainerOptionsBuilder::default()
+            .condition("removed")
+            .build();
+        let mut wait = self.api.wait_container(&name, Some(options));
+        let _ = tokio::time::timeout(self.config.api_timeout, wait.next()).await;
+        match self.api.inspect_container(&name, None).await {
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(api_error(format_args!("cannot confirm {name} is gone"), e)),
+            Ok(_) => Err(VmmsError::Backend(format!(
+                "container {name} still exists after removal"
+            ))),
+        }
+    }
+
+    async fn get_vms(&self, prefix: &str) -> Result<Vec<Machine>, VmmsError> {
+        let filters =
+            HashMap::from([("label", vec![format!("{}={prefix}", naming::LABEL_PREFIX)])]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let containers = self
+            .api
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| api_error("cannot list containers", e))?;
+        let mut machines: Vec<Machine> = containers
+            .into_iter()
+            .filter_map(|c| c.labels.as_ref().and_then(naming::machine_from_labels))
+            .filter(|m| naming::machine_prefix(m) == Some(prefix))
+            .collect();
+        machines.sort_by_key(|m| m.id);
+        Ok(machines)
+    }
+
+    async fn exists_vm(&self, vm: &Machine) -> Result<bool, VmmsError> {
+        let name = container_name(vm);
+        match self.api.inspect_container(&name, None).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(api_error(format_args!("cannot inspect {name}"), e)),
+        }
+    }
+
+    async fn get_images(&self) -> Result<Vec<String>, VmmsError> {
+        let images = self
+            .api
+            .list_images(Some(ListImagesOptionsBuilder::default().build()))
+            .await
+            .map_err(|e| api_error("cannot list images", e))?;
+        let tags: Vec<String> = images.into_iter().flat_map(|i| i.repo_tags).collect();
+        Ok(image_names(&tags))
+    }
+
+    async fn partial_output(&self, vm: &Machine, max_bytes: usize) -> Result<Vec<u8>, VmmsError> {
+        let name = container_name(vm);
+        let Some(stream_path) = self.with_state(&name, |state| state.stream_path.clone()) else {
+            return Ok(Vec::new());
+        };
+        match self.read_file(&name, &stream_path, max_bytes).await {
+            Ok(bytes) => Ok(bytes.unwrap_or_default()),
+            Err(VmmsError::Backend(message)) if message.contains("No such container") => {
+                Err(VmmsError::NoSuchVm(name))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The autodriver cleaned up after the job and every copy-in gets a
+    /// fresh directory; what is left to check is that the container still
+    /// runs (its PID 1 may have been killed, e.g. by the OOM killer).
+    async fn reset_vm(&self, vm: &Machine) -> Result<(), VmmsError> {
+        let name = container_name(vm);
+        let inspect = self
+            .api
+            .inspect_container(&name, None)
+            .await
+            .map_err(|e| vm_error(&name, "cannot inspect", e))?;
+        if inspect.state.and_then(|s| s.running) != Some(true) {
+            return Err(VmmsError::Backend(format!(
+                "container {name} stopped; it cannot be reused"
+            )));
+        }
+        self.with_state(&name, |state| state.stream_path = None);
+        Ok(())
+    }
+
+    async fn build_image(&self, name: &str, tar: &Path) -> Result<(), VmmsError> {
+        let file = tokio::fs::File::open(tar)
+            .await
+            .map_err(|e| VmmsError::io(format!("cannot open {}", tar.display()), e))?;
+        let body = tokio_util::io::ReaderStream::new(file);
+        let options = ImportImageOptionsBuilder::default().quiet(false).build();
+        let load = async {
+            let mut loaded = None;
+            let mut progress = self.api.import_image_stream(options, body, None);
+            while let Some(info) = progress.next().await {
+                let info = info.map_err(|e| api_error("cannot load the image", e))?;
+                if loaded.is_none() {
+                    loaded = info
+                        .stream
+                        .as_deref()
+                        .and_then(loaded_image)
+                        .map(String::from);
+                }
+            }
+            Ok::<_, VmmsError>(loaded)
+        };
+        let loaded = tokio::time::timeout(IMAGE_LOAD_TIMEOUT, load)
+            .await
+            .map_err(|_| VmmsError::Backend("loading the image timed out".into()))??
+            .ok_or_else(|| {
+                VmmsError::Backend(
+                    "docker load reported no image: is this a `docker save` tar?".into(),
+                )
+            })?;
+        let options = TagImageOptionsBuilder::default()
+            .repo(name)
+            .tag("latest")
+            .build();
+        self.api
+            .tag_image(&loaded, Some(options))
+            .await
+            .map_err(|e| api_error(format_args!("cannot tag {loaded} as {name}:latest"), e))?;
+        self.users
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|image, _| image != name && image != &format!("{name}:latest"));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwd_lookup() {
+        let passwd = "root:x:0:0::/root:/bin/sh\nautograde:x:1001:1001::/home/autograde:/bin/sh\n";
+        assert!(passwd_has_user(passwd, "autograde"));
+        assert!(!passwd_has_user(passwd, "auto"));
+        assert!(!passwd_has_user("", "autograde"));
+    }
+
+    #[test]
+    fn load_messages() {
+        assert_eq!(
+            loaded_image("Loaded image: foo:latest\n"),
+            Some("foo:latest")
+        );
+        assert_eq!(
+            loaded_image("Loaded image ID: sha256:ab\n"),
+            Some("sha256:ab")
+        );
+        assert_eq!(loaded_image("Loading layer 1/2"), None);
+    }
+
+    #[test]
+    fn image_names_follow_tango() {
+        let tags = [
+            "tango-test-bookworm:latest".to_string(),
+            "course/img:v2".to_string(),
+            "<none>:<none>".to_string(),
+            "localhost:5000/x:latest".to_string(),
+        ];
+        assert_eq!(
+            image_names(&tags),
+            ["course/img:v2", "localhost:5000/x", "tango-test-bookworm"]
+        );
+    }
+}

@@ -1,0 +1,411 @@
+//! The docker backend against the real dockerd: skipped (with the reason
+//! printed) when there is no Docker socket. Each test has its own prefix.
+#![cfg(feature = "docker")]
+
+#[path = "docker_common.rs"]
+mod common;
+
+use common::{machine, request, require_docker, BOOKWORM, BUSYBOX};
+use futures_util::TryStreamExt;
+use std::collections::HashMap;
+use std::time::Duration;
+use tango_core::vmms::{RunStatus, Vmms, VmmsError};
+use tango_vmms::docker::{container_name, Docker};
+
+const TRIVIAL_MAKEFILE: &str = "all:\n\t@echo hello from $$(id -u) in $$(pwd)\n\t@ls\n";
+
+#[tokio::test]
+async fn lifecycle_of_a_trivial_job_with_reuse() {
+    require_docker!();
+    let work = tempfile::tempdir().unwrap();
+    let docker = common::backend(work.path()).await;
+    assert_eq!(docker.name(), "docker");
+    let prefix = common::prefix("life");
+    common::clean(&docker, &prefix).await;
+    let vm = machine(&prefix, 1, BOOKWORM);
+
+    let (outcome, output) = common::run_once(
+        &docker,
+        &vm,
+        work.path(),
+        &[
+            ("Makefile", TRIVIAL_MAKEFILE),
+            ("secret.txt", "first job\n"),
+        ],
+        &request(11, 20),
+    )
+    .await;
+    assert_eq!(outcome.status, RunStatus::Completed, "{output}");
+    assert_eq!(outcome.exit_code, Some(0));
+    assert!(
+        output.starts_with("Autodriver: Job exited with status 0\n"),
+        "{output}"
+    );
+    // The test image has no autograde user: the numeric fallback runs it,
+    // in <home>/autolab as under Tango.
+    assert!(
+        output.contains("hello from 1000 in /home/autograde/autolab"),
+        "{output}"
+    );
+    assert!(output.contains("secret.txt"), "{output}");
+    let summary = outcome.summary.expect("the autodriver's summary");
+    assert_eq!(summary["exit_status"], 0, "{summary}");
+    assert!(outcome.notes.is_empty(), "{:?}", outcome.notes);
+    let partial = docker.partial_output(&vm, 1 << 20).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&partial).contains("hello from"),
+        "partial output: {partial:?}"
+    );
+
+    // Reuse: the next job sees nothing of the first one.
+    docker.reset_vm(&vm).await.unwrap();
+    let second =
+        "all:\n\t@ls -a; cat /home/autograde/autolab/secret.txt || echo no-leftover\n\t@exit 3\n";
+    docker
+        .copy_in(&vm, &common::inputs(work.path(), &[("Makefile", second)]))
+        .await
+        .unwrap();
+    let outcome = docker.run_job(&vm, &request(12, 20)).await.unwrap();
+    let dest = work.path().join("second");
+    docker.copy_out(&vm, &dest).await.unwrap();
+    let output = std::fs::read_to_string(&dest).unwrap();
+    assert_eq!(outcome.status, RunStatus::Completed, "{output}");
+    assert!(
+        output.starts_with("Autodriver: Job exited with status 2\n"),
+        "{output}"
+    );
+    assert!(output.contains("no-leftover"), "{output}");
+    assert!(!output.contains("first job"), "{output}");
+
+    // run_job needs a fresh copy_in.
+    assert!(docker.run_job(&vm, &request(13, 20)).await.is_err());
+
+    docker.safe_destroy_vm(&vm).await.unwrap();
+    assert!(!docker.exists_vm(&vm).await.unwrap());
+    assert!(docker.get_vms(&prefix).await.unwrap().is_empty());
+    // Destroying again is not an error.
+    docker.destroy_vm(&vm).await.unwrap();
+}
+
+#[tokio::test]
+async fn container_is_confined() {
+    require_docker!();
+    let work = tempfile::tempdir().unwrap();
+    let docker = common::backend(work.path()).await;
+    let prefix = common::prefix("conf");
+    common::clean(&docker, &prefix).await;
+    let mut vm = machine(&prefix, 1, BOOKWORM);
+    vm.cores = Some(1);
+    vm.memory_mb = Some(200);
+    docker.initialize_vm(&vm).await.unwrap();
+    let inspect = docker
+        .api()
+        .inspect_container(&container_name(&vm), None)
+        .await
+        .unwrap();
+    let host = inspect.host_config.unwrap();
+    assert_eq!(host.memory, Some(200 << 20));
+    assert_eq!(host.memory_swap, Some(200 << 20));
+    assert_eq!(host.nano_cpus, Some(1_000_000_000));
+    assert_eq!(host.pids_limit, Some(256));
+    assert_eq!(host.network_mode.as_deref(), Some("none"));
+    assert_eq!(host.cap_drop, Some(vec!["ALL".to_string()]));
+    assert!(host
+        .security_opt
+        .unwrap_or_default()
+        .iter()
+        .any(|o| o.starts_with("no-new-privileges")));
+    assert!(host.binds.unwrap_or_default().is_empty());
+    assert!(host.mounts.unwrap_or_default().is_empty());
+    let labels = inspect.config.unwrap().labels.unwrap();
+    assert_eq!(labels["tango.prefix"], prefix);
+    assert_eq!(labels["tango.vm_id"], "1");
+    assert_eq!(labels["tango.image"], BOOKWORM);
+    docker.safe_destroy_vm(&vm).await.unwrap();
+}
+
+#[tokio::test]
+async fn memory_hog_gets_the_oom_note() {
+    require_docker!();
+    let work = tempfile::tempdir().unwrap();
+    let docker = common::backend(work.path()).await;
+    let prefix = common::prefix("oom");
+    common::clean(&docker, &prefix).await;
+    let mut vm = machine(&prefix, 1, BOOKWORM);
+    vm.memory_mb = Some(64);
+    let hog = "all:\n\tpython3 -c 'exec(\"a = []\\nwhile True: a.append(bytearray(16 << 20))\")'\n";
+    let (outcome, output) = common::run_once(
+        &docker,
+        &vm,
+        work.path(),
+        &[("Makefile", hog)],
+        &request(21, 60),
+    )
+    .await;
+    assert_eq!(outcome.status, RunStatus::Completed, "{output}");
+    assert!(
+        outcome
+            .notes
+            .iter()
+            .any(|n| n == "The job was killed: it exceeded its memory limit of 64 MiB"),
+        "notes {:?}, output {output}",
+        outcome.notes
+    );
+    assert!(!output.contains("status 0\n"), "{output}");
+    docker.safe_destroy_vm(&vm).await.unwrap();
+}
+
+/// Network interfaces a job sees, as the job prints them.
+const NET_PROBE: &str = "all:\n\t@python3 -c 'import socket; print(\"IFACES\", sorted(n for _, n in socket.if_nameindex()))'\n";
+
+#[tokio::test]
+async fn no_network_unless_allowed() {
+    require_docker!();
+    let work = tempfile::tempdir().unwrap();
+    let docker = common::backend(work.path()).await;
+    let prefix = common::prefix("net");
+    common::clean(&docker, &prefix).await;
+    let mut req = request(31, 20);
+    req.disable_network = false;
+    let vm = machine(&prefix, 1, BOOKWORM);
+    let (outcome, output) =
+        common::run_once(&docker, &vm, work.path(), &[("Makefile", NET_PROBE)], &req).await;
+    assert_eq!(outcome.status, RunStatus::Completed, "{output}");
+    assert!(output.contains("IFACES ['lo']"), "{output}");
+    docker.safe_destroy_vm(&vm).await.unwrap();
+
+    // With networking allowed, a job gets the bridge unless it disables it.
+    let mut config = common::config(work.path());
+    config.allow_network = true;
+    let networked = Docker::connect(config).await.unwrap();
+    let vm = machine(&prefix, 2, BOOKWORM);
+    let (_, output) = common::run_once(
+        &networked,
+        &vm,
+        work.path(),
+        &[("Makefile", NET_PROBE)],
+        &req,
+    )
+    .await;
+    assert!(output.contains("'eth0'"), "{output}");
+    req.disable_network = true;
+    networked
+        .copy_in(
+            &vm,
+            &common::inputs(work.path(), &[("Makefile", NET_PROBE)]),
+        )
+        .await
+        .unwrap();
+    networked.run_job(&vm, &req).await.unwrap();
+    let dest = work.path().join("disabled");
+    networked.copy_out(&vm, &dest).await.unwrap();
+    let output = std::fs::read_to_string(&dest).unwrap();
+    assert!(output.contains("IFACES ['lo']"), "{output}");
+    // And the next job that wants it gets it back.
+    req.disable_network = false;
+    networked
+        .copy_in(
+            &vm,
+            &common::inputs(work.path(), &[("Makefile", NET_PROBE)]),
+        )
+        .await
+        .unwrap();
+    networked.run_job(&vm, &req).await.unwrap();
+    networked.copy_out(&vm, &dest).await.unwrap();
+    let output = std::fs::read_to_string(&dest).unwrap();
+    assert!(output.contains("IFACES ['eth"), "{output}");
+    networked.safe_destroy_vm(&vm).await.unwrap();
+}
+
+#[tokio::test]
+async fn minimal_image_without_make_or_users() {
+    require_docker!();
+    let work = tempfile::tempdir().unwrap();
+    let docker = common::backend(work.path()).await;
+    let prefix = common::prefix("bbox");
+    common::clean(&docker, &prefix).await;
+    let vm = machine(&prefix, 1, BUSYBOX);
+    let (outcome, output) = common::run_once(
+        &docker,
+        &vm,
+        work.path(),
+        &[("Makefile", TRIVIAL_MAKEFILE)],
+        &request(41, 20),
+    )
+    .await;
+    // The job cannot run, and says why; the container is otherwise fine.
+    assert_eq!(outcome.status, RunStatus::OsError, "{output}");
+    assert!(output.contains("make not found"), "{output}");
+    docker.reset_vm(&vm).await.unwrap();
+    docker.safe_destroy_vm(&vm).await.unwrap();
+}
+
+#[tokio::test]
+async fn job_timeout_is_reported() {
+    require_docker!();
+    let work = tempfile::tempdir().unwrap();
+    let docker = common::backend(work.path()).await;
+    let prefix = common::prefix("tmo");
+    common::clean(&docker, &prefix).await;
+    let vm = machine(&prefix, 1, BOOKWORM);
+    let slow = "all:\n\t@echo started\n\t@sleep 60\n";
+    let started = std::time::Instant::now();
+    let (outcome, output) = common::run_once(
+        &docker,
+        &vm,
+        work.path(),
+        &[("Makefile", slow)],
+        &request(51, 2),
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(outcome.status, RunStatus::TimedOut, "{output}");
+    assert!(
+        output.starts_with("Autodriver: Job timed out after 2 seconds"),
+        "{output}"
+    );
+    // The VM stays usable for the next job.
+    docker.reset_vm(&vm).await.unwrap();
+    docker.safe_destroy_vm(&vm).await.unwrap();
+}
+
+#[tokio::test]
+async fn get_vms_finds_exactly_the_prefix() {
+    require_docker!();
+    let work = tempfile::tempdir().unwrap();
+    let docker = common::backend(work.path()).await;
+    let prefix = common::prefix("list");
+    let longer = format!("{prefix}-x");
+    common::clean(&docker, &prefix).await;
+    common::clean(&docker, &longer).await;
+    let mut a = machine(&prefix, 3, BOOKWORM);
+    a.memory_mb = Some(256);
+    a.cores = Some(1);
+    // An image name Docker would not accept as a container name as is.
+    let b = machine(&prefix, 4, &format!("{BUSYBOX}:latest"));
+    let other = machine(&longer, 3, BOOKWORM);
+    for vm in [&a, &b, &other] {
+        docker.initialize_vm(vm).await.unwrap();
+    }
+    assert!(container_name(&b).ends_with("tango-test-busybox_latest"));
+    let found = docker.get_vms(&prefix).await.unwrap();
+    assert_eq!(found, vec![a.clone(), b.clone()]);
+    assert_eq!(docker.get_vms(&longer).await.unwrap(), vec![other.clone()]);
+    assert!(docker.exists_vm(&b).await.unwrap());
+    // Creating the same VM twice is refused, and leaves the first alone.
+    assert!(docker.initialize_vm(&a).await.is_err());
+    assert!(docker.exists_vm(&a).await.unwrap());
+    for vm in [&a, &b, &other] {
+        docker.safe_destroy_vm(vm).await.unwrap();
+    }
+    assert!(docker.get_vms(&prefix).await.unwrap().is_empty());
+    assert!(docker.get_vms(&longer).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn unknown_image_and_vm_errors() {
+    require_docker!();
+    let work = tempfile::tempdir().unwrap();
+    let docker = common::backend(work.path()).await;
+    let prefix = common::prefix("err");
+    let vm = machine(&prefix, 1, "tango-no-such-image");
+    match docker.initialize_vm(&vm).await {
+        Err(VmmsError::NoSuchImage(image)) => assert_eq!(image, "tango-no-such-image"),
+        other => panic!("expected NoSuchImage, got {other:?}"),
+    }
+    assert!(!docker.exists_vm(&vm).await.unwrap());
+    let ghost = machine(&prefix, 2, BOOKWORM);
+    match docker.copy_in(&ghost, &[]).await {
+        Err(VmmsError::NoSuchVm(_)) => {}
+        other => panic!("expected NoSuchVm, got {other:?}"),
+    }
+    assert!(docker.get_vms(&prefix).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn build_image_from_docker_save() {
+    require_docker!();
+    let work = tempfile::tempdir().unwrap();
+    let docker = common::backend(work.path()).await;
+    let name = format!("tango-test-loaded-{}", std::process::id());
+    // `docker save` of the busybox test image, through the API.
+    let saved: Vec<u8> = docker
+        .api()
+        .export_image(&format!("{BUSYBOX}:latest"))
+        .try_fold(Vec::new(), |mut all, chunk| async move {
+            all.extend_from_slice(&chunk);
+            Ok(all)
+        })
+        .await
+        .unwrap();
+    let tar = work.path().join("image.tar");
+    std::fs::write(&tar, saved).unwrap();
+    docker.build_image(&name, &tar).await.unwrap();
+    let images = docker.get_images().await.unwrap();
+    assert!(images.contains(&name), "{images:?}");
+    assert!(images.contains(&BOOKWORM.to_string()), "{images:?}");
+
+    // The loaded image runs VMs.
+    let prefix = common::prefix("built");
+    let vm = machine(&prefix, 1, &name);
+    docker.initialize_vm(&vm).await.unwrap();
+    docker.wait_vm(&vm, Duration::from_secs(10)).await.unwrap();
+    docker.safe_destroy_vm(&vm).await.unwrap();
+
+    // Garbage is refused.
+    let junk = work.path().join("junk.tar");
+    std::fs::write(&junk, b"not a tar").unwrap();
+    assert!(docker
+        .build_image(&format!("{name}-junk"), &junk)
+        .await
+        .is_err());
+
+    let _ = docker
+        .api()
+        .remove_image(
+            &format!("{name}:latest"),
+            None::<bollard::query_parameters::RemoveImageOptions>,
+            None,
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn concurrent_jobs_on_separate_vms() {
+    require_docker!();
+    let work = tempfile::tempdir().unwrap();
+    let docker = std::sync::Arc::new(common::backend(work.path()).await);
+    let prefix = common::prefix("conc");
+    common::clean(&docker, &prefix).await;
+    let mut tasks = Vec::new();
+    for id in 1..=4u64 {
+        let docker = docker.clone();
+        let prefix = prefix.clone();
+        let dir = work.path().join(id.to_string());
+        std::fs::create_dir(&dir).unwrap();
+        tasks.push(tokio::spawn(async move {
+            let vm = machine(&prefix, id, BOOKWORM);
+            let makefile = format!("all:\n\t@echo job {id}\n");
+            let (outcome, output) = common::run_once(
+                &docker,
+                &vm,
+                &dir,
+                &[("Makefile", &makefile)],
+                &request(id, 20),
+            )
+            .await;
+            docker.destroy_vm(&vm).await.unwrap();
+            (id, outcome.status, output)
+        }));
+    }
+    let mut seen = HashMap::new();
+    for task in tasks {
+        let (id, status, output) = task.await.unwrap();
+        assert_eq!(status, RunStatus::Completed);
+        seen.insert(id, output);
+    }
+    for (id, output) in seen {
+        assert!(output.contains(&format!("job {id}\n")), "{output}");
+    }
+    assert!(docker.get_vms(&prefix).await.unwrap().is_empty());
+}

@@ -1,0 +1,161 @@
+//! Shared helpers of the docker backend tests (included with `#[path]` by
+//! each of them; as a test target of its own it holds no tests).
+#![cfg(feature = "docker")]
+#![allow(dead_code, unused_macros, unused_imports)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use tango_core::model::{InputFile, Machine};
+use tango_core::vmms::{RunRequest, Vmms};
+use tango_vmms::docker::{Docker, DockerConfig};
+
+pub const BOOKWORM: &str = "tango-test-bookworm";
+pub const BUSYBOX: &str = "tango-test-busybox";
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Why the Docker tests cannot run here, if they cannot.
+pub fn skip_reason() -> Option<String> {
+    if std::env::var_os("DOCKER_HOST").is_none() && !Path::new("/var/run/docker.sock").exists() {
+        return Some("no /var/run/docker.sock and no DOCKER_HOST".into());
+    }
+    None
+}
+
+macro_rules! require_docker {
+    () => {
+        if let Some(reason) = common::skip_reason() {
+            eprintln!("skipping: {reason}");
+            return;
+        }
+    };
+}
+pub(crate) use require_docker;
+
+/// The static autodriver: `TANGO_AUTODRIVER`, else built for musl.
+pub fn autodriver() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        if let Some(path) = std::env::var_os("TANGO_AUTODRIVER") {
+            return PathBuf::from(path);
+        }
+        let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("target"));
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "autodriver",
+                "--target",
+                "x86_64-unknown-linux-musl",
+            ])
+            .env("CARGO_TARGET_DIR", &target_dir)
+            .current_dir(workspace_root())
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the autodriver failed");
+        target_dir.join("x86_64-unknown-linux-musl/release/autodriver")
+    })
+    .clone()
+}
+
+/// Builds the test images once per machine.
+pub fn ensure_test_images() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let status = Command::new(workspace_root().join("scripts/build-docker-test-image.sh"))
+            .status()
+            .expect("the image script runs");
+        assert!(status.success(), "building the test images failed");
+    });
+}
+
+pub fn config(work_dir: &Path) -> DockerConfig {
+    let mut config = DockerConfig::new(autodriver(), work_dir.to_path_buf());
+    config.default_memory_mb = 512;
+    config.api_timeout = std::time::Duration::from_secs(20);
+    config
+}
+
+pub async fn backend(work_dir: &Path) -> Docker {
+    ensure_test_images();
+    Docker::connect(config(work_dir))
+        .await
+        .expect("dockerd answers")
+}
+
+/// The prefix of one test: tests never share containers, and a rerun
+/// removes what a failed run left.
+pub fn prefix(test: &str) -> String {
+    format!("tdt-{test}")
+}
+
+/// Removes whatever an earlier run left under `prefix`.
+pub async fn clean(docker: &Docker, prefix: &str) {
+    for vm in docker.get_vms(prefix).await.expect("get_vms") {
+        docker.safe_destroy_vm(&vm).await.expect("cleanup");
+    }
+}
+
+pub fn request(job_id: u64, timeout_secs: u64) -> RunRequest {
+    RunRequest {
+        job_id,
+        timeout_secs,
+        output_cap_bytes: 512 * 1024,
+        max_procs: 100,
+        max_file_bytes: 100 << 20,
+        disable_network: true,
+    }
+}
+
+/// Input files written under `dir`: (destFile, contents).
+pub fn inputs(dir: &Path, files: &[(&str, &str)]) -> Vec<InputFile> {
+    files
+        .iter()
+        .enumerate()
+        .map(|(i, (name, body))| {
+            let path = dir.join(format!("input-{i}-{name}"));
+            std::fs::write(&path, body).expect("write input");
+            InputFile {
+                local_file: name.to_string(),
+                dest_file: name.to_string(),
+                path,
+                md5: String::new(),
+            }
+        })
+        .collect()
+}
+
+pub fn machine(prefix: &str, id: u64, image: &str) -> Machine {
+    Machine::new(prefix, id, image, "docker")
+}
+
+/// Runs one job start to end on a fresh VM and returns (outcome, output).
+pub async fn run_once(
+    docker: &Docker,
+    vm: &Machine,
+    work: &Path,
+    files: &[(&str, &str)],
+    req: &RunRequest,
+) -> (tango_core::vmms::RunOutcome, String) {
+    docker.initialize_vm(vm).await.expect("initialize_vm");
+    docker
+        .wait_vm(vm, std::time::Duration::from_secs(10))
+        .await
+        .expect("wait_vm");
+    docker
+        .copy_in(vm, &inputs(work, files))
+        .await
+        .expect("copy_in");
+    let outcome = docker.run_job(vm, req).await.expect("run_job");
+    let dest = work.join(format!("output-{}", vm.id));
+    docker.copy_out(vm, &dest).await.expect("copy_out");
+    let output = std::fs::read_to_string(&dest).expect("read output");
+    (outcome, output)
+}

@@ -126,7 +126,11 @@ pub fn sweep(uid: u32, gid: u32, reap: &mut dyn FnMut()) -> io::Result<SweepRepo
                 }
                 return Ok(SweepReport { verified: false });
             }
-            Some(0) => return Ok(SweepReport { verified: true }),
+            Some(0) => {
+                // Collect the orphans that finished dying during the scan.
+                reap();
+                return Ok(SweepReport { verified: true });
+            }
             Some(_) if started.elapsed() > SWEEP_DEADLINE => {
                 return Err(io::Error::other(format!(
                     "processes of uid {uid} survived {} s of SIGKILL",

@@ -134,13 +134,16 @@ pub struct Script {
     pub run_hangs: bool,
 }
 
+/// A file name and its contents.
+type NamedBytes = (String, Vec<u8>);
+
 /// A VMMS that keeps VMs in memory. Its "job" prints the input files it was
 /// given, with their contents, as the autodriver would print output.
 #[derive(Default)]
 pub struct FakeVmms {
     pub script: Mutex<Script>,
     pub vms: Mutex<BTreeMap<String, Machine>>,
-    inputs: Mutex<HashMap<String, Vec<(String, Vec<u8>)>>>,
+    inputs: Mutex<HashMap<String, Vec<NamedBytes>>>,
     outputs: Mutex<HashMap<String, Vec<u8>>>,
     pub destroyed: Mutex<Vec<String>>,
     pub run_order: Mutex<Vec<u64>>,

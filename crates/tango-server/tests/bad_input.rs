@@ -229,7 +229,7 @@ fn cases() -> Vec<Case> {
             "jobName is longer",
         ),
         Case {
-            path: format!("/addJob/wrongkey/lab/"),
+            path: "/addJob/wrongkey/lab/".to_string(),
             ..add_job("unknown key", good.clone(), "Key not recognized")
         },
         Case {

@@ -188,7 +188,7 @@ async fn every_route_and_status_string() {
     let jobs = v["jobs"].as_array().unwrap();
     let rec = jobs
         .iter()
-        .find(|j| j["id"].to_string() == id)
+        .find(|j| j["id"].as_u64().map(|n| n.to_string()).as_deref() == Some(id))
         .expect("job listed");
     for field in [
         "id",

@@ -4,8 +4,11 @@
 //!
 //! Needs root. Usage:
 //!   cargo run --release -p tango-vmms --example sandbox_bench -- \
-//!       [--autodriver PATH] [--image host] [--latency-jobs 50] [--jobs 200] [--concurrency 16]
-//! The autodriver defaults to $TANGO_AUTODRIVER.
+//!       [--autodriver PATH] [--image host] [--image-root DIR] [--latency-jobs 50]
+//!       [--jobs 200] [--concurrency 16] [--network]
+//! The autodriver defaults to $TANGO_AUTODRIVER. `--image-root DIR` links a
+//! root filesystem directory in as the image (e.g. --image bookworm
+//! --image-root /var/cache/tango-rs/rootfs-bookworm).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,6 +19,9 @@ use tango_vmms::sandbox::{Sandbox, SandboxConfig};
 struct Options {
     autodriver: PathBuf,
     image: String,
+    image_root: Option<PathBuf>,
+    /// Give jobs the host's network (no network namespace per job).
+    network: bool,
     latency_jobs: u64,
     jobs: u64,
     concurrency: usize,
@@ -27,18 +33,25 @@ fn parse_options() -> anyhow::Result<Options> {
             .map(PathBuf::from)
             .unwrap_or_default(),
         image: "host".into(),
+        image_root: None,
+        network: false,
         latency_jobs: 50,
         jobs: 200,
         concurrency: 16,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
+        if flag == "--network" {
+            options.network = true;
+            continue;
+        }
         let value = args
             .next()
             .ok_or_else(|| anyhow::anyhow!("{flag} needs a value"))?;
         match flag.as_str() {
             "--autodriver" => options.autodriver = value.into(),
             "--image" => options.image = value,
+            "--image-root" => options.image_root = Some(value.into()),
             "--latency-jobs" => options.latency_jobs = value.parse()?,
             "--jobs" => options.jobs = value.parse()?,
             "--concurrency" => options.concurrency = value.parse()?,
@@ -51,31 +64,55 @@ fn parse_options() -> anyhow::Result<Options> {
     Ok(options)
 }
 
-/// One whole job on a fresh VM; returns its duration.
+/// Durations of one job's phases: initialize, copy_in, run, copy_out,
+/// destroy, and the total.
+type Phases = [Duration; 6];
+const PHASE_NAMES: [&str; 6] = [
+    "initialize",
+    "copy_in",
+    "run",
+    "copy_out",
+    "destroy",
+    "total",
+];
+
+/// One whole job on a fresh VM.
 async fn one_job(
     sandbox: &Sandbox,
     id: u64,
-    image: &str,
+    options: &Options,
     inputs: &[InputFile],
     out_dir: &std::path::Path,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<Phases> {
     let started = Instant::now();
-    let vm = Machine::new("bench", id, image, "sandbox");
+    let mut phases = [Duration::ZERO; 6];
+    let mut mark = started;
+    let mut lap = |index: usize| {
+        let now = Instant::now();
+        phases[index] = now - mark;
+        mark = now;
+    };
+    let vm = Machine::new("bench", id, &options.image, "sandbox");
     let request = RunRequest {
         job_id: id,
         timeout_secs: 20,
         output_cap_bytes: 1 << 20,
         max_procs: 256,
         max_file_bytes: 1 << 26,
-        disable_network: true,
+        disable_network: !options.network,
     };
     sandbox.initialize_vm(&vm).await?;
+    lap(0);
     sandbox.copy_in(&vm, inputs).await?;
+    lap(1);
     let outcome = sandbox.run_job(&vm, &request).await?;
+    lap(2);
     let dest = out_dir.join(format!("out-{id}"));
     sandbox.copy_out(&vm, &dest).await?;
+    lap(3);
     sandbox.destroy_vm(&vm).await?;
-    let elapsed = started.elapsed();
+    lap(4);
+    phases[5] = started.elapsed();
     anyhow::ensure!(
         outcome.status == RunStatus::Completed,
         "job {id}: {outcome:?}"
@@ -83,17 +120,36 @@ async fn one_job(
     let output = std::fs::read_to_string(&dest)?;
     anyhow::ensure!(output.contains("hello"), "job {id} printed {output:?}");
     std::fs::remove_file(&dest)?;
-    Ok(elapsed)
+    Ok(phases)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// "name p50" for every phase.
+fn phase_p50s(all: &[Phases]) -> String {
+    (0..6)
+        .map(|i| {
+            let mut column: Vec<Duration> = all.iter().map(|p| p[i]).collect();
+            column.sort();
+            format!("{} {:.1}", PHASE_NAMES[i], ms(percentile(&column, 0.5)))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[index.min(sorted.len() - 1)]
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let options = parse_options()?;
+    let options = Arc::new(parse_options()?);
     let work = tempfile::Builder::new()
         .prefix("tango-sandbox-bench-")
         .tempdir_in("/var/tmp")?;
@@ -101,9 +157,13 @@ async fn main() -> anyhow::Result<()> {
         data_dir: work.path().join("data"),
         autodriver: options.autodriver.clone(),
         cgroup_root_name: "tango-rs-bench".into(),
+        allow_network: options.network,
         ..SandboxConfig::default()
     })?);
     sandbox.cleanup_leftovers("bench").await?;
+    if let Some(root) = &options.image_root {
+        std::os::unix::fs::symlink(root, work.path().join("data/images").join(&options.image))?;
+    }
     let makefile = work.path().join("Makefile");
     std::fs::write(&makefile, "all:\n\t@echo hello\n")?;
     let inputs = Arc::new(vec![InputFile {
@@ -114,40 +174,43 @@ async fn main() -> anyhow::Result<()> {
     }]);
     let out_dir = Arc::new(work.path().to_path_buf());
     println!(
-        "cgroup layout: {:?}, image: {}",
+        "cgroup layout: {:?}, image: {}, network namespace per job: {}",
         sandbox.cgroup_version(),
-        options.image
+        options.image,
+        !options.network
     );
 
     // Warm-up (page cache, first cgroup creation).
-    one_job(&sandbox, 0, &options.image, &inputs, &out_dir).await?;
+    one_job(&sandbox, 0, &options, &inputs, &out_dir).await?;
 
-    let mut latencies = Vec::new();
+    let mut sequential = Vec::new();
     for id in 1..=options.latency_jobs {
-        latencies.push(one_job(&sandbox, id, &options.image, &inputs, &out_dir).await?);
+        sequential.push(one_job(&sandbox, id, &options, &inputs, &out_dir).await?);
     }
-    latencies.sort();
+    let mut totals: Vec<Duration> = sequential.iter().map(|p| p[5]).collect();
+    totals.sort();
     println!(
         "sequential, {} jobs: p50 {:.1} ms, p90 {:.1} ms, max {:.1} ms",
-        latencies.len(),
-        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
-        percentile(&latencies, 0.9).as_secs_f64() * 1e3,
-        latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+        totals.len(),
+        ms(percentile(&totals, 0.5)),
+        ms(percentile(&totals, 0.9)),
+        ms(totals.last().copied().unwrap_or_default()),
     );
+    println!("  phase p50 (ms): {}", phase_p50s(&sequential));
 
     let semaphore = Arc::new(tokio::sync::Semaphore::new(options.concurrency));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for id in 0..options.jobs {
         let permit = semaphore.clone().acquire_owned().await?;
-        let (sandbox, inputs, out_dir, image) = (
+        let (sandbox, inputs, out_dir, options) = (
             sandbox.clone(),
             inputs.clone(),
             out_dir.clone(),
-            options.image.clone(),
+            options.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            let result = one_job(&sandbox, 10_000 + id, &image, &inputs, &out_dir).await;
+            let result = one_job(&sandbox, 10_000 + id, &options, &inputs, &out_dir).await;
             drop(permit);
             result
         }));
@@ -157,15 +220,17 @@ async fn main() -> anyhow::Result<()> {
         concurrent.push(task.await??);
     }
     let wall = started.elapsed();
-    concurrent.sort();
+    let mut totals: Vec<Duration> = concurrent.iter().map(|p| p[5]).collect();
+    totals.sort();
     println!(
         "concurrency {}, {} jobs: {:.1} jobs/s (wall {:.2} s), per-job p50 {:.1} ms, p90 {:.1} ms",
         options.concurrency,
         options.jobs,
         options.jobs as f64 / wall.as_secs_f64(),
         wall.as_secs_f64(),
-        percentile(&concurrent, 0.5).as_secs_f64() * 1e3,
-        percentile(&concurrent, 0.9).as_secs_f64() * 1e3,
+        ms(percentile(&totals, 0.5)),
+        ms(percentile(&totals, 0.9)),
     );
+    println!("  phase p50 (ms): {}", phase_p50s(&concurrent));
     Ok(())
 }

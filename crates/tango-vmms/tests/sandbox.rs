@@ -69,7 +69,7 @@ fn autodriver() -> PathBuf {
 }
 
 struct TestEnv {
-    /// In /var/tmp, not /tmp: the host's /tmp is replaced inside a sandbox,
+    /// In /var/lib, not /tmp or /var/tmp: those are replaced inside a sandbox,
     /// so a data dir there would be hidden for the wrong reason.
     dir: TempDir,
     sandbox: Sandbox,
@@ -79,7 +79,7 @@ struct TestEnv {
 fn env_with(prefix: &str, tweak: impl FnOnce(&mut SandboxConfig)) -> TestEnv {
     let dir = tempfile::Builder::new()
         .prefix("tango-sandbox-test-")
-        .tempdir_in("/var/tmp")
+        .tempdir_in("/var/lib")
         .expect("temp dir");
     let mut config = SandboxConfig {
         data_dir: dir.path().join("data"),
@@ -234,7 +234,9 @@ async fn lifecycle_with_the_host_image() {
         .expect("get_vms")
         .is_empty());
 
-    let makefile = "all:\n\t@echo hello from $$(id -u) on $$(hostname)\n\t@echo '{\"scores\": {\"q1\": 10}}'\n";
+    let makefile = "all:\n\t@echo hello from $$(id -u) on $$(hostname)\n\
+                    \t@python3 -c 'import pty, os; m, s = pty.openpty(); print(\"pty\", os.ttyname(s))'\n\
+                    \t@echo '{\"scores\": {\"q1\": 10}}'\n";
     let (outcome, output) = env.run_on(&vm, makefile, &request(20)).await;
     assert_eq!(outcome.status, RunStatus::Completed, "{output}");
     assert_eq!(outcome.exit_code, Some(0));
@@ -247,6 +249,7 @@ async fn lifecycle_with_the_host_image() {
         output.contains(&format!("hello from 200007 on {}", vm.name)),
         "{output}"
     );
+    assert!(output.contains("pty /dev/pts/0"), "{output}");
     assert!(
         output.trim_end().ends_with("{\"scores\": {\"q1\": 10}}"),
         "{output}"
@@ -358,15 +361,27 @@ async fn jobs_see_only_their_image_and_their_own_files() {
         .and_then(|n| n.trim().parse().ok())
         .expect(&output);
     assert!(processes < 10, "{output}");
-    // The courselab-like file outside data_dir is visible only when hidden.
-    let env2 = env_with("t-iso2", |c| c.hidden_paths = vec![outside.clone()]);
+    // Host paths outside data_dir (a courselab directory, a single file)
+    // are visible in the host image unless configured as hidden.
+    let labs = env.dir.path().join("courselabs");
+    std::fs::create_dir_all(&labs).expect("labs");
+    std::fs::write(labs.join("lab.txt"), "TOPSECRET-LAB").expect("lab");
     let makefile = format!(
-        "all:\n\t@cat {} 2>&1 || echo hidden-path\n",
-        outside.display()
+        "all:\n\t@cat {} {} 2>&1; echo end-of-probe\n",
+        outside.display(),
+        labs.join("lab.txt").display()
     );
+    let (_, output) = env.job(4, "host", &makefile, &request(20)).await;
+    assert!(
+        output.contains("TOPSECRET-OTHER") && output.contains("TOPSECRET-LAB"),
+        "the control job should see unhidden host files: {output}"
+    );
+    let env2 = env_with("t-iso2", |c| {
+        c.hidden_paths = vec![outside.clone(), labs.clone()]
+    });
     let (_, output) = env2.job(4, "host", &makefile, &request(20)).await;
     assert!(
-        output.contains("hidden-path") && !output.contains("TOPSECRET"),
+        output.contains("end-of-probe") && !output.contains("TOPSECRET"),
         "{output}"
     );
 

@@ -392,53 +392,49 @@ impl CgroupTree {
         }
     }
 
+    /// One pass: SIGKILL every process now in the VM's cgroups (v2: also
+    /// `cgroup.kill`). Returns whether any process was found. Synchronous,
+    /// so a drop guard can call it.
+    pub fn kill_once(&self, vm: &str) -> Result<bool, VmmsError> {
+        let mut any = false;
+        for (index, dir) in self.vm_dirs(vm).iter().enumerate() {
+            if index == 0 && self.version == CgroupVersion::V2 {
+                // Since Linux 5.14; older kernels rely on the loop below.
+                let _ = fs::write(dir.join("cgroup.kill"), "1");
+            }
+            let procs = match fs::read_to_string(dir.join("cgroup.procs")) {
+                Ok(p) => p,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(VmmsError::io(
+                        format!("reading {}/cgroup.procs", dir.display()),
+                        e,
+                    ))
+                }
+            };
+            for pid in procs
+                .split_whitespace()
+                .filter_map(|p| p.parse::<libc::pid_t>().ok())
+            {
+                any = true;
+                // SAFETY: kill(2) has no memory-safety preconditions.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+        Ok(any)
+    }
+
     /// Kills every process in the VM's cgroups and waits until they are gone.
     pub async fn kill_all(&self, vm: &str) -> Result<(), VmmsError> {
-        let dirs: Vec<PathBuf> = self
-            .vm_dirs(vm)
-            .into_iter()
-            .filter(|d| d.is_dir())
-            .collect();
-        if dirs.is_empty() {
-            return Ok(());
-        }
-        if self.version == CgroupVersion::V2 {
-            // Since Linux 5.14; older kernels fall through to the loop.
-            let _ = fs::write(dirs[0].join("cgroup.kill"), "1");
-        }
         // v1 has no "cgroup became empty" event short of a release agent, and
         // SIGKILLed processes need a moment to exit, so this re-reads the
         // member list with a short, growing pause. Normally the list is
         // already empty here: the job's PID namespace died with its init.
         let mut pause = Duration::from_micros(200);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let mut any = false;
-            for dir in &dirs {
-                let procs = match fs::read_to_string(dir.join("cgroup.procs")) {
-                    Ok(p) => p,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => {
-                        return Err(VmmsError::io(
-                            format!("reading {}/cgroup.procs", dir.display()),
-                            e,
-                        ))
-                    }
-                };
-                for pid in procs
-                    .split_whitespace()
-                    .filter_map(|p| p.parse::<libc::pid_t>().ok())
-                {
-                    any = true;
-                    // SAFETY: kill(2) has no memory-safety preconditions.
-                    unsafe {
-                        libc::kill(pid, libc::SIGKILL);
-                    }
-                }
-            }
-            if !any {
-                return Ok(());
-            }
+        while self.kill_once(vm)? {
             if tokio::time::Instant::now() > deadline {
                 return Err(VmmsError::Backend(format!(
                     "processes of VM {vm} survived SIGKILL for 10 s"
@@ -447,6 +443,7 @@ impl CgroupTree {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(50));
         }
+        Ok(())
     }
 
     /// Kills the VM's processes and removes its cgroups.

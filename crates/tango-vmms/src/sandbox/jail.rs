@@ -85,6 +85,9 @@ struct Plan {
     dev_dst: CString,
     dev_nodes: Vec<DevNode>,
     dev_shm: CString,
+    dev_pts: CString,
+    devpts: CString,
+    pts_options: CString,
     dev_links: Vec<(CString, CString)>,
     run_dst: CString,
     run_tango: CString,
@@ -163,6 +166,7 @@ impl Plan {
             ("/proc/self/fd/0", "stdin"),
             ("/proc/self/fd/1", "stdout"),
             ("/proc/self/fd/2", "stderr"),
+            ("pts/ptmx", "ptmx"),
         ]
         .iter()
         .map(|(target, name)| Ok((cstr(target), cstring(&inside("dev").join(name))?)))
@@ -188,6 +192,10 @@ impl Plan {
             dev_dst: cstring(&inside("dev"))?,
             dev_nodes,
             dev_shm: cstring(&inside("dev/shm"))?,
+            dev_pts: cstring(&inside("dev/pts"))?,
+            devpts: cstr("devpts"),
+            // A private instance: the job sees none of the host's terminals.
+            pts_options: cstr("newinstance,ptmxmode=0666,mode=0620,gid=5"),
             dev_links,
             run_dst: cstring(&inside("run"))?,
             run_tango: cstring(&inside("run/tango"))?,
@@ -498,7 +506,21 @@ unsafe fn set_up_c2(p: &Plan) -> io::Result<()> {
         libc::mkdir(p.dev_shm.as_ptr(), 0o1777) as libc::c_long,
         b"creating /dev/shm",
     )?;
+    check(
+        libc::mkdir(p.dev_pts.as_ptr(), 0o755) as libc::c_long,
+        b"creating /dev/pts",
+    )?;
     libc::umask(old_umask);
+    check(
+        mount(
+            p.devpts.as_ptr(),
+            &p.dev_pts,
+            p.devpts.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            p.pts_options.as_ptr().cast(),
+        ),
+        b"mounting /dev/pts",
+    )?;
     check(
         mount(
             p.tmpfs.as_ptr(),

@@ -327,6 +327,24 @@ impl Sandbox {
     }
 }
 
+/// Kills a VM's processes when a running job's future is dropped.
+struct KillGuard<'a> {
+    cgroups: &'a CgroupTree,
+    vm: &'a str,
+    armed: bool,
+}
+
+impl Drop for KillGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Err(e) = self.cgroups.kill_once(self.vm) {
+            tracing::warn!(vm = self.vm, error = %e, "killing an abandoned job");
+        }
+    }
+}
+
 impl Drop for Sandbox {
     fn drop(&mut self) {
         self.cgroups.remove_empty_bases();
@@ -437,11 +455,20 @@ impl Vmms for Sandbox {
             None => e,
         })?;
         // Dropping this future (the engine's timeout) drops `child`, whose
-        // kill_on_drop SIGKILLs C1, which takes the whole job down with it.
+        // kill_on_drop SIGKILLs C1, which takes the whole job down with it
+        // (C2 dies of PR_SET_PDEATHSIG, the rest with C2's PID namespace).
+        // The guard also kills the cgroup's members directly, for the
+        // instant between C2's fork and its prctl.
+        let mut guard = KillGuard {
+            cgroups: &self.cgroups,
+            vm: &vm.name,
+            armed: true,
+        };
         let status = child
             .wait()
             .await
             .map_err(io_err(format!("waiting for the job in {}", vm.name)))?;
+        guard.armed = false;
         // The job's PID namespace is gone; this only catches the impossible.
         self.cgroups.kill_all(&vm.name).await?;
         let after = self.cgroups.counters(&vm.name);

@@ -8,7 +8,12 @@
 import os
 import socket
 
-interfaces = sorted(os.listdir("/sys/class/net")) if os.path.isdir("/sys/class/net") else []
+interfaces = []
+try:
+    with open("/proc/net/dev") as dev:
+        interfaces = sorted(line.split(":")[0].strip() for line in dev.readlines()[2:])
+except OSError:
+    pass
 print(f"interfaces: {' '.join(interfaces) or '(none)'}", flush=True)
 default_route = False
 try:

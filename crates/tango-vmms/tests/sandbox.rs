@@ -390,44 +390,68 @@ async fn jobs_see_only_their_image_and_their_own_files() {
     assert_clean(&env2);
 }
 
-#[tokio::test]
-async fn no_network_but_a_private_loopback() {
-    require_root!();
-    let env = env("t-net");
-    let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
-    let port = listener.local_addr().expect("addr").port();
+/// Runs a Python probe of the host's listener on 127.0.0.1:`port` and of the
+/// sandbox's own loopback; returns the job's output.
+async fn network_probe(env: &TestEnv, id: u64, port: u16, req: &RunRequest) -> String {
     let script = format!(
         "import socket\n\
          try:\n    socket.create_connection(('127.0.0.1', {port}), timeout=3); print('host-reached')\n\
          except OSError as e:\n    print('host-unreachable', e)\n\
          s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); p = s.getsockname()[1]\n\
          c = socket.create_connection(('127.0.0.1', p), timeout=3); print('own-loopback-ok')\n\
-         try:\n    socket.create_connection(('1.1.1.1', 53), timeout=3); print('internet-reached')\n\
-         except OSError as e:\n    print('internet-unreachable', e)\n"
+         ifaces = sorted(l.split(':')[0].strip() for l in open('/proc/net/dev').readlines()[2:])\n\
+         print('interfaces', ','.join(ifaces))\n"
     );
-    let vm = env.machine(1, "host");
+    let vm = env.machine(id, "host");
     env.sandbox.initialize_vm(&vm).await.expect("init");
     let inputs = env.inputs(
-        1,
+        id,
         &[
             ("Makefile", "all:\n\t@python3 probe.py\n"),
             ("probe.py", &script),
         ],
     );
     env.sandbox.copy_in(&vm, &inputs).await.expect("copy_in");
-    let outcome = env.sandbox.run_job(&vm, &request(20)).await.expect("run");
-    let dest = env.dir.path().join("out");
+    let outcome = env.sandbox.run_job(&vm, req).await.expect("run");
+    let dest = env.dir.path().join(format!("out-{id}"));
     env.sandbox.copy_out(&vm, &dest).await.expect("copy_out");
     let output = std::fs::read_to_string(&dest).expect("output");
     env.sandbox.destroy_vm(&vm).await.expect("destroy");
     assert_eq!(outcome.status, RunStatus::Completed, "{output}");
+    output
+}
+
+#[tokio::test]
+async fn no_network_but_a_private_loopback() {
+    require_root!();
+    // Every probe stays on loopback addresses.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().expect("addr").port();
+
+    let env = env("t-net");
+    let output = network_probe(&env, 1, port, &request(20)).await;
     assert!(output.contains("host-unreachable"), "{output}");
     assert!(output.contains("own-loopback-ok"), "{output}");
-    assert!(output.contains("internet-unreachable"), "{output}");
-    // Nothing connected to the host's listener.
-    listener.set_nonblocking(true).expect("nonblocking");
-    assert!(listener.accept().is_err());
+    // Only loopback: nothing could reach beyond the machine.
+    assert!(output.contains("interfaces lo\n"), "{output}");
+    assert!(listener.accept().is_err(), "nothing may have connected");
+    // allow_network=false wins over a job that does not ask for isolation.
+    let mut open_request = request(20);
+    open_request.disable_network = false;
+    let output = network_probe(&env, 2, port, &open_request).await;
+    assert!(output.contains("host-unreachable"), "{output}");
     assert_clean(&env);
+
+    // Control: with the host's network allowed, the same probe gets through
+    // (so the checks above can fail), unless the job disables the network.
+    let open = env_with("t-net-open", |c| c.allow_network = true);
+    let output = network_probe(&open, 3, port, &open_request).await;
+    assert!(output.contains("host-reached"), "{output}");
+    assert!(listener.accept().is_ok(), "the probe should have connected");
+    let output = network_probe(&open, 4, port, &request(20)).await;
+    assert!(output.contains("host-unreachable"), "{output}");
+    assert_clean(&open);
 }
 
 fn host_process_count() -> usize {

@@ -223,6 +223,10 @@ async fn lifecycle_with_the_host_image() {
     assert!(!env.sandbox.exists_vm(&vm).await.expect("exists"));
     env.sandbox.initialize_vm(&vm).await.expect("init");
     assert!(env.sandbox.exists_vm(&vm).await.expect("exists"));
+    // Initialising an existing VM again starts it afresh.
+    let stale = env.inputs(7, &[("stale.txt", "old")]);
+    env.sandbox.copy_in(&vm, &stale).await.expect("copy_in");
+    env.sandbox.initialize_vm(&vm).await.expect("re-init");
     let listed = env.sandbox.get_vms("t-life").await.expect("get_vms");
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].name, vm.name);
@@ -235,11 +239,13 @@ async fn lifecycle_with_the_host_image() {
         .is_empty());
 
     let makefile = "all:\n\t@echo hello from $$(id -u) on $$(hostname)\n\
+                    \t@echo job files: $$(ls)\n\
                     \t@python3 -c 'import pty, os; m, s = pty.openpty(); print(\"pty\", os.ttyname(s))'\n\
                     \t@echo '{\"scores\": {\"q1\": 10}}'\n";
     let (outcome, output) = env.run_on(&vm, makefile, &request(20)).await;
     assert_eq!(outcome.status, RunStatus::Completed, "{output}");
     assert_eq!(outcome.exit_code, Some(0));
+    assert!(output.contains("job files: Makefile\n"), "{output}");
     assert!(outcome.notes.is_empty(), "{:?}", outcome.notes);
     assert!(
         output.contains("Autodriver: Job exited with status 0"),

@@ -373,6 +373,11 @@ impl Vmms for Sandbox {
                 missing.iter().map(|d| format!("/{d}")).collect::<Vec<_>>().join(", ")
             )));
         }
+        if dir.exists() || self.cgroups.exists(&vm.name) {
+            // A VM of this name survived something (a crash, a failed
+            // destroy): start from nothing rather than from its leftovers.
+            self.destroy_by_name(&vm.name).await?;
+        }
         make_dir(&dir, 0o700)?;
         make_dir(&dir.join("home"), 0o755)?;
         make_dir(&dir.join("tmp"), 0o1777)?;

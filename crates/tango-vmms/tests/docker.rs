@@ -152,6 +152,40 @@ async fn memory_hog_gets_the_oom_note() {
         outcome.notes
     );
     assert!(!output.contains("status 0\n"), "{output}");
+    let killed_by = outcome.summary.as_ref().map(|s| s["killed_by"].clone());
+    assert_eq!(killed_by, Some("oom".into()), "{output}");
+    // The container survives, and the next job there gets no such note.
+    docker.reset_vm(&vm).await.unwrap();
+    let files = common::inputs(work.path(), &[("Makefile", TRIVIAL_MAKEFILE)]);
+    docker.copy_in(&vm, &files).await.unwrap();
+    let next = docker.run_job(&vm, &request(23, 20)).await.unwrap();
+    assert_eq!(next.status, RunStatus::Completed);
+    assert!(next.notes.is_empty(), "{:?}", next.notes);
+    docker.safe_destroy_vm(&vm).await.unwrap();
+
+    // Without the autodriver's summary, Docker's own OOM record is enough.
+    let mut config = common::config(work.path());
+    config.read_summary = false;
+    let docker = Docker::connect(config).await.unwrap();
+    let mut vm = machine(&prefix, 2, BOOKWORM);
+    vm.memory_mb = Some(64);
+    let (outcome, output) = common::run_once(
+        &docker,
+        &vm,
+        work.path(),
+        &[("Makefile", hog)],
+        &request(22, 60),
+    )
+    .await;
+    assert!(outcome.summary.is_none());
+    assert!(
+        outcome
+            .notes
+            .iter()
+            .any(|n| n.contains("memory limit of 64 MiB")),
+        "notes {:?}, output {output}",
+        outcome.notes
+    );
     docker.safe_destroy_vm(&vm).await.unwrap();
 }
 
@@ -408,4 +442,61 @@ async fn concurrent_jobs_on_separate_vms() {
         assert!(output.contains(&format!("job {id}\n")), "{output}");
     }
     assert!(docker.get_vms(&prefix).await.unwrap().is_empty());
+}
+
+/// Timings of the backend's steps (not a pass/fail test): run with
+/// `cargo test -p tango-vmms --test docker -- --ignored --nocapture timings`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn timings() {
+    require_docker!();
+    let work = tempfile::tempdir().unwrap();
+    let docker = common::backend(work.path()).await;
+    let prefix = common::prefix("timing");
+    common::clean(&docker, &prefix).await;
+    let runs: u64 = std::env::var("TIMING_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let files = common::inputs(work.path(), &[("Makefile", "all:\n\t@true\n")]);
+    let (mut create, mut job, mut destroy) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut copy_in, mut run) = (Vec::new(), Vec::new());
+    for id in 1..=runs {
+        let vm = machine(&prefix, id, BOOKWORM);
+        let t = std::time::Instant::now();
+        docker.initialize_vm(&vm).await.unwrap();
+        docker.wait_vm(&vm, Duration::from_secs(10)).await.unwrap();
+        create.push(t.elapsed());
+        // Two jobs per container: the second is the reuse case.
+        for _ in 0..2 {
+            let t = std::time::Instant::now();
+            docker.copy_in(&vm, &files).await.unwrap();
+            copy_in.push(t.elapsed());
+            let t_run = std::time::Instant::now();
+            let outcome = docker.run_job(&vm, &request(id, 20)).await.unwrap();
+            run.push(t_run.elapsed());
+            docker
+                .copy_out(&vm, &work.path().join("out"))
+                .await
+                .unwrap();
+            docker.reset_vm(&vm).await.unwrap();
+            job.push(t.elapsed());
+            assert_eq!(outcome.status, RunStatus::Completed);
+        }
+        let t = std::time::Instant::now();
+        docker.destroy_vm(&vm).await.unwrap();
+        destroy.push(t.elapsed());
+    }
+    let p50 = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    println!(
+        "docker backend, {runs} containers: p50 initialize+wait {:?}, p50 job (copy_in+run_job+copy_out+reset) {:?} (copy_in {:?}, run_job {:?}), p50 destroy {:?}",
+        p50(&mut create),
+        p50(&mut job),
+        p50(&mut copy_in),
+        p50(&mut run),
+        p50(&mut destroy)
+    );
 }

@@ -526,6 +526,33 @@ async fn a_memory_hog_is_killed_and_told() {
 }
 
 #[tokio::test]
+async fn a_disk_filler_is_bounded_by_the_vm_tmpfs() {
+    require_root!();
+    let env = env("t-disk");
+    let vm = Machine {
+        memory_mb: Some(64),
+        ..env.machine(1, "host")
+    };
+    env.sandbox.initialize_vm(&vm).await.expect("init");
+    let makefile = "all:\n\t@dd if=/dev/zero of=big bs=1M count=200 2>&1 | grep -v records; \
+                    ls -s --block-size=1M big | sed 's/^/size /'\n";
+    let (outcome, output) = env.run_on(&vm, makefile, &request(30)).await;
+    env.sandbox.destroy_vm(&vm).await.expect("destroy");
+    eprintln!("disk filler: {:?} {output}", outcome.notes);
+    let stopped = output.contains("No space left on device") || !outcome.notes.is_empty();
+    assert!(stopped, "{outcome:?} {output}");
+    if let Some(size) = output.lines().find_map(|l| l.strip_prefix("size ")) {
+        let megabytes: u64 = size
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect(&output);
+        assert!(megabytes <= 64, "{output}");
+    }
+    assert_clean(&env);
+}
+
+#[tokio::test]
 async fn partial_output_while_running_and_timeouts() {
     require_root!();
     let env = env("t-part");

@@ -4,10 +4,13 @@
 //! No daemon: everything a VM is lives under `data_dir/sandbox/<vm>/` and in
 //! the cgroup tree, so a restarted tangod finds (and removes) what it left.
 //!
-//! A VM directory holds `home/` (the sandbox's /home, writable), `tmp/` (its
-//! /tmp), `vartmp/` (its /var/tmp, when the image has one), `ctl/` (root-only: the autodriver's captured output, summary and
-//! stream, mounted at /run/tango/ctl), `root/` (the mount point the image is
-//! bound to inside the job's mount namespace) and `machine.json`.
+//! A VM directory is a private tmpfs (as large as the VM's memory limit, so
+//! the job's files count against its memory cgroup and cannot fill the
+//! host's disk) holding `home/` (the sandbox's /home, writable), `tmp/` (its
+//! /tmp), `vartmp/` (its /var/tmp, when the image has one), `ctl/`
+//! (root-only: the autodriver's captured output, summary and stream, mounted
+//! at /run/tango/ctl), `root/` (the mount point the image is bound to inside
+//! the job's mount namespace) and `machine.json`.
 
 mod cgroup;
 mod jail;
@@ -379,6 +382,15 @@ impl Vmms for Sandbox {
             self.destroy_by_name(&vm.name).await?;
         }
         make_dir(&dir, 0o700)?;
+        // The VM's files live on a tmpfs as large as its memory limit: the
+        // job's writes are charged to its memory cgroup (no job can fill the
+        // host's disk) and destroying the VM is an unmount, not a recursive
+        // delete on a busy disk.
+        let mounted = mounts::mount_tmpfs(&dir, self.memory_mb(vm));
+        if let Err(e) = mounted {
+            let _ = fs::remove_dir(&dir);
+            return Err(e);
+        }
         make_dir(&dir.join("home"), 0o755)?;
         make_dir(&dir.join("tmp"), 0o1777)?;
         make_dir(&dir.join("vartmp"), 0o1777)?;

@@ -1,10 +1,10 @@
-//! Reading /proc/self/mountinfo and removing mounts left under a VM's
-//! directory.
+//! Reading /proc/self/mountinfo, mounting a VM's tmpfs and removing mounts
+//! under a VM's directory.
 //!
-//! A job's mounts live in its own mount namespace and vanish with it, so the
-//! host namespace normally has none under a VM directory; this is the safety
-//! net that runs before a VM directory is deleted (deleting through a live
-//! bind mount would delete the image's files).
+//! The only mount a VM has in the host's namespace is its tmpfs; a job's
+//! mounts live in its own mount namespace and vanish with it. Unmounting
+//! everything under the VM directory before deleting it is also the safety
+//! net against deleting through a live bind mount (into the image).
 
 use std::ffi::CString;
 use std::fs;
@@ -79,6 +79,32 @@ pub fn mounts_under(dir: &Path) -> Result<Vec<PathBuf>, VmmsError> {
     found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     found.dedup();
     Ok(found)
+}
+
+/// Mounts a private tmpfs of at most `size_mb` MiB on `dir` (mode 0700).
+pub fn mount_tmpfs(dir: &Path, size_mb: u64) -> Result<(), VmmsError> {
+    let target = CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| VmmsError::Backend(format!("path {} contains NUL", dir.display())))?;
+    let options = CString::new(format!("mode=0700,size={size_mb}m"))
+        .map_err(|_| VmmsError::Backend("tmpfs options contain NUL".into()))?;
+    let fs_type = c"tmpfs";
+    // SAFETY: valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            fs_type.as_ptr(),
+            target.as_ptr(),
+            fs_type.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            options.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(VmmsError::io(
+            format!("mounting a tmpfs on {}", dir.display()),
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
 }
 
 /// Detaches every mount at or below `dir`; fails when one stays.

@@ -545,6 +545,22 @@ impl Engine {
                 "jobs still running after the shutdown grace period; the next start re-queues them"
             );
         }
+        // Leave nothing behind: idle VMs go now; VMs of jobs still running
+        // are removed by the next start's orphan sweep.
+        let idle: Vec<Machine> = {
+            let mut st = inner.lock();
+            st.pools
+                .values_mut()
+                .flat_map(|pool| {
+                    let free: Vec<Machine> = pool.free.drain(..).collect();
+                    for vm in &free {
+                        pool.all.remove(&vm.id);
+                    }
+                    free
+                })
+                .collect()
+        };
+        futures_util::future::join_all(idle.iter().map(|vm| inner.destroy(vm))).await;
     }
 }
 

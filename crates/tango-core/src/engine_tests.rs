@@ -455,3 +455,21 @@ async fn outbox_survives_restart() {
     let _engine = h.engine(config()).await;
     h.wait_callbacks(1).await;
 }
+
+#[tokio::test]
+async fn shutdown_destroys_idle_vms() {
+    let h = Harness::new();
+    h.upload("Makefile", b"x").await;
+    let engine = h.engine(config()).await;
+    let id = engine.add_job(h.job("o")).await.unwrap();
+    h.wait_dead(id).await;
+    // The reused VM waits in the pool until the server stops.
+    let start = Instant::now();
+    while engine.pools()["img"].free.is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(h.vmms.vms.lock().unwrap().len(), 1);
+    engine.shutdown().await;
+    assert!(h.vmms.vms.lock().unwrap().is_empty());
+}

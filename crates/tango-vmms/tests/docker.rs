@@ -65,6 +65,12 @@ async fn lifecycle_of_a_trivial_job_with_reuse() {
         .copy_in(&vm, &common::inputs(work.path(), &[("Makefile", second)]))
         .await
         .unwrap();
+    // Nothing of the first job's output shows before the second runs.
+    assert!(docker
+        .partial_output(&vm, 1 << 20)
+        .await
+        .unwrap()
+        .is_empty());
     let outcome = docker.run_job(&vm, &request(12, 20)).await.unwrap();
     let dest = work.path().join("second");
     docker.copy_out(&vm, &dest).await.unwrap();
@@ -75,6 +81,8 @@ async fn lifecycle_of_a_trivial_job_with_reuse() {
         "{output}"
     );
     assert!(output.contains("no-leftover"), "{output}");
+    let summary = outcome.summary.expect("the second job's summary");
+    assert_eq!(summary["exit_status"], 2, "{summary}");
     assert!(!output.contains("first job"), "{output}");
 
     // run_job needs a fresh copy_in.
@@ -274,28 +282,41 @@ async fn minimal_image_without_make_or_users() {
     docker.safe_destroy_vm(&vm).await.unwrap();
 }
 
-#[tokio::test]
-async fn job_timeout_is_reported() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_timeout_is_reported_and_partial_output_is_live() {
     require_docker!();
     let work = tempfile::tempdir().unwrap();
-    let docker = common::backend(work.path()).await;
+    let docker = std::sync::Arc::new(common::backend(work.path()).await);
     let prefix = common::prefix("tmo");
     common::clean(&docker, &prefix).await;
     let vm = machine(&prefix, 1, BOOKWORM);
+    docker.initialize_vm(&vm).await.unwrap();
+    docker.wait_vm(&vm, Duration::from_secs(10)).await.unwrap();
     let slow = "all:\n\t@echo started\n\t@sleep 60\n";
+    let files = common::inputs(work.path(), &[("Makefile", slow)]);
+    docker.copy_in(&vm, &files).await.unwrap();
     let started = std::time::Instant::now();
-    let (outcome, output) = common::run_once(
-        &docker,
-        &vm,
-        work.path(),
-        &[("Makefile", slow)],
-        &request(51, 2),
-    )
-    .await;
+    let running = {
+        let (docker, vm) = (docker.clone(), vm.clone());
+        tokio::spawn(async move { docker.run_job(&vm, &request(51, 3)).await })
+    };
+    // While the job sleeps, its first line is visible.
+    let mut partial = Vec::new();
+    while started.elapsed() < Duration::from_secs(3) && partial.is_empty() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        partial = docker.partial_output(&vm, 1 << 20).await.unwrap();
+    }
+    assert_eq!(String::from_utf8_lossy(&partial), "started\n");
+    assert!(!running.is_finished());
+
+    let outcome = running.await.unwrap().unwrap();
     assert!(started.elapsed() < Duration::from_secs(30));
+    let dest = work.path().join("out");
+    docker.copy_out(&vm, &dest).await.unwrap();
+    let output = std::fs::read_to_string(&dest).unwrap();
     assert_eq!(outcome.status, RunStatus::TimedOut, "{output}");
     assert!(
-        output.starts_with("Autodriver: Job timed out after 2 seconds"),
+        output.starts_with("Autodriver: Job timed out after 3 seconds"),
         "{output}"
     );
     // The VM stays usable for the next job.
@@ -350,6 +371,10 @@ async fn unknown_image_and_vm_errors() {
     assert!(!docker.exists_vm(&vm).await.unwrap());
     let ghost = machine(&prefix, 2, BOOKWORM);
     match docker.copy_in(&ghost, &[]).await {
+        Err(VmmsError::NoSuchVm(_)) => {}
+        other => panic!("expected NoSuchVm, got {other:?}"),
+    }
+    match docker.partial_output(&ghost, 100).await {
         Err(VmmsError::NoSuchVm(_)) => {}
         other => panic!("expected NoSuchVm, got {other:?}"),
     }

@@ -46,11 +46,17 @@ pub fn is_plain_file_name(name: &str) -> bool {
 /// A tar holding directory `dir` (relative, mode 0755) with each `(name,
 /// host path)` file in it, owned by root; the autodriver hands them to the
 /// grading user. Regular files only; execute bits of the host file are kept.
+/// Each of `emptied` (relative paths) becomes an empty root-only file.
 pub fn inputs_tar<'a>(
     dir: &str,
     files: impl IntoIterator<Item = (&'a str, &'a Path)>,
+    emptied: &[&str],
 ) -> io::Result<Vec<u8>> {
     let mut builder = tar::Builder::new(Vec::new());
+    for path in emptied {
+        let mut h = header(tar::EntryType::Regular, 0o600, 0);
+        builder.append_data(&mut h, path, io::empty())?;
+    }
     append_dir(&mut builder, &format!("{dir}/"), 0o755)?;
     for (name, path) in files {
         if !is_plain_file_name(name) {
@@ -100,18 +106,20 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let a = dir.path().join("a");
         std::fs::write(&a, b"all:\n\techo hi\n")?;
-        let tar = inputs_tar("x/job", [("Makefile", a.as_path())])?;
+        let tar = inputs_tar("x/job", [("Makefile", a.as_path())], &["x/s"])?;
         let mut archive = tar::Archive::new(tar.as_slice());
         let names: Vec<String> = archive
             .entries()?
             .map(|e| e.and_then(|e| Ok(e.path()?.display().to_string())))
             .collect::<io::Result<_>>()?;
-        assert_eq!(names, ["x/job/", "x/job/Makefile"]);
+        assert_eq!(names, ["x/s", "x/job/", "x/job/Makefile"]);
+        assert_eq!(first_file(&tar, 1 << 20)?.as_deref(), Some(&b""[..]));
+        let plain = inputs_tar("x/job", [("Makefile", a.as_path())], &[])?;
         assert_eq!(
-            first_file(&tar, 1 << 20)?.as_deref(),
+            first_file(&plain, 1 << 20)?.as_deref(),
             Some(&b"all:\n\techo hi\n"[..])
         );
-        assert_eq!(first_file(&tar, 3)?.as_deref(), Some(&b"all"[..]));
+        assert_eq!(first_file(&plain, 3)?.as_deref(), Some(&b"all"[..]));
         Ok(())
     }
 
@@ -119,7 +127,7 @@ mod tests {
     fn unsafe_names_are_refused() {
         let path = Path::new("/dev/null");
         for bad in ["", "..", "a/b", "../x", "."] {
-            assert!(inputs_tar("d", [(bad, path)]).is_err(), "{bad:?}");
+            assert!(inputs_tar("d", [(bad, path)], &[]).is_err(), "{bad:?}");
         }
     }
 

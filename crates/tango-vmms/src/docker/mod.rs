@@ -46,6 +46,12 @@ use tokio::io::AsyncWriteExt;
 /// The backend's directory inside every container (relative form for tar).
 const DRIVER_DIR_REL: &str = ".tango";
 const AUTODRIVER_PATH: &str = "/.tango/autodriver";
+/// The autodriver's `--summary` and `--stream` files. Every copy-in empties
+/// them (in the same upload), so a job never sees, and the backend never
+/// reports, what an earlier job left there, and they do not pile up in a
+/// reused container.
+const SUMMARY_PATH: &str = "/.tango/summary.json";
+const STREAM_PATH: &str = "/.tango/stream";
 /// The job directory's name: jobs run in `<grading home>/autolab`, as under
 /// Tango.
 const JOB_DIR_NAME: &str = "autolab";
@@ -129,8 +135,6 @@ struct VmState {
     copy_ins: u64,
     /// Job directory (in the container) of the last copy-in not yet run.
     pending_job_dir: Option<String>,
-    /// The live output stream (in the container) of the last run.
-    stream_path: Option<String>,
     /// Host file with the output of the last run.
     output: Option<PathBuf>,
 }
@@ -319,6 +323,13 @@ impl Docker {
         match self.download(container, path).await {
             Ok(tar) => archive::first_file(&tar, max)
                 .map_err(|e| VmmsError::io(format!("bad archive of {path} from {container}"), e)),
+            // The same status says the container is gone.
+            Err(ApiError::DockerResponseServerError {
+                status_code: 404,
+                message,
+            }) if message.contains("No such container") => {
+                Err(VmmsError::NoSuchVm(container.to_string()))
+            }
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(api_error(
                 format_args!("cannot read {path} of {container}"),
@@ -603,6 +614,7 @@ impl Vmms for Docker {
                 pairs
                     .iter()
                     .map(|(name, path)| (name.as_str(), path.as_path())),
+                &[&SUMMARY_PATH[1..], &STREAM_PATH[1..]],
             )
         })
         .await
@@ -619,17 +631,15 @@ impl Vmms for Docker {
 
     async fn run_job(&self, vm: &Machine, req: &RunRequest) -> Result<RunOutcome, VmmsError> {
         let name = container_name(vm);
-        let (job_dir, number) = self.with_state(&name, |state| {
-            (state.pending_job_dir.take(), state.copy_ins)
-        });
+        let job_dir = self.with_state(&name, |state| state.pending_job_dir.take());
         let job_dir = job_dir.ok_or_else(|| {
             VmmsError::Backend(format!("run_job on {name} without copy_in before it"))
         })?;
         let user = self.grading_user(&name, &vm.image).await?;
         self.apply_network(&name, req.disable_network).await?;
 
-        let summary_path = format!("/{DRIVER_DIR_REL}/summary-{number}.json");
-        let stream_path = format!("/{DRIVER_DIR_REL}/stream-{number}");
+        let summary_path = SUMMARY_PATH.to_string();
+        let stream_path = STREAM_PATH.to_string();
         let mut args = req.autodriver_args(&user, &summary_path, &job_dir);
         let dir_arg = args.pop().unwrap_or_else(|| job_dir.clone());
         args.extend(["--stream".to_string(), stream_path.clone(), dir_arg]);
@@ -642,7 +652,6 @@ impl Vmms for Docker {
             .map_err(|e| VmmsError::io(format!("cannot create {}", output_path.display()), e))?;
         self.with_state(&name, |state| {
             state.output = Some(output_path.clone());
-            state.stream_path = Some(stream_path.clone());
         });
 
         let exec = self
@@ -827,16 +836,11 @@ impl Vmms for Docker {
 
     async fn partial_output(&self, vm: &Machine, max_bytes: usize) -> Result<Vec<u8>, VmmsError> {
         let name = container_name(vm);
-        let Some(stream_path) = self.with_state(&name, |state| state.stream_path.clone()) else {
-            return Ok(Vec::new());
-        };
-        match self.read_file(&name, &stream_path, max_bytes).await {
-            Ok(bytes) => Ok(bytes.unwrap_or_default()),
-            Err(VmmsError::Backend(message)) if message.contains("No such container") => {
-                Err(VmmsError::NoSuchVm(name))
-            }
-            Err(e) => Err(e),
-        }
+        // Empty until the job's autodriver writes to it: copy-in empties it.
+        Ok(self
+            .read_file(&name, STREAM_PATH, max_bytes)
+            .await?
+            .unwrap_or_default())
     }
 
     /// The autodriver cleaned up after the job and every copy-in gets a
@@ -854,7 +858,6 @@ impl Vmms for Docker {
                 "container {name} stopped; it cannot be reused"
             )));
         }
-        self.with_state(&name, |state| state.stream_path = None);
         Ok(())
     }
 

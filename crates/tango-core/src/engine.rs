@@ -149,6 +149,16 @@ enum Step {
 }
 
 impl Step {
+    fn metric_name(self) -> &'static str {
+        match self {
+            Step::Initialize => "initialize",
+            Step::Wait => "wait",
+            Step::CopyIn => "copy_in",
+            Step::Run => "run",
+            Step::CopyOut => "copy_out",
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Step::Initialize => "initializing the VM",
@@ -186,6 +196,7 @@ struct Inner {
     dispatch_wake: Notify,
     outbox_wake: Notify,
     counters: Counters,
+    metrics: crate::metrics::EngineMetrics,
     started: Instant,
     /// Stops the dispatcher, the outbox and the sweeper.
     stop: CancellationToken,
@@ -227,6 +238,7 @@ impl Engine {
             dispatch_wake: Notify::new(),
             outbox_wake: Notify::new(),
             counters: Counters::default(),
+            metrics: crate::metrics::EngineMetrics::default(),
             started: Instant::now(),
             stop: CancellationToken::new(),
             workers: TaskTracker::new(),
@@ -259,6 +271,33 @@ impl Engine {
 
     pub fn counters(&self) -> &Counters {
         &self.inner.counters
+    }
+
+    pub fn metrics(&self) -> &crate::metrics::EngineMetrics {
+        &self.inner.metrics
+    }
+
+    /// Queued jobs, and the age in ms of the oldest one waiting.
+    pub fn queue_stats(&self) -> (usize, Option<i64>) {
+        let st = self.inner.lock();
+        let oldest = st
+            .queue
+            .iter()
+            .filter_map(|id| st.live.get(id))
+            .filter_map(|job| job.phases.added)
+            .min();
+        (st.queue.len(), oldest.map(|added| now_ms() - added))
+    }
+
+    /// Live jobs by state: (queued, running).
+    pub fn live_counts(&self) -> (usize, usize) {
+        let st = self.inner.lock();
+        let running = st
+            .live
+            .values()
+            .filter(|j| j.state == JobState::Running)
+            .count();
+        (st.live.len() - running, running)
     }
 
     pub fn backend_names(&self) -> Vec<String> {
@@ -856,7 +895,7 @@ impl Inner {
             }
             Err(failure) => {
                 let vm = failure.vm.clone();
-                self.count_failure(&failure);
+                self.count_failure(&job.vmms, &failure);
                 if let Some(vm) = vm {
                     self.release_vm(vm, false).await;
                 } else {
@@ -868,15 +907,20 @@ impl Inner {
         self.dispatch_wake.notify_one();
     }
 
-    fn count_failure(&self, failure: &SystemFailure) {
+    fn count_failure(&self, vmms: &str, failure: &SystemFailure) {
         let c = &self.counters;
-        match failure.step {
-            Step::Initialize | Step::Wait => &c.waitvm_timeouts,
-            Step::CopyIn => &c.copyin_errors,
-            Step::Run => &c.runjob_errors,
-            Step::CopyOut => &c.copyout_errors,
+        let timed_out = failure.message.contains("timed out");
+        let counter = match failure.step {
+            Step::Initialize | Step::Wait if timed_out => Some(&c.waitvm_timeouts),
+            Step::Initialize | Step::Wait => None,
+            Step::CopyIn => Some(&c.copyin_errors),
+            Step::Run => Some(&c.runjob_errors),
+            Step::CopyOut => Some(&c.copyout_errors),
+        };
+        if let Some(counter) = counter {
+            counter.fetch_add(1, Ordering::Relaxed);
         }
-        .fetch_add(1, Ordering::Relaxed);
+        self.metrics.backend_error(vmms, failure.step.metric_name());
     }
 
     /// The worker steps: VM, copy in, run, copy out.
@@ -1066,6 +1110,9 @@ impl Inner {
         job.state = state;
         job.outcome = Some(outcome_line.clone());
         job.phases.finished = Some(now_ms());
+        if state == JobState::Done {
+            self.metrics.observe_phases(&job.phases);
+        }
         job.add_trace(outcome_line);
         if let Some(line) = closing_trace {
             job.add_trace(line);
@@ -1270,9 +1317,12 @@ impl Inner {
                 Err(e) => {
                     st.vm_count = st.vm_count.saturating_sub(1);
                     drop(st);
-                    self.counters
-                        .waitvm_timeouts
-                        .fetch_add(1, Ordering::Relaxed);
+                    if matches!(e, EngineError::Timeout(_)) {
+                        self.counters
+                            .waitvm_timeouts
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.metrics.backend_error(&vmms, "initialize");
                     warn!(image = %image, "cannot create a pool VM: {e}");
                 }
             }
@@ -1433,6 +1483,9 @@ impl Inner {
                     .fetch_add(1, Ordering::Relaxed);
                 self.note_on_dead_job(entry.job_id, |job| {
                     job.phases.callback_delivered = Some(now);
+                    if let Some(finished) = job.phases.finished {
+                        self.metrics.callback_delivery.observe_ms(now - finished);
+                    }
                 });
                 debug!(job = entry.job_id, "callback delivered");
             }

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod engine;
 pub mod files;
+pub mod metrics;
 pub mod model;
 pub mod names;
 pub mod output;

@@ -14,6 +14,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Vec<Arc<dyn Vmms>>> {
     for name in names {
         backends.push(match name.as_str() {
             "sandbox" => Arc::new(sandbox(config).await?),
+            "docker" => Arc::new(docker(config).await?),
             other => anyhow::bail!("unknown backend {other:?}: use sandbox or docker"),
         });
     }
@@ -42,4 +43,20 @@ async fn sandbox(config: &Config) -> anyhow::Result<tango_vmms::sandbox::Sandbox
         tracing::info!(removed, "removed sandboxes left by a previous run");
     }
     Ok(sandbox)
+}
+
+async fn docker(config: &Config) -> anyhow::Result<tango_vmms::docker::Docker> {
+    use tango_vmms::docker::{Docker, DockerConfig};
+    let settings = &config.docker;
+    let mut docker_config = DockerConfig::new(
+        config.find_autodriver()?,
+        config.data_dir.join("docker"),
+    );
+    docker_config.default_memory_mb = settings.memory_mb;
+    docker_config.default_cores = settings.cores;
+    docker_config.default_max_pids = settings.max_pids;
+    docker_config.allow_network = settings.allow_network;
+    Docker::connect(docker_config)
+        .await
+        .context("cannot start the docker backend (is dockerd running? is DOCKER_HOST right?)")
 }

@@ -19,19 +19,33 @@ fn example_dir(name: &str) -> PathBuf {
 
 /// Uploads an example job's files (its autograde-Makefile as Makefile) into
 /// courselab `lab` and returns its `files` list.
-async fn upload_example(c: &Client, lab: &str, name: &str, extra: &[(&str, Vec<u8>)]) -> serde_json::Value {
+async fn upload_example(
+    c: &Client,
+    lab: &str,
+    name: &str,
+    extra: &[(&str, Vec<u8>)],
+) -> serde_json::Value {
     c.open(lab).await;
     let mut files = Vec::new();
-    let mut entries: Vec<_> = std::fs::read_dir(example_dir(name)).unwrap().flatten().collect();
+    let mut entries: Vec<_> = std::fs::read_dir(example_dir(name))
+        .unwrap()
+        .flatten()
+        .collect();
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
         let file = entry.file_name().to_string_lossy().into_owned();
         if file == "README.md" {
             continue;
         }
-        let dest = if file == "autograde-Makefile" { "Makefile".to_string() } else { file.clone() };
+        let dest = if file == "autograde-Makefile" {
+            "Makefile".to_string()
+        } else {
+            file.clone()
+        };
         let local = format!("{name}-{file}");
-        let v = c.upload(lab, &local, &std::fs::read(entry.path()).unwrap()).await;
+        let v = c
+            .upload(lab, &local, &std::fs::read(entry.path()).unwrap())
+            .await;
         assert_eq!(v["statusId"], 0, "{v}");
         files.push(serde_json::json!({"localFile": local, "destFile": dest}));
     }
@@ -47,7 +61,12 @@ fn host_process_count() -> usize {
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
         .count()
 }
 
@@ -57,21 +76,39 @@ struct Submitted {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_example_job_end_to_end() {
-    if !root_or_skip("every_example_job_end_to_end") {
+async fn every_example_job_end_to_end_in_the_sandbox() {
+    if !root_or_skip("every_example_job_end_to_end_in_the_sandbox") {
         return;
     }
+    every_example_job("sandbox", "host").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_example_job_end_to_end_in_docker() {
+    if !docker_or_skip("every_example_job_end_to_end_in_docker") {
+        return;
+    }
+    every_example_job("docker", DOCKER_TEST_IMAGE).await;
+}
+
+async fn every_example_job(vmms: &str, image: &str) {
     let dir = tempfile::tempdir().unwrap();
     let server = Tangod::start(
         &dir.path().join("data"),
-        "[engine]\nmax_file_bytes = 67108864\n[sandbox]\nmemory_mb = 256\nmax_pids = 64\n",
+        &format!(
+            "vmms = \"{vmms}\"\n[engine]\nmax_file_bytes = 67108864\n\
+             [sandbox]\nmemory_mb = 256\nmax_pids = 64\n[docker]\nmemory_mb = 256\nmax_pids = 64\n"
+        ),
     );
     let c = server.client();
+    let prefix = server.prefix.clone();
+    let data_dir = server.data_dir.clone();
     let receiver = Receiver::start().await;
 
     // A secret in another courselab, which snoop must not see.
     c.open("otherlab").await;
-    c.upload("otherlab", "secret.txt", b"SECRET-OF-ANOTHER-COURSELAB").await;
+    c.upload("otherlab", "secret.txt", b"SECRET-OF-ANOTHER-COURSELAB")
+        .await;
     // A host service on loopback, which network_probe must not reach.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -80,8 +117,14 @@ async fn every_example_job_end_to_end() {
     let hello_files = upload_example(&c, "lab", "hello", &[]).await;
     let mut idle = Duration::ZERO;
     for i in 0..3 {
-        let mut body = job(&format!("idle{i}"), &format!("idle{i}"), Some(&receiver.url_for(&format!("idle{i}"))), TIMEOUT);
+        let mut body = job(
+            &format!("idle{i}"),
+            &format!("idle{i}"),
+            Some(&receiver.url_for(&format!("idle{i}"))),
+            TIMEOUT,
+        );
         body["files"] = hello_files.clone();
+        body["image"] = image.into();
         let start = Instant::now();
         c.add_job("lab", &body).await;
         receiver.wait_for(i + 1, Duration::from_secs(20)).await;
@@ -90,8 +133,16 @@ async fn every_example_job_end_to_end() {
 
     let processes_before = host_process_count();
     let hostile = [
-        "failing", "endless", "output_flood", "fork_bomb", "memory_hog", "daemon",
-        "disk_filler", "network_probe", "snoop", "kill_autodriver",
+        "failing",
+        "endless",
+        "output_flood",
+        "fork_bomb",
+        "memory_hog",
+        "daemon",
+        "disk_filler",
+        "network_probe",
+        "snoop",
+        "kill_autodriver",
     ];
     let mut submitted = Vec::new();
     for name in hostile {
@@ -103,10 +154,14 @@ async fn every_example_job_end_to_end() {
         let files = upload_example(&c, "lab", name, &extra).await;
         let mut body = job(name, name, Some(&receiver.url_for(name)), TIMEOUT);
         body["files"] = files;
+        body["image"] = image.into();
         body["max_kb"] = serde_json::json!(64);
         let v = c.add_job("lab", &body).await;
         assert_eq!(v["statusMsg"], "Job added", "{name}: {v}");
-        submitted.push(Submitted { name, at: Instant::now() });
+        submitted.push(Submitted {
+            name,
+            at: Instant::now(),
+        });
     }
     // Normal jobs beside the hostile ones.
     let mut normal = Vec::new();
@@ -114,6 +169,7 @@ async fn every_example_job_end_to_end() {
         let tag = format!("beside{i}");
         let mut body = job(&tag, &tag, Some(&receiver.url_for(&tag)), TIMEOUT);
         body["files"] = hello_files.clone();
+        body["image"] = image.into();
         let start = Instant::now();
         c.add_job("lab", &body).await;
         normal.push((tag, start));
@@ -131,7 +187,11 @@ async fn every_example_job_end_to_end() {
     for job in &submitted {
         let limit = Duration::from_secs(TIMEOUT + 10);
         while receiver.get(job.name).is_empty() {
-            assert!(job.at.elapsed() < limit, "{} got no callback within {limit:?}", job.name);
+            assert!(
+                job.at.elapsed() < limit,
+                "{} got no callback within {limit:?}",
+                job.name
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         eprintln!("{}: callback after {:?}", job.name, job.at.elapsed());
@@ -140,20 +200,36 @@ async fn every_example_job_end_to_end() {
     let success = "Success: Autodriver returned normally";
 
     let o = out("failing");
-    assert!(o.contains(success) && o.contains("Autodriver: Job exited with status 2"), "{o}");
+    assert!(
+        o.contains(success) && o.contains("Autodriver: Job exited with status 2"),
+        "{o}"
+    );
 
     let o = out("endless");
-    assert!(o.contains(&format!("Error: Job timed out after {TIMEOUT} seconds")), "{o}");
+    assert!(
+        o.contains(&format!("Error: Job timed out after {TIMEOUT} seconds")),
+        "{o}"
+    );
 
     let o = out("output_flood");
     assert!(o.contains(success), "{o}");
-    assert!(o.contains("...[excess bytes elided]..."), "flood not capped");
+    assert!(
+        o.contains("...[excess bytes elided]..."),
+        "flood not capped"
+    );
     assert!(o.len() < 64 * 1024 + 4096, "flood output {} bytes", o.len());
-    assert!(o.ends_with("{\"scores\": {\"output_flood\": 1}}\n"), "score line lost: {:?}", &o[o.len() - 100..]);
+    assert!(
+        o.ends_with("{\"scores\": {\"output_flood\": 1}}\n"),
+        "score line lost: {:?}",
+        &o[o.len() - 100..]
+    );
 
     let o = out("fork_bomb");
     assert!(o.contains("starting a fork bomb"), "{o}");
-    assert!(o.contains(success) || o.contains("Error: Job timed out"), "{o}");
+    assert!(
+        o.contains(success) || o.contains("Error: Job timed out"),
+        "{o}"
+    );
 
     let o = out("memory_hog");
     assert!(o.contains("exceeded its memory limit of 256 MiB"), "{o}");
@@ -176,7 +252,10 @@ async fn every_example_job_end_to_end() {
     assert!(o.contains("read /etc/shadow: no"), "{o}");
     // /tmp, /var/tmp and /dev/shm are the VM's own scratch space, wiped with it.
     for path in ["/escaped", "/etc/escaped", "/usr/escaped"] {
-        assert!(o.contains(&format!("write {path}: no")), "wrote {path}: {o}");
+        assert!(
+            o.contains(&format!("write {path}: no")),
+            "wrote {path}: {o}"
+        );
     }
     assert!(!o.contains("otherlab"), "{o}");
     assert!(!std::path::Path::new("/escaped").exists());
@@ -184,8 +263,14 @@ async fn every_example_job_end_to_end() {
     let o = out("kill_autodriver");
     assert!(o.contains(success), "{o}");
 
+    // No container or sandbox of this server is left once it stops.
+    drop(server);
+    assert_eq!(leftover_vms(vmms, &prefix, &data_dir), Vec::<String>::new());
     // Every process of the hostile jobs is gone.
     let after = host_process_count();
-    assert!(after <= processes_before + 10, "host processes: {processes_before} before, {after} after");
+    assert!(
+        after <= processes_before + 10,
+        "host processes: {processes_before} before, {after} after"
+    );
     drop(listener);
 }

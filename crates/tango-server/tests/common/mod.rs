@@ -23,6 +23,52 @@ pub fn root_or_skip(test: &str) -> bool {
     }
 }
 
+/// The Docker image the Docker tests use (scripts/build-docker-test-image.sh).
+pub const DOCKER_TEST_IMAGE: &str = "tango-test-bookworm";
+
+/// Whether a dockerd with the test image is there (CI starts one and builds
+/// the image; elsewhere the Docker tests skip, saying why).
+pub fn docker_or_skip(test: &str) -> bool {
+    let ok = std::process::Command::new("docker")
+        .args(["image", "inspect", DOCKER_TEST_IMAGE])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!(
+            "SKIPPED {test}: no dockerd or no image {DOCKER_TEST_IMAGE} (run scripts/build-docker-test-image.sh)"
+        );
+    }
+    ok
+}
+
+/// VMs of a server's prefix still present: sandbox directories or containers.
+pub fn leftover_vms(vmms: &str, prefix: &str, data_dir: &Path) -> Vec<String> {
+    match vmms {
+        "docker" => {
+            let out = std::process::Command::new("docker")
+                .args(["ps", "-a", "--format", "{{.Names}}", "--filter"])
+                .arg(format!("label=tango.prefix={prefix}"))
+                .output()
+                .expect("docker ps");
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect()
+        }
+        _ => std::fs::read_dir(data_dir.join("sandbox"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(&format!("{prefix}-")))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
 /// The static autodriver: $TANGO_AUTODRIVER, or built now with cargo.
 pub fn autodriver() -> PathBuf {
     static BUILT: Mutex<Option<PathBuf>> = Mutex::new(None);

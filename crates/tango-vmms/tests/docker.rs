@@ -347,9 +347,23 @@ async fn get_vms_finds_exactly_the_prefix() {
     assert_eq!(found, vec![a.clone(), b.clone()]);
     assert_eq!(docker.get_vms(&longer).await.unwrap(), vec![other.clone()]);
     assert!(docker.exists_vm(&b).await.unwrap());
-    // Creating the same VM twice is refused, and leaves the first alone.
-    assert!(docker.initialize_vm(&a).await.is_err());
-    assert!(docker.exists_vm(&a).await.unwrap());
+    // Creating a VM that exists starts it afresh: a new, running container.
+    let id_of = |inspect: bollard::models::ContainerInspectResponse| inspect.id.unwrap();
+    let api = docker.api();
+    let before = id_of(
+        api.inspect_container(&container_name(&a), None)
+            .await
+            .unwrap(),
+    );
+    docker.initialize_vm(&a).await.unwrap();
+    let after = id_of(
+        api.inspect_container(&container_name(&a), None)
+            .await
+            .unwrap(),
+    );
+    assert_ne!(before, after);
+    docker.wait_vm(&a, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(docker.get_vms(&prefix).await.unwrap().len(), 2);
     for vm in [&a, &b, &other] {
         docker.safe_destroy_vm(vm).await.unwrap();
     }
@@ -524,4 +538,66 @@ async fn timings() {
         p50(&mut run),
         p50(&mut destroy)
     );
+
+    // Throughput at concurrency 8: reused containers (the job path only),
+    // then a fresh container per job (create, job, remove).
+    let docker = std::sync::Arc::new(docker);
+    let files = std::sync::Arc::new(files);
+    for reuse in [true, false] {
+        let jobs_per_worker = runs.div_ceil(8).max(2);
+        let started = std::time::Instant::now();
+        let mut workers = Vec::new();
+        for worker in 0..8u64 {
+            let (docker, files, prefix) = (docker.clone(), files.clone(), prefix.clone());
+            workers.push(tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let base = 1000 + worker * 1000;
+                let warm = machine(&prefix, base, BOOKWORM);
+                if reuse {
+                    docker.initialize_vm(&warm).await.unwrap();
+                }
+                for n in 0..jobs_per_worker {
+                    let vm = if reuse {
+                        warm.clone()
+                    } else {
+                        machine(&prefix, base + 1 + n, BOOKWORM)
+                    };
+                    let t = std::time::Instant::now();
+                    if !reuse {
+                        docker.initialize_vm(&vm).await.unwrap();
+                    }
+                    docker.copy_in(&vm, &files).await.unwrap();
+                    let outcome = docker.run_job(&vm, &request(n, 20)).await.unwrap();
+                    assert_eq!(outcome.status, RunStatus::Completed);
+                    if reuse {
+                        docker.reset_vm(&vm).await.unwrap();
+                    } else {
+                        docker.destroy_vm(&vm).await.unwrap();
+                    }
+                    latencies.push(t.elapsed());
+                }
+                if reuse {
+                    docker.destroy_vm(&warm).await.unwrap();
+                }
+                latencies
+            }));
+        }
+        let mut latencies = Vec::new();
+        for worker in workers {
+            latencies.extend(worker.await.unwrap());
+        }
+        let elapsed = started.elapsed();
+        println!(
+            "concurrency 8, {}: {} jobs, p50 {:?}, throughput {:.2} jobs/s",
+            if reuse {
+                "reused containers"
+            } else {
+                "fresh container per job"
+            },
+            latencies.len(),
+            p50(&mut latencies),
+            latencies.len() as f64 / elapsed.as_secs_f64()
+        );
+    }
+    assert!(docker.get_vms(&prefix).await.unwrap().is_empty());
 }

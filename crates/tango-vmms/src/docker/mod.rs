@@ -543,10 +543,19 @@ impl Vmms for Docker {
             ..Default::default()
         };
         let options = CreateContainerOptionsBuilder::default().name(&name).build();
-        if let Err(e) = self.api.create_container(Some(options), body).await {
+        let mut created = self
+            .api
+            .create_container(Some(options.clone()), body.clone())
+            .await;
+        if created.as_ref().err().and_then(status_code) == Some(409) {
+            // A container of that name is left from before (e.g. a crash):
+            // the VM starts afresh, as on every backend.
+            self.remove(&name).await?;
+            created = self.api.create_container(Some(options), body).await;
+        }
+        if let Err(e) = created {
             return Err(match status_code(&e) {
                 Some(404) => VmmsError::NoSuchImage(vm.image.clone()),
-                Some(409) => VmmsError::Backend(format!("container {name} already exists")),
                 _ => api_error(format_args!("cannot create {name}"), e),
             });
         }

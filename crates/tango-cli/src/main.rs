@@ -1,1 +1,248 @@
-fn main() {}
+//! `tango`: a command-line client for Tango v1 servers (tangod or Tango).
+
+mod callback;
+mod client;
+mod commands;
+mod config;
+mod outcome;
+mod run;
+
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit status when the command could not be done (network, HTTP, a
+/// refusal with statusId < 0, bad input).
+pub const EXIT_ERROR: u8 = 1;
+/// Exit status when the job(s) ran but failed (timeout, make failed,
+/// internal error).
+pub const EXIT_JOB_FAILED: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tango",
+    version,
+    about = "Client for Tango v1 autograding servers (tangod)",
+    long_about = "Client for Tango v1 autograding servers (tangod).\n\n\
+        The server and key come from --url/--key, else TANGO_URL/TANGO_KEY, else the \
+        config file (~/.config/tango/config.toml or --config) with `url = \"...\"`, \
+        `key = \"...\"` and optionally `image = \"...\"`.\n\n\
+        Exit status: 0 success, 1 error (unreachable server, HTTP error, statusId < 0), \
+        2 usage error, 3 a job ran but failed."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug)]
+pub struct Global {
+    /// Server address, e.g. http://127.0.0.1:3000
+    #[arg(long, env = "TANGO_URL", global = true)]
+    pub url: Option<String>,
+    /// Access key (the first path segment of every route)
+    #[arg(long, env = "TANGO_KEY", global = true, hide_env_values = true)]
+    pub key: Option<String>,
+    /// Config file [default: ~/.config/tango/config.toml]
+    #[arg(long, env = "TANGO_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Print JSON for scripts instead of tables
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Seconds to wait for any single HTTP answer
+    #[arg(long, global = true, default_value_t = 120)]
+    pub http_timeout: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a courselab (if missing) and list its files with their md5
+    Open { courselab: String },
+    /// Upload a file into a courselab
+    Upload {
+        courselab: String,
+        file: PathBuf,
+        /// Name to store it under [default: the file's name]
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Add a job whose files were uploaded before
+    AddJob(AddJobArgs),
+    /// Fetch a finished job's output file
+    Poll {
+        courselab: String,
+        output_file: String,
+        /// Keep polling up to this many seconds until the file exists
+        #[arg(long, value_name = "SECS")]
+        wait: Option<u64>,
+        /// Write the output here instead of standard output
+        #[arg(long, short = 'o')]
+        output: Option<PathBuf>,
+    },
+    /// Show the output a running job has produced so far
+    PartialOutput { job_id: u64 },
+    /// Show server statistics
+    Info,
+    /// List live jobs, or finished ones with --dead
+    Jobs {
+        #[arg(long)]
+        dead: bool,
+    },
+    /// List VM pools, all or one image's
+    Pool { image: Option<String> },
+    /// Set the number of VMs kept ready for an image
+    Prealloc {
+        image: String,
+        count: u64,
+        #[arg(long)]
+        cores: Option<u32>,
+        /// Memory in MiB
+        #[arg(long)]
+        memory: Option<u64>,
+        /// Backend (e.g. sandbox, docker)
+        #[arg(long)]
+        vmms: Option<String>,
+    },
+    /// Load a `docker save` tar into the server's Docker as NAME:latest
+    Build { name: String, tar: PathBuf },
+    /// Upload a job directory, run it and print its output
+    Run(RunArgs),
+    /// Run many jobs of an example and report latency and throughput
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AddJobArgs {
+    pub courselab: String,
+    /// Image the job runs in
+    #[arg(long, required_unless_present = "job_json")]
+    pub image: Option<String>,
+    /// An uploaded file and its name in the VM (default: the same); one
+    /// must end up as Makefile. Repeat for each file.
+    #[arg(
+        long = "file",
+        value_name = "LOCAL[:DEST]",
+        required_unless_present = "job_json"
+    )]
+    pub files: Vec<String>,
+    /// Output file name in the courselab's output/
+    #[arg(long, required_unless_present = "job_json")]
+    pub output_file: Option<String>,
+    /// Run time limit in seconds [default: the server's]
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Output cap in KiB [default: the server's]
+    #[arg(long)]
+    pub max_kb: Option<u64>,
+    /// Where the server POSTs the result
+    #[arg(long)]
+    pub callback_url: Option<String>,
+    /// Run the job without network
+    #[arg(long)]
+    pub disable_network: bool,
+    /// Job name [default: the output file's name]
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Send this file as the raw addJob body instead ("-" for stdin); the
+    /// other job options are then not allowed. (Named --job-json because
+    /// --json selects JSON output on every command.)
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with_all = ["image", "files", "output_file", "timeout", "max_kb", "callback_url", "disable_network", "name"]
+    )]
+    pub job_json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct JobRunArgs {
+    /// Image to run in [default: TANGO_IMAGE, `image` in the config file,
+    /// else autograding_image]
+    #[arg(long, env = "TANGO_IMAGE")]
+    pub image: Option<String>,
+    /// Courselab to use [default: tango-cli-<directory name>]
+    #[arg(long)]
+    pub courselab: Option<String>,
+    /// Run time limit per job in seconds [default: the server's]
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Output cap in KiB [default: the server's]
+    #[arg(long)]
+    pub max_kb: Option<u64>,
+    /// Run without network
+    #[arg(long)]
+    pub disable_network: bool,
+    /// Poll for results instead of listening for callbacks
+    #[arg(long)]
+    pub poll: bool,
+    /// Address the callback listener binds
+    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+    pub callback_listen: SocketAddr,
+    /// URL tangod should call back, when it cannot reach the listen address
+    /// directly (e.g. http://myhost:4000); the per-job path is appended
+    #[arg(long, value_name = "URL")]
+    pub callback_base: Option<String>,
+    /// Give up on a job's result after this many seconds
+    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    pub wait_timeout: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Job directory: an autograde-Makefile (or Makefile) and its files
+    pub dir: PathBuf,
+    #[command(flatten)]
+    pub job: JobRunArgs,
+    /// Run the job this many times (prints a summary instead of the output)
+    #[arg(long, default_value_t = 1)]
+    pub jobs: usize,
+    /// How many of those jobs run at once
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// A job of examples/jobs/ by name (e.g. hello) or a directory
+    pub job: String,
+    #[command(flatten)]
+    pub run: JobRunArgs,
+    /// Number of jobs
+    #[arg(short = 'n', long = "count", default_value_t = 20)]
+    pub count: usize,
+    /// Jobs in flight at once
+    #[arg(short = 'c', long, default_value_t = 4)]
+    pub concurrency: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = cli.global.json;
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    match runtime.block_on(commands::dispatch(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            if json {
+                let answer = err
+                    .downcast_ref::<client::ClientError>()
+                    .and_then(|e| e.answer().cloned());
+                let report = serde_json::json!({
+                    "error": format!("{err:#}"),
+                    "answer": answer,
+                });
+                println!("{report}");
+            }
+            eprintln!("error: {err:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}

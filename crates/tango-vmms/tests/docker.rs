@@ -601,3 +601,61 @@ async fn timings() {
     }
     assert!(docker.get_vms(&prefix).await.unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_and_bad_inputs() {
+    require_docker!();
+    let work = tempfile::tempdir().unwrap();
+    let docker = common::backend(work.path()).await;
+    let prefix = common::prefix("inputs");
+    common::clean(&docker, &prefix).await;
+    let vm = machine(&prefix, 1, BOOKWORM);
+    docker.initialize_vm(&vm).await.unwrap();
+
+    // A missing input file or a name with a slash fails copy_in cleanly.
+    let mut missing = common::inputs(work.path(), &[("Makefile", "all:\n")]);
+    missing[0].path = work.path().join("does-not-exist");
+    assert!(docker.copy_in(&vm, &missing).await.is_err());
+    let mut slash = common::inputs(work.path(), &[("Makefile", "all:\n")]);
+    slash[0].dest_file = "../Makefile".into();
+    assert!(docker.copy_in(&vm, &slash).await.is_err());
+
+    // 40 MiB goes in streamed, intact, with the execute bit kept.
+    let big = work.path().join("big.bin");
+    let pattern: Vec<u8> = (0..=255u8).cycle().take(40 << 20).collect();
+    std::fs::write(&big, &pattern).unwrap();
+    let script = work.path().join("run.sh");
+    std::fs::write(&script, "#!/bin/sh\necho script ran\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut files = common::inputs(
+        work.path(),
+        &[("Makefile", "all:\n\t@md5sum big.bin\n\t@./run.sh\n")],
+    );
+    for (name, path) in [("big.bin", &big), ("run.sh", &script)] {
+        files.push(tango_core::model::InputFile {
+            local_file: name.into(),
+            dest_file: name.into(),
+            path: path.clone(),
+            md5: String::new(),
+        });
+    }
+    docker.copy_in(&vm, &files).await.unwrap();
+    let outcome = docker.run_job(&vm, &request(61, 60)).await.unwrap();
+    let dest = work.path().join("out");
+    docker.copy_out(&vm, &dest).await.unwrap();
+    let output = std::fs::read_to_string(&dest).unwrap();
+    assert_eq!(outcome.status, RunStatus::Completed, "{output}");
+    let md5 = std::process::Command::new("md5sum")
+        .arg(&big)
+        .output()
+        .unwrap();
+    let expected = String::from_utf8_lossy(&md5.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(output.contains(&format!("{expected}  big.bin")), "{output}");
+    assert!(output.contains("script ran"), "{output}");
+    docker.safe_destroy_vm(&vm).await.unwrap();
+}

@@ -1,7 +1,8 @@
 //! Tar streams for the Engine API's archive endpoints: files go into and come
 //! out of containers this way, so no host directory is shared with them.
 
-use std::io::{self, Read};
+use bytes::Bytes;
+use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
@@ -21,7 +22,7 @@ fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
     header
 }
 
-fn append_dir(builder: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32) -> io::Result<()> {
+fn append_dir<W: Write>(builder: &mut tar::Builder<W>, path: &str, mode: u32) -> io::Result<()> {
     let mut h = header(tar::EntryType::Directory, mode, 0);
     builder.append_data(&mut h, path, io::empty())
 }
@@ -43,28 +44,34 @@ pub fn is_plain_file_name(name: &str) -> bool {
     !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
 }
 
-/// A tar holding directory `dir` (relative, mode 0755) with each `(name,
-/// host path)` file in it, owned by root; the autodriver hands them to the
-/// grading user. Regular files only; execute bits of the host file are kept.
-/// Each of `emptied` (relative paths) becomes an empty root-only file.
-pub fn inputs_tar<'a>(
+/// Writes to `out` a tar holding directory `dir` (relative, mode 0755) with
+/// each `(name, host path)` file in it, owned by root; the autodriver hands
+/// them to the grading user. Regular files only; execute bits of the host
+/// file are kept. Each of `emptied` (relative paths) becomes an empty
+/// root-only file. Names are checked before anything is written.
+pub fn write_inputs_tar<'a, W: Write>(
+    out: W,
     dir: &str,
-    files: impl IntoIterator<Item = (&'a str, &'a Path)>,
+    files: impl IntoIterator<Item = (&'a str, &'a Path)> + Clone,
     emptied: &[&str],
-) -> io::Result<Vec<u8>> {
-    let mut builder = tar::Builder::new(Vec::new());
+) -> io::Result<W> {
+    if let Some((name, _)) = files
+        .clone()
+        .into_iter()
+        .find(|(name, _)| !is_plain_file_name(name))
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{name:?} is not a plain file name"),
+        ));
+    }
+    let mut builder = tar::Builder::new(out);
     for path in emptied {
         let mut h = header(tar::EntryType::Regular, 0o600, 0);
         builder.append_data(&mut h, path, io::empty())?;
     }
     append_dir(&mut builder, &format!("{dir}/"), 0o755)?;
     for (name, path) in files {
-        if !is_plain_file_name(name) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{name:?} is not a plain file name"),
-            ));
-        }
         let file = std::fs::File::open(path)?;
         let meta = file.metadata()?;
         if !meta.is_file() {
@@ -80,6 +87,70 @@ pub fn inputs_tar<'a>(
         builder.append_data(&mut h, format!("{dir}/{name}"), file.take(meta.len()))?;
     }
     builder.into_inner()
+}
+
+/// [`write_inputs_tar`] into memory.
+#[cfg(test)]
+pub fn inputs_tar<'a>(
+    dir: &str,
+    files: impl IntoIterator<Item = (&'a str, &'a Path)> + Clone,
+    emptied: &[&str],
+) -> io::Result<Vec<u8>> {
+    write_inputs_tar(Vec::new(), dir, files, emptied)
+}
+
+/// Chunks handed from a blocking tar writer to an async request body.
+const CHUNK_BYTES: usize = 256 << 10;
+
+/// An [`io::Write`] for blocking threads that passes what is written, in
+/// chunks, to an async receiver (the body of an upload), so large inputs
+/// are streamed rather than held in memory.
+pub struct ChunkSender {
+    tx: tokio::sync::mpsc::Sender<io::Result<Bytes>>,
+    buf: Vec<u8>,
+}
+
+impl ChunkSender {
+    pub fn new(tx: tokio::sync::mpsc::Sender<io::Result<Bytes>>) -> Self {
+        ChunkSender {
+            tx,
+            buf: Vec::with_capacity(CHUNK_BYTES),
+        }
+    }
+
+    fn send_buffered(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(CHUNK_BYTES),
+        ));
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload ended early"))
+    }
+
+    /// Makes the receiving body fail with `error` (the upload is aborted).
+    pub fn abort(&self, error: &io::Error) {
+        let _ = self
+            .tx
+            .blocking_send(Err(io::Error::new(error.kind(), error.to_string())));
+    }
+}
+
+impl Write for ChunkSender {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK_BYTES {
+            self.send_buffered()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send_buffered()
+    }
 }
 
 /// The contents of the first regular file in a tar (what the archive

@@ -616,22 +616,52 @@ impl Vmms for Docker {
             .iter()
             .map(|f| (f.dest_file.clone(), f.path.clone()))
             .collect();
+        if let Some(bad) = pairs
+            .iter()
+            .find(|(name, _)| !archive::is_plain_file_name(name))
+        {
+            return Err(VmmsError::Backend(format!(
+                "input file name {:?} is not a plain file name",
+                bad.0
+            )));
+        }
+        // The tar is written by a blocking thread while it is uploaded.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
         let tar_dir = dir.clone();
-        let tar = tokio::task::spawn_blocking(move || {
-            archive::inputs_tar(
-                &tar_dir,
-                pairs
-                    .iter()
-                    .map(|(name, path)| (name.as_str(), path.as_path())),
-                &[&SUMMARY_PATH[1..], &STREAM_PATH[1..]],
-            )
-        })
-        .await
-        .map_err(|e| VmmsError::Backend(format!("packing the input files failed: {e}")))?
-        .map_err(|e| VmmsError::io("cannot pack the input files", e))?;
-        self.upload(&name, Bytes::from(tar))
+        let packer = tokio::task::spawn_blocking(move || {
+            let mut sender = archive::ChunkSender::new(tx);
+            let files = pairs
+                .iter()
+                .map(|(name, path)| (name.as_str(), path.as_path()));
+            let emptied = [&SUMMARY_PATH[1..], &STREAM_PATH[1..]];
+            let written = archive::write_inputs_tar(&mut sender, &tar_dir, files, &emptied)
+                .and_then(std::io::Write::flush);
+            if let Err(e) = &written {
+                sender.abort(e);
+            }
+            written
+        });
+        let body = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let options = UploadToContainerOptionsBuilder::default().path("/").build();
+        let uploaded = self
+            .api
+            .upload_to_container(&name, Some(options), bollard::body_try_stream(body))
+            .await;
+        let packed = packer
             .await
-            .map_err(|e| vm_error(&name, "cannot copy the input files into", e))?;
+            .map_err(|e| VmmsError::Backend(format!("packing the input files failed: {e}")))?;
+        match (packed, uploaded) {
+            (Ok(()), Ok(())) => {}
+            // The upload failing first stops the packer with a broken pipe:
+            // the upload's error is the one that says what happened.
+            (Err(e), Err(upload)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                return Err(vm_error(&name, "cannot copy the input files into", upload))
+            }
+            (Err(e), _) => return Err(VmmsError::io("cannot pack the input files", e)),
+            (Ok(()), Err(upload)) => {
+                return Err(vm_error(&name, "cannot copy the input files into", upload))
+            }
+        }
         self.with_state(&name, |state| {
             state.pending_job_dir = Some(format!("/{dir}"))
         });

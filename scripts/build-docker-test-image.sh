@@ -5,6 +5,8 @@
 #                               python3 (from scripts/build-test-rootfs.sh)
 #   tango-test-busybox:latest   /bin/busybox and its applet links only: no
 #                               make, no users, for testing minimal images
+#   tango-test-autograde:latest the bookworm image plus user autograde (uid
+#                               1001), like Tango's images
 # Set TANGO_REBUILD_IMAGES=1 to rebuild images that exist.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -41,4 +43,10 @@ if ! image_exists tango-test-busybox:latest; then
   tar -C "$dir" -c . \
     | docker import -c 'WORKDIR /home' -c 'ENV PATH=/bin' - tango-test-busybox:latest >/dev/null
   echo "built tango-test-busybox:latest" >&2
+fi
+
+if ! image_exists tango-test-autograde:latest; then
+  printf 'FROM tango-test-bookworm:latest\nRUN useradd -m -u 1001 -s /bin/bash autograde\n' \
+    | docker build -q -t tango-test-autograde:latest - >/dev/null
+  echo "built tango-test-autograde:latest" >&2
 fi

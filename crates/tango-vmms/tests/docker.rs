@@ -659,3 +659,30 @@ async fn large_and_bad_inputs() {
     assert!(output.contains("script ran"), "{output}");
     docker.safe_destroy_vm(&vm).await.unwrap();
 }
+
+#[tokio::test]
+async fn tango_style_image_runs_jobs_as_autograde() {
+    require_docker!();
+    let work = tempfile::tempdir().unwrap();
+    let docker = common::backend(work.path()).await;
+    let prefix = common::prefix("tango");
+    common::clean(&docker, &prefix).await;
+    let vm = machine(&prefix, 1, common::AUTOGRADE);
+    let (outcome, output) = common::run_once(
+        &docker,
+        &vm,
+        work.path(),
+        &[(
+            "Makefile",
+            "all:\n\t@echo $$(id -un) $$(id -u) in $$(pwd)\n",
+        )],
+        &request(71, 20),
+    )
+    .await;
+    assert_eq!(outcome.status, RunStatus::Completed, "{output}");
+    assert!(
+        output.contains("autograde 1001 in /home/autograde/autolab"),
+        "{output}"
+    );
+    docker.safe_destroy_vm(&vm).await.unwrap();
+}

@@ -12,6 +12,8 @@ use tango_vmms::docker::{Docker, DockerConfig};
 
 pub const BOOKWORM: &str = "tango-test-bookworm";
 pub const BUSYBOX: &str = "tango-test-busybox";
+/// Bookworm plus user `autograde`, like Tango's images.
+pub const AUTOGRADE: &str = "tango-test-autograde";
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")

@@ -48,10 +48,8 @@ async fn sandbox(config: &Config) -> anyhow::Result<tango_vmms::sandbox::Sandbox
 async fn docker(config: &Config) -> anyhow::Result<tango_vmms::docker::Docker> {
     use tango_vmms::docker::{Docker, DockerConfig};
     let settings = &config.docker;
-    let mut docker_config = DockerConfig::new(
-        config.find_autodriver()?,
-        config.data_dir.join("docker"),
-    );
+    let mut docker_config =
+        DockerConfig::new(config.find_autodriver()?, config.data_dir.join("docker"));
     docker_config.default_memory_mb = settings.memory_mb;
     docker_config.default_cores = settings.cores;
     docker_config.default_max_pids = settings.max_pids;

@@ -61,19 +61,22 @@ impl ClientError {
     }
 
     /// The hint for a refusal message clients know (the contract's list).
-    fn refusal_hint(message: &str) -> &'static str {
+    fn refusal_hint(route: &str, message: &str) -> &'static str {
         match message {
             "Key not recognized" => " — check --key, TANGO_KEY or `key` in the config file",
             "Courselab not found" => " — run `tango open COURSELAB` first",
             "Output file not found" => {
                 " — the job may not have finished yet (see `tango jobs`), or the name is wrong"
             }
+            "Invalid image name" if route.starts_with("/build/") => {
+                " — use letters, digits, '.', '_', '-' and ':', starting with a letter or digit"
+            }
             "Invalid image name" | "Pool not found" => {
                 " — see `tango pool` for the images this server knows"
             }
             "Invalid prealloc size" => " — N must be a non-negative number",
             "Image build failed" => {
-                " — is the file a `docker save` tar, and is dockerd running on the server?"
+                " — is the file a `docker save` tar, and does the server's default backend build images?"
             }
             _ => "",
         }
@@ -108,11 +111,23 @@ impl fmt::Display for ClientError {
                 f,
                 "tangod answered {route} with something that is not a v1 JSON answer ({cause}): {body}"
             ),
-            ClientError::Refused { route, status_id, message, .. } => write!(
-                f,
-                "tangod refused {route}: {message} (statusId {status_id}){}",
-                Self::refusal_hint(message)
-            ),
+            ClientError::Refused {
+                route,
+                status_id,
+                message,
+                answer,
+            } => {
+                write!(f, "tangod refused {route}: {message}")?;
+                // tangod explains some refusals in a `detail` field.
+                if let Some(detail) = answer.get("detail").and_then(Value::as_str) {
+                    write!(f, ": {detail}")?;
+                }
+                write!(
+                    f,
+                    " (statusId {status_id}){}",
+                    Self::refusal_hint(route, message)
+                )
+            }
             ClientError::Local(message) => f.write_str(message),
         }
     }

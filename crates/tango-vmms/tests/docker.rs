@@ -117,6 +117,10 @@ async fn container_is_confined() {
     assert_eq!(host.nano_cpus, Some(1_000_000_000));
     assert_eq!(host.pids_limit, Some(256));
     assert_eq!(host.network_mode.as_deref(), Some("none"));
+    assert_eq!(
+        host.cgroupns_mode,
+        Some(bollard::models::HostConfigCgroupnsModeEnum::PRIVATE)
+    );
     assert_eq!(host.cap_drop, Some(vec!["ALL".to_string()]));
     assert!(host
         .security_opt
@@ -685,4 +689,48 @@ async fn tango_style_image_runs_jobs_as_autograde() {
         "{output}"
     );
     docker.safe_destroy_vm(&vm).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oom_note_is_per_container() {
+    require_docker!();
+    let work = tempfile::tempdir().unwrap();
+    let docker = std::sync::Arc::new(common::backend(work.path()).await);
+    // The hog's container name starts with the quiet one's name.
+    let quiet_prefix = common::prefix("oomq");
+    let quiet = machine(&quiet_prefix, 1, BOOKWORM);
+    let hog_prefix = container_name(&quiet);
+    common::clean(&docker, &quiet_prefix).await;
+    common::clean(&docker, &hog_prefix).await;
+    let mut hog = machine(&hog_prefix, 2, BOOKWORM);
+    hog.memory_mb = Some(64);
+    assert!(container_name(&hog).starts_with(&container_name(&quiet)));
+    for vm in [&quiet, &hog] {
+        docker.initialize_vm(vm).await.unwrap();
+    }
+    let quiet_files = common::inputs(work.path(), &[("Makefile", "all:\n\t@sleep 3\n")]);
+    docker.copy_in(&quiet, &quiet_files).await.unwrap();
+    let quiet_run = {
+        let (docker, quiet) = (docker.clone(), quiet.clone());
+        tokio::spawn(async move { docker.run_job(&quiet, &request(81, 20)).await })
+    };
+    let hog_dir = work.path().join("hog");
+    std::fs::create_dir(&hog_dir).unwrap();
+    let hog_make =
+        "all:\n\tpython3 -c 'exec(\"a = []\\nwhile True: a.append(bytearray(16 << 20))\")'\n";
+    docker
+        .copy_in(&hog, &common::inputs(&hog_dir, &[("Makefile", hog_make)]))
+        .await
+        .unwrap();
+    let hog_outcome = docker.run_job(&hog, &request(82, 20)).await.unwrap();
+    assert!(!hog_outcome.notes.is_empty());
+    let quiet_outcome = quiet_run.await.unwrap().unwrap();
+    assert_eq!(quiet_outcome.status, RunStatus::Completed);
+    assert!(quiet_outcome.notes.is_empty(), "{:?}", quiet_outcome.notes);
+    // The autodriver, too, sees only its own container's OOM kills.
+    let summary = quiet_outcome.summary.expect("summary");
+    assert_eq!(summary["killed_by"], serde_json::Value::Null, "{summary}");
+    for vm in [&quiet, &hog] {
+        docker.safe_destroy_vm(vm).await.unwrap();
+    }
 }

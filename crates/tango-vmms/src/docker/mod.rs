@@ -24,8 +24,8 @@ use bollard::container::LogOutput;
 use bollard::errors::Error as ApiError;
 use bollard::exec::{CreateExecOptions, StartExecResults};
 use bollard::models::{
-    ContainerCreateBody, ContainerStateStatusEnum, HostConfig, HostConfigLogConfig,
-    NetworkConnectRequest, NetworkDisconnectRequest,
+    ContainerCreateBody, ContainerStateStatusEnum, HostConfig, HostConfigCgroupnsModeEnum,
+    HostConfigLogConfig, NetworkConnectRequest, NetworkDisconnectRequest,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, DownloadFromContainerOptionsBuilder, EventsOptionsBuilder,
@@ -55,6 +55,8 @@ const STREAM_PATH: &str = "/.tango/stream";
 /// The job directory's name: jobs run in `<grading home>/autolab`, as under
 /// Tango.
 const JOB_DIR_NAME: &str = "autolab";
+/// Writable directories given private tmpfs mounts (path, mode).
+const SCRATCH_DIRS: [(&str, &str); 3] = [("/home", "755"), ("/tmp", "1777"), ("/var/tmp", "1777")];
 /// Linux capabilities the autodriver needs as root in the container: switch
 /// to the grading user, hand it the job's files, remove what it leaves
 /// anywhere, kill what it leaves running. Everything else is dropped.
@@ -107,6 +109,13 @@ pub struct DockerConfig {
     /// [`RunOutcome::summary`]. It costs one archive download (about 50 ms
     /// on Docker 20.10, which runs a helper process for every archive call).
     pub read_summary: bool,
+    /// Give every container private tmpfs mounts on `/home`, `/tmp` and
+    /// `/var/tmp`, each as large as the memory limit. What a job writes
+    /// there is charged to the container's memory, so it cannot fill the
+    /// host's disk (overlay2 has no size limit without xfs quotas). The
+    /// image's own `/home` content is hidden (the autodriver empties the
+    /// grading user's home after every job anyway).
+    pub scratch_tmpfs: bool,
 }
 
 impl DockerConfig {
@@ -124,6 +133,7 @@ impl DockerConfig {
             fallback_user: "1000:1000".into(),
             api_timeout: Duration::from_secs(30),
             read_summary: true,
+            scratch_tmpfs: true,
         }
     }
 }
@@ -428,21 +438,10 @@ impl Docker {
     }
 
     /// Whether the memory limit killed something in the container since
-    /// `since`: the autodriver's verdict, Docker's `oom` events, or the
-    /// OOMKilled flag of a container that died.
-    async fn oom_killed(
-        &self,
-        name: &str,
-        since: SystemTime,
-        summary: Option<&serde_json::Value>,
-    ) -> bool {
-        if summary
-            .and_then(|s| s.get("killed_by"))
-            .and_then(|k| k.as_str())
-            == Some("oom")
-        {
-            return true;
-        }
+    /// `since`: Docker's `oom` events of this container, or the OOMKilled
+    /// flag of a container that died. (Not the autodriver's `killed_by`:
+    /// where it cannot find its cgroup it counts OOM kills host-wide.)
+    async fn oom_killed(&self, name: &str, since: SystemTime) -> bool {
         let filters = HashMap::from([
             ("container", vec![name]),
             ("type", vec!["container"]),
@@ -455,7 +454,17 @@ impl Docker {
             .build();
         let events = self.api.events(Some(options)).try_collect::<Vec<_>>();
         if let Ok(Ok(events)) = tokio::time::timeout(self.config.api_timeout, events).await {
-            if !events.is_empty() {
+            // Docker matches the container filter by name prefix: keep only
+            // events of this very container.
+            let ours = events.iter().any(|event| {
+                event
+                    .actor
+                    .as_ref()
+                    .and_then(|actor| actor.attributes.as_ref())
+                    .and_then(|attributes| attributes.get("name"))
+                    .is_some_and(|n| n == name)
+            });
+            if ours {
                 return true;
             }
         }
@@ -522,6 +531,20 @@ impl Vmms for Docker {
                 .into(),
             ),
             security_opt: Some(vec!["no-new-privileges:true".into()]),
+            tmpfs: self.config.scratch_tmpfs.then(|| {
+                let size = self.memory_mb(vm);
+                SCRATCH_DIRS
+                    .iter()
+                    .map(|(path, mode)| {
+                        let options = format!("rw,exec,nosuid,nodev,size={size}m,mode={mode}");
+                        (path.to_string(), options)
+                    })
+                    .collect()
+            }),
+            // The container's own cgroup appears as its root (Docker's
+            // default on cgroup v2 only), so the autodriver reads its own
+            // counters and the job learns nothing of the host's layout.
+            cgroupns_mode: Some(HostConfigCgroupnsModeEnum::PRIVATE),
             cap_drop: Some(vec!["ALL".into()]),
             cap_add: Some(AUTODRIVER_CAPS.iter().map(|c| c.to_string()).collect()),
             // PID 1 prints nothing and job output is attached, not logged.
@@ -783,7 +806,7 @@ impl Vmms for Docker {
             None
         };
         let mut notes = Vec::new();
-        if self.oom_killed(&name, started_at, summary.as_ref()).await {
+        if self.oom_killed(&name, started_at).await {
             notes.push(format!(
                 "The job was killed: it exceeded its memory limit of {} MiB",
                 self.memory_mb(vm)

@@ -93,8 +93,12 @@ fn new_table(header: &[&str]) -> Table {
     let mut table = Table::new();
     table
         .load_style(UTF8_FULL_CONDENSED)
-        .set_content_arrangement(ContentArrangement::Dynamic)
         .set_header(header.iter().map(|h| Cell::new(*h)));
+    // Wrap to the terminal's width, but not to a width too small to read
+    // (a pty that reports 0 columns would squeeze every cell to a letter).
+    if table.width().is_some_and(|w| w >= 60) {
+        table.set_content_arrangement(ContentArrangement::Dynamic);
+    }
     table
 }
 

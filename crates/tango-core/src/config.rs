@@ -38,6 +38,9 @@ pub struct EngineConfig {
     pub callback_max_backoff_secs: u64,
     /// How many finished jobs `/jobs/<key>/1` lists (newest).
     pub dead_jobs_listed: usize,
+    /// How long a job may wait, in all, for a backend that cannot be reached
+    /// (e.g. dockerd restarting) before such failures count as retries.
+    pub backend_wait_max_secs: u64,
     /// On SIGTERM, how long running jobs may take to finish before they are
     /// left to be re-queued by the next start (seconds).
     pub shutdown_grace_secs: u64,
@@ -63,6 +66,7 @@ impl Default for EngineConfig {
             callback_max_backoff_secs: 600,
             dead_jobs_listed: 1000,
             shutdown_grace_secs: 30,
+            backend_wait_max_secs: 3600,
         }
     }
 }

@@ -174,6 +174,8 @@ struct SystemFailure {
     step: Step,
     message: String,
     vm: Option<Machine>,
+    /// The backend could not be reached at all.
+    unavailable: bool,
 }
 
 struct Ran {
@@ -374,6 +376,7 @@ impl Engine {
                     ..Phases::default()
                 },
                 outcome: None,
+                backend_wait_ms: 0,
             };
             job.add_trace(format!("Error: job rejected: {reason}"));
             inner.store.save_job(&job)
@@ -769,6 +772,7 @@ impl Inner {
                 ..Phases::default()
             },
             outcome: None,
+            backend_wait_ms: 0,
         })
     }
 
@@ -784,6 +788,7 @@ impl Inner {
                 if job.retries > self.config.max_retries {
                     let failure = SystemFailure {
                         step: Step::Run,
+                        unavailable: false,
                         message: "the server stopped while the job was running".into(),
                         vm: None,
                     };
@@ -928,6 +933,7 @@ impl Inner {
         let t = &self.config.timeouts;
         let fail = |step: Step, e: EngineError, vm: Option<&Machine>| SystemFailure {
             step,
+            unavailable: matches!(e, EngineError::Vmms(VmmsError::Unavailable(_))),
             message: e.to_string(),
             vm: vm.cloned(),
         };
@@ -991,6 +997,7 @@ impl Inner {
         if matches!(outcome.status, RunStatus::OsError | RunStatus::UsageError) {
             return Err(SystemFailure {
                 step: Step::Run,
+                unavailable: false,
                 message: format!(
                     "the autodriver reported an OS error (exit code {:?})",
                     outcome.exit_code
@@ -1009,6 +1016,7 @@ impl Inner {
         let output = match copied {
             Ok(()) => tokio::fs::read(&temp).await.map_err(|e| SystemFailure {
                 step: Step::CopyOut,
+                unavailable: false,
                 message: format!("cannot read the copied output: {e}"),
                 vm: Some(vm.clone()),
             }),
@@ -1145,7 +1153,37 @@ impl Inner {
         }
     }
 
-    async fn retry_or_fail(&self, mut job: Job, failure: SystemFailure) {
+    async fn retry_or_fail(self: &Arc<Self>, mut job: Job, failure: SystemFailure) {
+        let waited = job.backend_wait_ms;
+        if failure.unavailable && waited < self.config.backend_wait_max_secs * 1000 {
+            // Doubling waits from 1 s up to 30 s, not counted as retries.
+            let delay_ms = waited.clamp(1000, 30_000);
+            job.backend_wait_ms += delay_ms;
+            job.state = JobState::Queued;
+            job.vm = None;
+            job.add_trace(format!(
+                "Backend unavailable while {}: {}; trying again in {} s (no retry counted)",
+                failure.step.as_str(),
+                failure.message,
+                delay_ms / 1000
+            ));
+            warn!(job = job.id, "backend unavailable: {}", failure.message);
+            if let Err(e) = self.store.save_job(&job) {
+                warn!(job = job.id, "cannot record the wait: {e}");
+            }
+            let id = job.id;
+            self.lock().live.insert(id, job);
+            let inner = self.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(delay_ms)) => {}
+                    _ = inner.stop.cancelled() => return,
+                }
+                inner.lock().queue.insert(id);
+                inner.dispatch_wake.notify_one();
+            });
+            return;
+        }
         job.retries += 1;
         self.counters.job_retries.fetch_add(1, Ordering::Relaxed);
         warn!(

@@ -473,3 +473,25 @@ async fn shutdown_destroys_idle_vms() {
     engine.shutdown().await;
     assert!(h.vmms.vms.lock().unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn an_unavailable_backend_is_waited_for_without_spending_retries() {
+    let h = Harness::new();
+    h.upload("Makefile", b"x").await;
+    h.vmms.script.lock().unwrap().unavailable_calls = 3;
+    let engine = h.engine(config()).await;
+    let started = Instant::now();
+    let id = engine.add_job(h.job("wait")).await.unwrap();
+    let job = h.wait_dead(id).await;
+    assert_eq!(job.state, JobState::Done);
+    assert_eq!(job.retries, 0);
+    assert_eq!(job.backend_wait_ms, 1000 + 1000 + 2000);
+    // Waits of 1 s, 1 s and 2 s happened before it ran.
+    assert!(started.elapsed() >= Duration::from_secs(4));
+    let waits = job
+        .trace
+        .iter()
+        .filter(|t| t.message.contains("Backend unavailable"))
+        .count();
+    assert_eq!(waits, 3);
+}

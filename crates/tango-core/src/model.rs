@@ -160,6 +160,10 @@ pub struct Job {
     pub phases: Phases,
     /// Outcome line written to the output file, once finished.
     pub outcome: Option<String>,
+    /// Time spent waiting for an unavailable backend (ms); bounded by the
+    /// engine's `backend_wait_max_secs`, after which failures count as retries.
+    #[serde(default)]
+    pub backend_wait_ms: u64,
 }
 
 impl Job {

@@ -126,6 +126,8 @@ impl Store for MemoryStore {
 pub struct Script {
     /// Errors returned by the next `initialize_vm` calls, in order.
     pub initialize_failures: VecDeque<String>,
+    /// The next this many `initialize_vm` calls find the backend unreachable.
+    pub unavailable_calls: u32,
     /// Statuses returned by the next `run_job` calls (default Completed).
     pub run_statuses: VecDeque<RunStatus>,
     /// How long `run_job` takes.
@@ -156,8 +158,15 @@ impl Vmms for FakeVmms {
         "fake"
     }
     async fn initialize_vm(&self, vm: &Machine) -> Result<(), VmmsError> {
-        if let Some(err) = self.script.lock().unwrap().initialize_failures.pop_front() {
-            return Err(VmmsError::Backend(err));
+        {
+            let mut script = self.script.lock().unwrap();
+            if script.unavailable_calls > 0 {
+                script.unavailable_calls -= 1;
+                return Err(VmmsError::Unavailable("daemon down".into()));
+            }
+            if let Some(err) = script.initialize_failures.pop_front() {
+                return Err(VmmsError::Backend(err));
+            }
         }
         self.initialized.fetch_add(1, Ordering::SeqCst);
         self.vms.lock().unwrap().insert(vm.name.clone(), vm.clone());

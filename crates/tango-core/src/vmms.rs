@@ -28,6 +28,10 @@ pub enum VmmsError {
     },
     #[error("{0}")]
     Backend(String),
+    /// The backend as a whole cannot be reached (its daemon is down). The
+    /// engine waits for it to return instead of spending the job's retries.
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl VmmsError {

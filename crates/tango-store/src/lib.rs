@@ -311,6 +311,7 @@ mod tests {
             }],
             phases: Phases::default(),
             outcome: None,
+            backend_wait_ms: 0,
         }
     }
 

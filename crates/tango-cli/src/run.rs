@@ -244,7 +244,7 @@ pub async fn run_job(
         .await
         .map_err(|_| {
             anyhow!(
-                "no result for job {job_id} after {} s — it may still be queued or running (see `tango jobs`); raise --wait-timeout to wait longer",
+                "no result for job {job_id} after {} s — it may still be queued or running (see `tango jobs`); raise --wait-timeout to wait longer, or use --poll if tangod cannot reach the callback URL",
                 template.wait_limit.as_secs()
             )
         })??;

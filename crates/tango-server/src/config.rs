@@ -62,6 +62,10 @@ pub struct Config {
     pub max_upload_bytes: u64,
     /// `synchronous=FULL` for SQLite: survive power loss, slower.
     pub full_sync: bool,
+    /// Answer `/metrics` only with a key as `Authorization: Bearer <key>`
+    /// (it shows counts only, so by default it needs none).
+    #[serde(default)]
+    pub metrics_require_key: bool,
     pub engine: EngineConfig,
     pub sandbox: SandboxSettings,
     pub docker: DockerSettings,
@@ -79,6 +83,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             max_upload_bytes: 1 << 30,
             full_sync: false,
+            metrics_require_key: false,
             engine: EngineConfig::default(),
             sandbox: SandboxSettings::default(),
             docker: DockerSettings::default(),

@@ -5,7 +5,10 @@
 pub mod backends;
 pub mod callback;
 pub mod config;
+pub mod dashboard;
+pub mod metrics;
 pub mod v1;
+pub mod v2;
 
 use anyhow::Context;
 use std::sync::Arc;
@@ -18,10 +21,15 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     pub keys: Arc<Vec<String>>,
     pub max_upload_bytes: u64,
+    /// `/metrics` answers only with a key as a bearer token.
+    pub metrics_require_key: bool,
 }
 
 pub fn app(state: AppState) -> axum::Router {
-    v1::routes()
+    let routes = v1::routes()
+        .merge(v2::routes(state.clone()))
+        .merge(dashboard::routes());
+    metrics::instrument(routes)
         .layer(axum::extract::DefaultBodyLimit::max(4 << 20))
         .with_state(state)
 }
@@ -51,6 +59,7 @@ pub async fn serve(config: config::Config, listener: TcpListener) -> anyhow::Res
         engine: engine.clone(),
         keys: Arc::new(config.keys.clone()),
         max_upload_bytes: config.max_upload_bytes,
+        metrics_require_key: config.metrics_require_key,
     };
     tracing::info!(
         listen = %listener.local_addr()?,

@@ -1,0 +1,496 @@
+//! `/metrics`, `/v2/` and `/dashboard` against a real tangod (sandbox
+//! backend) running real jobs; the dashboard is loaded in headless Chromium
+//! (Debian's `chromium`), which must list the jobs and show live output.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+const HELLO_MAKEFILE: &[u8] =
+    b"all:\n\t@echo 'Hello, dashboard!'\n\t@echo '{\"scores\": {\"hello\": 100}}'\n";
+/// Prints a line every half second for 8 s: long enough to be seen running.
+const TICKING_MAKEFILE: &[u8] =
+    b"all:\n\t@for i in $$(seq 1 16); do echo \"tick $$i\"; sleep 0.5; done\n";
+
+/// One sample line of the text exposition format.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// Parses `name{label="value",...} number`; `Err` says what is wrong.
+fn parse_sample(line: &str) -> Result<Sample, String> {
+    let name_end = line
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .ok_or("no value")?;
+    let name = &line[..name_end];
+    if name.is_empty() || name.starts_with(|c: char| c.is_ascii_digit()) {
+        return Err("bad metric name".into());
+    }
+    let mut rest = &line[name_end..];
+    let mut labels = BTreeMap::new();
+    if let Some(after) = rest.strip_prefix('{') {
+        rest = after;
+        loop {
+            if let Some(after) = rest.strip_prefix('}') {
+                rest = after;
+                break;
+            }
+            let eq = rest.find('=').ok_or("label without =")?;
+            let label = &rest[..eq];
+            if label.is_empty() || !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!("bad label name {label:?}"));
+            }
+            rest = rest[eq + 1..]
+                .strip_prefix('"')
+                .ok_or("label value not quoted")?;
+            let mut value = String::new();
+            let mut chars = rest.char_indices();
+            let close = loop {
+                match chars.next().ok_or("unterminated label value")? {
+                    (_, '\\') => match chars.next().ok_or("dangling escape")?.1 {
+                        'n' => value.push('\n'),
+                        c @ ('\\' | '"') => value.push(c),
+                        c => return Err(format!("bad escape \\{c}")),
+                    },
+                    (i, '"') => break i,
+                    (_, c) => value.push(c),
+                }
+            };
+            labels.insert(label.to_string(), value);
+            rest = &rest[close + 1..];
+            rest = rest.strip_prefix(',').unwrap_or(rest);
+        }
+    }
+    let value = rest.strip_prefix(' ').ok_or("no space before the value")?;
+    let value = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        "NaN" => f64::NAN,
+        v => v.parse().map_err(|_| format!("bad value {v:?}"))?,
+    };
+    Ok(Sample {
+        name: name.to_string(),
+        labels,
+        value,
+    })
+}
+
+struct Exposition {
+    types: BTreeMap<String, String>,
+    samples: Vec<Sample>,
+}
+
+impl Exposition {
+    /// Parses a whole exposition, failing on any line that is neither a
+    /// comment nor a sample.
+    fn parse(text: &str) -> Exposition {
+        let mut types = BTreeMap::new();
+        let mut samples = Vec::new();
+        for line in text.lines() {
+            if let Some(comment) = line.strip_prefix('#') {
+                let words: Vec<&str> = comment.split_whitespace().collect();
+                if words.first() == Some(&"TYPE") {
+                    assert_eq!(words.len(), 3, "bad TYPE line {line:?}");
+                    types.insert(words[1].to_string(), words[2].to_string());
+                }
+                continue;
+            }
+            match parse_sample(line) {
+                Ok(sample) => samples.push(sample),
+                Err(e) => panic!("metrics line {line:?} does not parse: {e}"),
+            }
+        }
+        Exposition { types, samples }
+    }
+
+    /// The value of the one sample with this name and these labels.
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let found: Vec<&Sample> = self
+            .samples
+            .iter()
+            .filter(|s| {
+                s.name == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .collect();
+        assert_eq!(found.len(), 1, "{name}{labels:?}: {found:?}");
+        found[0].value
+    }
+}
+
+async fn metrics(c: &Client) -> Exposition {
+    let r = c
+        .http
+        .get(format!("{}/metrics", c.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+    let text = r.text().await.unwrap();
+    assert!(!text.contains(KEY), "the key appears in /metrics:\n{text}");
+    Exposition::parse(&text)
+}
+
+async fn v2(c: &Client, path: &str, token: Option<&str>) -> (u16, Value) {
+    let mut req = c.http.get(format!("{}{path}", c.url));
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ct.starts_with("application/json"), "{path}: {ct}");
+    (status, r.json().await.unwrap())
+}
+
+/// Waits until `check` holds for a fresh `/metrics`, or fails after 20 s.
+async fn wait_metrics(c: &Client, what: &str, check: impl Fn(&Exposition) -> bool) -> Exposition {
+    let start = Instant::now();
+    loop {
+        let m = metrics(c).await;
+        if check(&m) {
+            return m;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "never: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs headless Chromium on `url`; `Ok(None)` when it is not installed.
+async fn chromium(url: &str, extra: &[String]) -> Option<String> {
+    let found = std::process::Command::new("chromium")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !found {
+        return None;
+    }
+    let profile = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new("chromium");
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--virtual-time-budget=5000",
+    ])
+    .arg(format!("--user-data-dir={}", profile.path().display()))
+    .args(extra)
+    .arg(url)
+    .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("chromium did not finish in 60 s")
+        .expect("run chromium");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_v2_and_dashboard_show_the_jobs() {
+    if !root_or_skip("metrics_v2_and_dashboard_show_the_jobs") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Tangod::start(&dir.path().join("data"), "");
+    let c = server.client();
+    let receiver = Receiver::start().await;
+
+    // Three quick jobs, one with a callback.
+    c.open("dashlab").await;
+    c.upload("dashlab", "Makefile", HELLO_MAKEFILE).await;
+    let callback = receiver.url_for("cb1");
+    for (i, cb) in [(1, Some(callback.as_str())), (2, None), (3, None)] {
+        let v = c
+            .add_job(
+                "dashlab",
+                &job(&format!("dash-job-{i}"), &format!("out{i}"), cb, 20),
+            )
+            .await;
+        assert_eq!(v["statusId"], 0, "{v}");
+    }
+    for i in 1..=3 {
+        let out = c
+            .wait_output("dashlab", &format!("out{i}"), Duration::from_secs(30))
+            .await;
+        assert!(String::from_utf8_lossy(&out).contains("Hello, dashboard!"));
+    }
+    receiver.wait_for(1, Duration::from_secs(20)).await;
+
+    // A job that is still running (and printing) while we look.
+    c.open("ticking").await;
+    c.upload("ticking", "Makefile", TICKING_MAKEFILE).await;
+    let v = c
+        .add_job("ticking", &job("dash-ticking", "tickout", None, 60))
+        .await;
+    let ticking_id = v["jobId"].as_str().unwrap().to_string();
+    let start = Instant::now();
+    loop {
+        let (status, v) = v2(&c, &format!("/v2/jobs/{ticking_id}"), Some(KEY)).await;
+        assert_eq!(status, 200, "{v}");
+        if v["state"] == "running" && v["output_tail"].as_str().unwrap_or("").contains("tick 2") {
+            assert_eq!(v["output_source"], "live");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no live output: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // /metrics: every line parses, the families exist, counts match.
+    let m = wait_metrics(&c, "the callback counted", |m| {
+        m.value("tango_callbacks_delivered_total", &[]) == 1.0
+    })
+    .await;
+    for (family, kind) in [
+        ("tango_jobs", "gauge"),
+        ("tango_jobs_finished_total", "counter"),
+        ("tango_queue_depth", "gauge"),
+        ("tango_oldest_waiting_job_seconds", "gauge"),
+        ("tango_phase_seconds", "histogram"),
+        ("tango_pool_vms", "gauge"),
+        ("tango_backend_errors_total", "counter"),
+        ("tango_callback_retries_total", "counter"),
+        ("tango_callbacks_delivered_total", "counter"),
+        ("tango_callbacks_abandoned_total", "counter"),
+        ("tango_http_request_duration_seconds", "histogram"),
+    ] {
+        assert_eq!(
+            m.types.get(family).map(String::as_str),
+            Some(kind),
+            "{family}"
+        );
+    }
+    assert_eq!(m.value("tango_jobs", &[("state", "running")]), 1.0);
+    assert_eq!(m.value("tango_jobs", &[("state", "queued")]), 0.0);
+    assert_eq!(m.value("tango_queue_depth", &[]), 0.0);
+    assert_eq!(
+        m.value("tango_jobs_finished_total", &[("outcome", "done")]),
+        3.0
+    );
+    assert_eq!(
+        m.value("tango_jobs_finished_total", &[("outcome", "failed")]),
+        0.0
+    );
+    for phase in ["waiting_for_vm", "copy_in", "run", "copy_out", "total"] {
+        let count = m.value("tango_phase_seconds_count", &[("phase", phase)]);
+        assert_eq!(count, 3.0, "{phase}");
+        let inf = m.value(
+            "tango_phase_seconds_bucket",
+            &[("phase", phase), ("le", "+Inf")],
+        );
+        assert_eq!(inf, count, "{phase}");
+    }
+    assert_eq!(
+        m.value(
+            "tango_phase_seconds_count",
+            &[("phase", "callback_delivery")]
+        ),
+        1.0
+    );
+    assert!(m.value("tango_pool_vms", &[("image", "host"), ("state", "total")]) >= 1.0);
+    assert_eq!(m.value("tango_callback_retries_total", &[]), 0.0);
+    let add_jobs = m.value(
+        "tango_http_request_duration_seconds_count",
+        &[
+            ("route", "/addJob/{key}/{courselab}"),
+            ("method", "POST"),
+            ("status", "200"),
+        ],
+    );
+    assert_eq!(add_jobs, 4.0);
+    let routes: BTreeSet<&str> = m
+        .samples
+        .iter()
+        .filter_map(|s| s.labels.get("route").map(String::as_str))
+        .collect();
+    assert!(
+        routes
+            .iter()
+            .all(|r| *r == "unmatched" || r.starts_with('/')),
+        "{routes:?}"
+    );
+
+    // /v2 authentication.
+    let (status, v) = v2(&c, "/v2/jobs", None).await;
+    assert_eq!(status, 401, "{v}");
+    assert!(v["error"].is_string());
+    let (status, _) = v2(&c, "/v2/jobs", Some("wrongkey")).await;
+    assert_eq!(status, 401);
+    let (status, _) = v2(&c, &format!("/v2/summary?key={KEY}"), Some(KEY)).await;
+    assert_eq!(status, 400, "a key in the URL is refused");
+    let (status, v) = v2(&c, "/v2/jobs?state=sleeping", Some(KEY)).await;
+    assert_eq!(status, 400, "{v}");
+
+    // /v2 contents.
+    let (status, v) = v2(&c, "/v2/jobs?state=done", Some(KEY)).await;
+    assert_eq!(status, 200, "{v}");
+    let names: Vec<&str> = v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["dash-job-3", "dash-job-2", "dash-job-1"]);
+    assert_eq!(v["jobs"][0]["courselab"], "dashlab");
+    let (_, page) = v2(&c, "/v2/jobs?limit=2", Some(KEY)).await;
+    assert_eq!(page["jobs"].as_array().unwrap().len(), 2);
+    assert_eq!(page["jobs"][0]["name"], "dash-ticking");
+    let before = page["next_before_id"].as_u64().expect("a next page");
+    let (_, rest) = v2(
+        &c,
+        &format!("/v2/jobs?limit=2&before_id={before}"),
+        Some(KEY),
+    )
+    .await;
+    let rest_names: Vec<&str> = rest["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(rest_names, ["dash-job-2", "dash-job-1"]);
+    assert!(rest["next_before_id"].is_null());
+    let (_, v) = v2(&c, "/v2/jobs?courselab=ticking", Some(KEY)).await;
+    assert_eq!(v["jobs"].as_array().unwrap().len(), 1);
+
+    // Newest first: dash-job-1 is the last one listed.
+    let id = v2(&c, "/v2/jobs?state=done", Some(KEY)).await.1["jobs"][2]["id"]
+        .as_u64()
+        .unwrap();
+    let (status, one) = v2(&c, &format!("/v2/jobs/{id}"), Some(KEY)).await;
+    assert_eq!(status, 200, "{one}");
+    assert_eq!(one["name"], "dash-job-1");
+    assert_eq!(one["output_source"], "file");
+    assert!(one["output_tail"]
+        .as_str()
+        .unwrap()
+        .contains("Hello, dashboard!"));
+    assert!(one["phases"]["callback_delivered"].is_i64(), "{one}");
+    assert!(one["trace"].as_array().unwrap().len() >= 2);
+    let (status, _) = v2(&c, "/v2/jobs/999999", Some(KEY)).await;
+    assert_eq!(status, 404);
+
+    let (_, pools) = v2(&c, "/v2/pools", Some(KEY)).await;
+    assert_eq!(pools["pools"][0]["image"], "host");
+    let (_, summary) = v2(&c, "/v2/summary", Some(KEY)).await;
+    assert_eq!(summary["jobs"]["running"], 1);
+    assert_eq!(summary["finished_total"]["done"], 3);
+    let done_last_hour: u64 = summary["throughput"]["done"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(done_last_hour, 3);
+
+    // The page and its assets, embedded, with a content security policy.
+    for path in [
+        "/dashboard",
+        "/dashboard/dashboard.js",
+        "/dashboard/dashboard.css",
+    ] {
+        let r = reqwest::get(format!("{}{path}", c.url)).await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert!(
+            r.headers().contains_key("content-security-policy"),
+            "{path}"
+        );
+    }
+
+    // The dashboard in a real browser: the key from the fragment, the jobs
+    // listed, the running job's live output shown.
+    let dom = chromium(
+        &format!("{}/dashboard#key={KEY}", c.url),
+        &["--dump-dom".into()],
+    )
+    .await;
+    let Some(dom) = dom else {
+        eprintln!(
+            "SKIPPED the browser part of metrics_v2_and_dashboard_show_the_jobs: no `chromium` \
+             (apt-get install -y chromium)"
+        );
+        return;
+    };
+    for name in ["dash-job-1", "dash-job-2", "dash-job-3", "dash-ticking"] {
+        assert!(dom.contains(name), "{name} is not in the dashboard:\n{dom}");
+    }
+    assert!(
+        dom.contains("tick 2"),
+        "no live output in the dashboard:\n{dom}"
+    );
+    assert!(dom.contains("updated "), "the page never refreshed:\n{dom}");
+    if let Some(path) = std::env::var_os("TANGO_DASHBOARD_SCREENSHOT") {
+        chromium(
+            &format!("{}/dashboard#key={KEY}", c.url),
+            &[
+                format!("--screenshot={}", std::path::Path::new(&path).display()),
+                "--window-size=1280,900".into(),
+            ],
+        )
+        .await;
+    }
+
+    // A wrong key brings the sign-in form back with a message.
+    let dom = chromium(
+        &format!("{}/dashboard#key=wrongkey", c.url),
+        &["--dump-dom".into()],
+    )
+    .await
+    .unwrap();
+    assert!(dom.contains("That key was not recognized."), "{dom}");
+
+    // The running job finishes and is counted.
+    c.wait_output("ticking", "tickout", Duration::from_secs(60))
+        .await;
+    wait_metrics(&c, "4 jobs done", |m| {
+        m.value("tango_jobs_finished_total", &[("outcome", "done")]) == 4.0
+            && m.value("tango_jobs", &[("state", "running")]) == 0.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_can_require_the_key() {
+    if !root_or_skip("metrics_can_require_the_key") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Tangod::start(&dir.path().join("data"), "metrics_require_key = true\n");
+    let c = server.client();
+    let url = format!("{}/metrics", c.url);
+    let r = c.http.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = c
+        .http
+        .get(&url)
+        .bearer_auth("wrongkey")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = c.http.get(&url).bearer_auth(KEY).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    Exposition::parse(&r.text().await.unwrap());
+}

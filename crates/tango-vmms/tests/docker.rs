@@ -399,52 +399,167 @@ async fn unknown_image_and_vm_errors() {
     assert!(docker.get_vms(&prefix).await.unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn build_image_from_docker_save() {
-    require_docker!();
-    let work = tempfile::tempdir().unwrap();
-    let docker = common::backend(work.path()).await;
-    let name = format!("tango-test-loaded-{}", std::process::id());
-    // `docker save` of the busybox test image, through the API.
+/// A variant of the busybox image with one more file: a new image ID.
+async fn busybox_variant(docker: &Docker, marker: &str) -> String {
+    let api = docker.api();
+    let body = bollard::models::ContainerCreateBody {
+        image: Some(format!("{BUSYBOX}:latest")),
+        cmd: Some(vec!["true".into()]),
+        ..Default::default()
+    };
+    let scratch = api
+        .create_container(
+            None::<bollard::query_parameters::CreateContainerOptions>,
+            body,
+        )
+        .await
+        .unwrap()
+        .id;
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(marker.len() as u64);
+    header.set_mode(0o644);
+    tar.append_data(&mut header, "marker", marker.as_bytes())
+        .unwrap();
+    let options = bollard::query_parameters::UploadToContainerOptionsBuilder::default()
+        .path("/")
+        .build();
+    api.upload_to_container(
+        &scratch,
+        Some(options),
+        bollard::body_full(tar.into_inner().unwrap().into()),
+    )
+    .await
+    .unwrap();
+    let options = bollard::query_parameters::CommitContainerOptionsBuilder::default()
+        .container(&scratch)
+        .build();
+    let image = api
+        .commit_container(options, bollard::models::ContainerConfig::default())
+        .await
+        .unwrap()
+        .id;
+    api.remove_container(
+        &scratch,
+        None::<bollard::query_parameters::RemoveContainerOptions>,
+    )
+    .await
+    .unwrap();
+    image
+}
+
+/// `docker save` of `image`, through the API, into `path`.
+async fn save(docker: &Docker, image: &str, path: &std::path::Path) {
     let saved: Vec<u8> = docker
         .api()
-        .export_image(&format!("{BUSYBOX}:latest"))
+        .export_image(image)
         .try_fold(Vec::new(), |mut all, chunk| async move {
             all.extend_from_slice(&chunk);
             Ok(all)
         })
         .await
         .unwrap();
-    let tar = work.path().join("image.tar");
-    std::fs::write(&tar, saved).unwrap();
-    docker.build_image(&name, &tar).await.unwrap();
-    let images = docker.get_images().await.unwrap();
-    assert!(images.contains(&name), "{images:?}");
-    assert!(images.contains(&BOOKWORM.to_string()), "{images:?}");
+    std::fs::write(path, saved).unwrap();
+}
 
-    // The loaded image runs VMs.
+#[tokio::test]
+async fn build_image_from_docker_save() {
+    require_docker!();
+    let work = tempfile::tempdir().unwrap();
+    let docker = common::backend(work.path()).await;
+    let name = "tango-test-loaded";
     let prefix = common::prefix("built");
-    let vm = machine(&prefix, 1, &name);
-    docker.initialize_vm(&vm).await.unwrap();
-    docker.wait_vm(&vm, Duration::from_secs(10)).await.unwrap();
-    docker.safe_destroy_vm(&vm).await.unwrap();
+    common::clean(&docker, &prefix).await;
+    let first = busybox_variant(&docker, "first").await;
+    let second = busybox_variant(&docker, "second").await;
+    let first_tar = work.path().join("first.tar");
+    let second_tar = work.path().join("second.tar");
+    save(&docker, &first, &first_tar).await;
+    save(&docker, &second, &second_tar).await;
+    let id_of = |id: &str| {
+        id.trim_start_matches("sha256:")
+            .chars()
+            .take(16)
+            .collect::<String>()
+    };
+
+    docker.build_image(name, &first_tar).await.unwrap();
+    let images = docker.get_images().await.unwrap();
+    assert!(images.contains(&name.to_string()), "{images:?}");
+    assert!(images.contains(&BOOKWORM.to_string()), "{images:?}");
+    assert!(
+        !images.iter().any(|i| i.starts_with("tango-autodriver")),
+        "{images:?}"
+    );
+
+    // The loaded image runs VMs (through an image with the autodriver added).
+    let vm = machine(&prefix, 1, name);
+    let run = |vm: tango_core::model::Machine| {
+        let docker = &docker;
+        async move {
+            docker.initialize_vm(&vm).await.unwrap();
+            docker.wait_vm(&vm, Duration::from_secs(10)).await.unwrap();
+            docker.safe_destroy_vm(&vm).await.unwrap();
+        }
+    };
+    run(vm.clone()).await;
+    let derived = |api: bollard::Docker, id: String| async move {
+        let images = api
+            .list_images(None::<bollard::query_parameters::ListImagesOptions>)
+            .await
+            .unwrap();
+        images
+            .into_iter()
+            .flat_map(|i| i.repo_tags)
+            .filter(|t| t.starts_with(&format!("tango-autodriver:{id}-")))
+            .count()
+    };
+    assert_eq!(derived(docker.api().clone(), id_of(&first)).await, 1);
+
+    // Rebuilding the name replaces it, and the old image's derived image
+    // goes (nothing uses it).
+    docker.build_image(name, &second_tar).await.unwrap();
+    run(vm.clone()).await;
+    assert_eq!(derived(docker.api().clone(), id_of(&first)).await, 0);
+    assert_eq!(derived(docker.api().clone(), id_of(&second)).await, 1);
+    // Rebuilding with the same image keeps its derived image.
+    docker.build_image(name, &second_tar).await.unwrap();
+    assert_eq!(derived(docker.api().clone(), id_of(&second)).await, 1);
 
     // Garbage is refused.
     let junk = work.path().join("junk.tar");
     std::fs::write(&junk, b"not a tar").unwrap();
-    assert!(docker
-        .build_image(&format!("{name}-junk"), &junk)
-        .await
-        .is_err());
+    assert!(docker.build_image("tango-test-junk", &junk).await.is_err());
 
-    let _ = docker
-        .api()
-        .remove_image(
-            &format!("{name}:latest"),
-            None::<bollard::query_parameters::RemoveImageOptions>,
-            None,
-        )
-        .await;
+    let api = docker.api();
+    for image in [format!("tango-autodriver:{}-", id_of(&second))] {
+        let tags: Vec<String> = api
+            .list_images(None::<bollard::query_parameters::ListImagesOptions>)
+            .await
+            .unwrap()
+            .into_iter()
+            .flat_map(|i| i.repo_tags)
+            .filter(|t| t.starts_with(&image))
+            .collect();
+        for tag in tags {
+            let _ = api
+                .remove_image(
+                    &tag,
+                    None::<bollard::query_parameters::RemoveImageOptions>,
+                    None,
+                )
+                .await;
+        }
+    }
+    for image in [format!("{name}:latest"), first, second] {
+        let _ = api
+            .remove_image(
+                &image,
+                None::<bollard::query_parameters::RemoveImageOptions>,
+                None,
+            )
+            .await;
+    }
 }
 
 #[tokio::test]

@@ -19,19 +19,24 @@ mod naming;
 
 pub use naming::container_name;
 
+// For fuzz/ (docker_tar target): the reading of archives the Engine API returns.
+#[doc(hidden)]
+pub use archive::first_file;
+
 use async_trait::async_trait;
 use bollard::container::LogOutput;
 use bollard::errors::Error as ApiError;
 use bollard::exec::{CreateExecOptions, StartExecResults};
 use bollard::models::{
-    ContainerCreateBody, ContainerStateStatusEnum, HostConfig, HostConfigCgroupnsModeEnum,
-    HostConfigLogConfig, NetworkConnectRequest, NetworkDisconnectRequest,
+    ContainerConfig, ContainerCreateBody, ContainerStateStatusEnum, HostConfig,
+    HostConfigCgroupnsModeEnum, HostConfigLogConfig, NetworkConnectRequest,
+    NetworkDisconnectRequest,
 };
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, DownloadFromContainerOptionsBuilder, EventsOptionsBuilder,
-    ImportImageOptionsBuilder, ListContainersOptionsBuilder, ListImagesOptionsBuilder,
-    RemoveContainerOptionsBuilder, TagImageOptionsBuilder, UploadToContainerOptionsBuilder,
-    WaitContainerOptionsBuilder,
+    CommitContainerOptionsBuilder, CreateContainerOptionsBuilder,
+    DownloadFromContainerOptionsBuilder, EventsOptionsBuilder, ImportImageOptionsBuilder,
+    ListContainersOptionsBuilder, ListImagesOptionsBuilder, RemoveContainerOptionsBuilder,
+    TagImageOptionsBuilder, UploadToContainerOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
@@ -52,6 +57,9 @@ const AUTODRIVER_PATH: &str = "/.tango/autodriver";
 /// reused container.
 const SUMMARY_PATH: &str = "/.tango/summary.json";
 const STREAM_PATH: &str = "/.tango/stream";
+/// Repository of the images derived from job images with the autodriver
+/// added (see `Docker::derived_image`); hidden from `get_images`.
+pub const DERIVED_REPO: &str = "tango-autodriver";
 /// The job directory's name: jobs run in `<grading home>/autolab`, as under
 /// Tango.
 const JOB_DIR_NAME: &str = "autolab";
@@ -155,6 +163,10 @@ pub struct Docker {
     config: DockerConfig,
     /// The tar that installs the autodriver, built once.
     autodriver_tar: Bytes,
+    /// Hash of the autodriver binary, part of the derived images' tags.
+    autodriver_hash: String,
+    /// Serialises making derived images (rare, and racing makes no sense).
+    deriving: tokio::sync::Mutex<()>,
     vms: Mutex<HashMap<String, VmState>>,
     /// `--user` value per image, from the image's `/etc/passwd`.
     users: Mutex<HashMap<String, String>>,
@@ -193,6 +205,13 @@ fn unix_seconds(at: SystemTime) -> String {
     )
 }
 
+/// FNV-1a, 64 bits: a stable fingerprint of the autodriver binary.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// The user line for `name` in a passwd file's text.
 fn passwd_has_user(passwd: &str, name: &str) -> bool {
     passwd
@@ -214,7 +233,7 @@ fn loaded_image(message: &str) -> Option<&str> {
 fn image_names(repo_tags: &[String]) -> Vec<String> {
     let mut names = BTreeSet::new();
     for tag in repo_tags {
-        if tag == "<none>:<none>" {
+        if tag == "<none>:<none>" || tag.starts_with(&format!("{DERIVED_REPO}:")) {
             continue;
         }
         match tag.rsplit_once(':') {
@@ -279,6 +298,8 @@ impl Docker {
             api,
             config,
             autodriver_tar: Bytes::from(autodriver_tar),
+            autodriver_hash: format!("{:016x}", fnv1a(&binary)),
+            deriving: tokio::sync::Mutex::new(()),
             vms: Mutex::new(HashMap::new()),
             users: Mutex::new(HashMap::new()),
         })
@@ -384,10 +405,123 @@ impl Docker {
         Ok(user)
     }
 
-    async fn create_and_start(&self, vm: &Machine, name: &str) -> Result<(), VmmsError> {
-        self.upload(name, self.autodriver_tar.clone())
+    /// The image `image` with the autodriver in it, made once per base
+    /// image and autodriver (tagged `DERIVED_REPO:<base id>-<autodriver>`),
+    /// so creating a container needs no archive upload (Docker runs a helper
+    /// process for each). A rebuilt base image gets a new ID, hence a new
+    /// derived image.
+    async fn derived_image(&self, image: &str) -> Result<String, VmmsError> {
+        let base = match self.api.inspect_image(image).await {
+            Ok(base) => base,
+            Err(e) if is_not_found(&e) => return Err(VmmsError::NoSuchImage(image.to_string())),
+            Err(e) => return Err(api_error(format_args!("cannot inspect image {image}"), e)),
+        };
+        let base_id = base
+            .id
+            .ok_or_else(|| VmmsError::Backend(format!("image {image} has no ID")))?;
+        let short_id: String = base_id
+            .trim_start_matches("sha256:")
+            .chars()
+            .take(16)
+            .collect();
+        let tag = format!("{short_id}-{}", self.autodriver_hash);
+        let derived = format!("{DERIVED_REPO}:{tag}");
+        let exists = |api: &bollard::Docker| {
+            let derived = derived.clone();
+            let api = api.clone();
+            async move { api.inspect_image(&derived).await.is_ok() }
+        };
+        if exists(&self.api).await {
+            return Ok(derived);
+        }
+        let _making = self.deriving.lock().await;
+        if exists(&self.api).await {
+            return Ok(derived);
+        }
+        let body = ContainerCreateBody {
+            image: Some(base_id.clone()),
+            entrypoint: Some(vec![AUTODRIVER_PATH.into(), "--idle".into()]),
+            cmd: Some(vec![]),
+            labels: Some(HashMap::from([(
+                naming::LABEL_DERIVED.to_string(),
+                self.autodriver_hash.clone(),
+            )])),
+            host_config: Some(HostConfig {
+                network_mode: Some("none".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let scratch = self
+            .api
+            .create_container(
+                None::<bollard::query_parameters::CreateContainerOptions>,
+                body,
+            )
             .await
-            .map_err(|e| api_error(format_args!("cannot put the autodriver into {name}"), e))?;
+            .map_err(|e| api_error(format_args!("cannot derive an image from {image}"), e))?
+            .id;
+        let made = async {
+            self.upload(&scratch, self.autodriver_tar.clone())
+                .await
+                .map_err(|e| api_error("cannot put the autodriver into an image", e))?;
+            let options = CommitContainerOptionsBuilder::default()
+                .container(&scratch)
+                .repo(DERIVED_REPO)
+                .tag(&tag)
+                .pause(false)
+                .build();
+            self.api
+                .commit_container(options, ContainerConfig::default())
+                .await
+                .map_err(|e| api_error(format_args!("cannot commit {derived}"), e))
+        }
+        .await;
+        let _ = self.remove(&scratch).await;
+        made.map(|_| derived)
+    }
+
+    /// Removes the derived images of base image `base_id` that no container
+    /// uses (so a replaced job image's layers can be freed).
+    async fn remove_derived_images(&self, base_id: &str) {
+        let short_id: String = base_id
+            .trim_start_matches("sha256:")
+            .chars()
+            .take(16)
+            .collect();
+        let filters = HashMap::from([("reference", vec![DERIVED_REPO.to_string()])]);
+        let options = ListImagesOptionsBuilder::default()
+            .filters(&filters)
+            .build();
+        let Ok(images) = self.api.list_images(Some(options)).await else {
+            return;
+        };
+        for tag in images.into_iter().flat_map(|i| i.repo_tags) {
+            if tag.starts_with(&format!("{DERIVED_REPO}:{short_id}-")) {
+                // Fails while a container uses it, which is fine.
+                let _ = self
+                    .api
+                    .remove_image(
+                        &tag,
+                        None::<bollard::query_parameters::RemoveImageOptions>,
+                        None,
+                    )
+                    .await;
+            }
+        }
+    }
+
+    async fn create_and_start(
+        &self,
+        vm: &Machine,
+        name: &str,
+        needs_autodriver: bool,
+    ) -> Result<(), VmmsError> {
+        if needs_autodriver {
+            self.upload(name, self.autodriver_tar.clone())
+                .await
+                .map_err(|e| api_error(format_args!("cannot put the autodriver into {name}"), e))?;
+        }
         self.grading_user(name, &vm.image).await?;
         self.api
             .start_container(name, None)
@@ -555,8 +689,18 @@ impl Vmms for Docker {
             init: Some(false),
             ..Default::default()
         };
-        let body = ContainerCreateBody {
-            image: Some(vm.image.clone()),
+        // Normally from the derived image with the autodriver in it; if that
+        // cannot be made, the autodriver is uploaded into each container.
+        let mut derived = match self.derived_image(&vm.image).await {
+            Ok(derived) => Some(derived),
+            Err(e @ VmmsError::NoSuchImage(_)) => return Err(e),
+            Err(e) => {
+                tracing::warn!("docker: {e}; uploading the autodriver into {name} instead");
+                None
+            }
+        };
+        let mut body = ContainerCreateBody {
+            image: Some(derived.clone().unwrap_or_else(|| vm.image.clone())),
             entrypoint: Some(vec![AUTODRIVER_PATH.into(), "--idle".into()]),
             cmd: Some(vec![]),
             user: Some("0:0".into()),
@@ -574,6 +718,14 @@ impl Vmms for Docker {
             // A container of that name is left from before (e.g. a crash):
             // the VM starts afresh, as on every backend.
             self.remove(&name).await?;
+            created = self.api.create_container(Some(options), body.clone()).await;
+        }
+        if derived.is_some() && created.as_ref().err().and_then(status_code) == Some(404) {
+            // The derived image was removed meanwhile (another server
+            // rebuilt the job image): fall back to uploading the autodriver.
+            derived = None;
+            body.image = Some(vm.image.clone());
+            let options = CreateContainerOptionsBuilder::default().name(&name).build();
             created = self.api.create_container(Some(options), body).await;
         }
         if let Err(e) = created {
@@ -583,7 +735,7 @@ impl Vmms for Docker {
             });
         }
         self.forget(&name);
-        if let Err(e) = self.create_and_start(vm, &name).await {
+        if let Err(e) = self.create_and_start(vm, &name, derived.is_none()).await {
             // A half-made container must not be left behind.
             let _ = self.remove(&name).await;
             return Err(e);
@@ -924,6 +1076,12 @@ impl Vmms for Docker {
     }
 
     async fn build_image(&self, name: &str, tar: &Path) -> Result<(), VmmsError> {
+        let previous = self
+            .api
+            .inspect_image(&format!("{name}:latest"))
+            .await
+            .ok()
+            .and_then(|image| image.id);
         let file = tokio::fs::File::open(tar)
             .await
             .map_err(|e| VmmsError::io(format!("cannot open {}", tar.display()), e))?;
@@ -964,6 +1122,15 @@ impl Vmms for Docker {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|image, _| image != name && image != &format!("{name}:latest"));
+        let current = self
+            .api
+            .inspect_image(&format!("{name}:latest"))
+            .await
+            .ok()
+            .and_then(|image| image.id);
+        if let Some(previous) = previous.filter(|p| Some(p) != current.as_ref()) {
+            self.remove_derived_images(&previous).await;
+        }
         Ok(())
     }
 }

@@ -11,6 +11,9 @@ pub const LABEL_JOB_ID: &str = "tango.job_id";
 pub const LABEL_NAME: &str = "tango.name";
 pub const LABEL_CORES: &str = "tango.cores";
 pub const LABEL_MEMORY_MB: &str = "tango.memory_mb";
+/// On the scratch containers (and so the images) made to add the
+/// autodriver to a job image.
+pub const LABEL_DERIVED: &str = "tango.autodriver";
 
 /// The container name of a machine: its Tango name with every character
 /// Docker refuses (`[a-zA-Z0-9][a-zA-Z0-9_.-]*` is allowed) mapped to `_`.

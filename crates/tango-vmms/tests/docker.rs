@@ -609,7 +609,11 @@ async fn concurrent_jobs_on_separate_vms() {
 async fn timings() {
     require_docker!();
     let work = tempfile::tempdir().unwrap();
-    let docker = common::backend(work.path()).await;
+    common::ensure_test_images();
+    let mut config = common::config(work.path());
+    // TIMING_NO_SUMMARY=1: without reading the autodriver's summary.
+    config.read_summary = std::env::var_os("TIMING_NO_SUMMARY").is_none();
+    let docker = Docker::connect(config).await.unwrap();
     let prefix = common::prefix("timing");
     common::clean(&docker, &prefix).await;
     let runs: u64 = std::env::var("TIMING_RUNS")

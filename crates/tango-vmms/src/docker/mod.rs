@@ -2,9 +2,11 @@
 //! Engine API (bollard), never the `docker` CLI.
 //!
 //! A container runs the autodriver's `--idle` mode as PID 1; the backend
-//! puts the autodriver into it (an archive upload before start), so images
-//! need neither the autodriver nor a grading user. Files go in and out as
-//! tar streams through the API and the job's output is the attached exec
+//! adds the autodriver to each job image once (a derived image,
+//! `tango-autodriver:<image id>-<autodriver hash>`, made by an archive
+//! upload and a commit), so images need neither the autodriver nor a
+//! grading user, and creating a container costs no upload. Files go in and
+//! out as tar streams through the API and the job's output is the attached exec
 //! stream, written to a file under [`DockerConfig::work_dir`] on the host:
 //! no host directory is shared with containers, so `tangod` can itself run
 //! in a container with only the Docker socket mounted.

@@ -36,6 +36,8 @@ pub trait CallbackSender: Send + Sync + 'static {
 pub struct NewJob {
     pub name: String,
     pub courselab_dir: String,
+    /// The courselab's name without the key (logs never show keys).
+    pub courselab: String,
     pub image: String,
     pub vmms: Option<String>,
     /// `(localFile, destFile)` pairs.
@@ -338,7 +340,7 @@ impl Engine {
         inner.store.save_job(&job)?;
         inner.counters.job_requests.fetch_add(1, Ordering::Relaxed);
         let id = job.id;
-        info!(job = id, courselab = %job.courselab_dir, image = %job.image, "job added");
+        info!(job = id, courselab = %job.courselab, image = %job.image, "job added");
         {
             let mut st = inner.lock();
             st.queue.insert(id);
@@ -356,6 +358,7 @@ impl Engine {
                 id: inner.store.next_job_id()?,
                 name: name.chars().take(255).collect(),
                 courselab_dir: courselab_dir.chars().take(300).collect(),
+                courselab: String::new(),
                 image: String::new(),
                 vmms: inner.config.default_vmms.clone(),
                 inputs: vec![],
@@ -752,6 +755,7 @@ impl Inner {
             id: 0,
             name: new.name,
             courselab_dir: new.courselab_dir,
+            courselab: new.courselab,
             image: new.image,
             vmms,
             inputs,
@@ -868,7 +872,7 @@ impl Inner {
             }
             let job = job.clone();
             let inner = self.clone();
-            let span = tracing::info_span!("job", job = id, courselab = %job.courselab_dir);
+            let span = tracing::info_span!("job", job = id, courselab = %job.courselab);
             self.workers
                 .spawn(async move { inner.run_worker(job, warm).await }.instrument(span));
         }

@@ -67,6 +67,7 @@ impl Harness {
         NewJob {
             name: format!("job-{output}"),
             courselab_dir: "k-lab".into(),
+            courselab: "lab".into(),
             image: "img".into(),
             files: vec![("Makefile".into(), "Makefile".into())],
             output_file: output.into(),

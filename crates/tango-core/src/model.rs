@@ -137,6 +137,9 @@ pub struct Job {
     pub name: String,
     /// `<key>-<courselab>`, the courselab directory name.
     pub courselab_dir: String,
+    /// The courselab's name alone (without the key), for logs and metrics.
+    #[serde(default)]
+    pub courselab: String,
     pub image: String,
     pub vmms: String,
     pub inputs: Vec<InputFile>,

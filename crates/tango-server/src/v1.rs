@@ -249,7 +249,11 @@ fn bool_field(job: &Map<String, Value>, field: &str) -> Result<bool, String> {
 }
 
 /// Parses an addJob body into a [`NewJob`]; errors say which field is wrong.
-pub fn parse_job(body: &[u8], courselab_dir: &str) -> Result<NewJob, (String, String)> {
+pub fn parse_job(
+    body: &[u8],
+    courselab_dir: &str,
+    courselab: &str,
+) -> Result<NewJob, (String, String)> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| (String::new(), format!("the job is not valid JSON: {e}")))?;
     let Value::Object(job) = value else {
@@ -301,6 +305,7 @@ pub fn parse_job(body: &[u8], courselab_dir: &str) -> Result<NewJob, (String, St
     Ok(NewJob {
         name: name.clone(),
         courselab_dir: courselab_dir.to_string(),
+        courselab: courselab.to_string(),
         image,
         vmms: str_field(&job, "vmms", false).map_err(with_name)?,
         files: pairs,
@@ -324,7 +329,7 @@ async fn add_job(
         Err(e) => return e.into_response(),
     };
     let engine = &state.engine;
-    let new = match parse_job(&body, &dir) {
+    let new = match parse_job(&body, &dir, &courselab) {
         Ok(new) => new,
         Err((name, reason)) => {
             engine.record_rejected(&name, &dir, &reason);

@@ -291,6 +291,7 @@ mod tests {
             id,
             name: format!("job{id}"),
             courselab_dir: "k-lab".into(),
+            courselab: "lab".into(),
             image: "host".into(),
             vmms: "sandbox".into(),
             inputs: vec![],

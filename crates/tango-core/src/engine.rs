@@ -841,16 +841,21 @@ impl Inner {
             if no_free_anywhere && st.vm_count >= max_vms {
                 break;
             }
-            let Some(image) = st.live.get(&id).map(|j| j.image.clone()) else {
+            let Some((image, vmms)) = st.live.get(&id).map(|j| (j.image.clone(), j.vmms.clone()))
+            else {
                 st.queue.remove(&id);
                 continue;
             };
-            let default_vmms = self.config.default_vmms.clone();
             let pool = st.pools.entry(image.clone()).or_insert_with(|| Pool {
-                vmms: default_vmms,
+                vmms: vmms.clone(),
                 ..Pool::default()
             });
-            let warm = pool.free.pop_front();
+            // Only a VM of the job's own backend can run it.
+            let warm = pool
+                .free
+                .iter()
+                .position(|vm| vm.vmms == vmms)
+                .and_then(|at| pool.free.remove(at));
             if warm.is_none() {
                 if st.vm_count < max_vms {
                     st.vm_count += 1;

@@ -7,6 +7,7 @@ const KEY_SLOT = "tango-dashboard-key";
 const REFRESH_MS = 2000;
 const LIVE_OUTPUT_JOBS = 8;
 const LIVE_OUTPUT_LINES = 6;
+const QUEUE_ROWS = 30;
 const SVG_NS = "http://www.w3.org/2000/svg";
 
 let selectedJob = null;
@@ -211,9 +212,20 @@ function renderPools(pools) {
 
 function renderQueue(queued, now) {
   $("c-queue").textContent = queued.length ? "(" + queued.length + ")" : "";
-  // Oldest first: the order the dispatcher serves them.
+  // Oldest first: the order the dispatcher serves them. A deadline queue
+  // can be long; the first rows are the ones that matter.
   const rows = queued.slice().reverse();
-  fillTable($("queue"), rows, (j) => ["#" + j.id, j.name, j.courselab, j.image, duration(span(j.phases.added, now))], "nothing waiting");
+  fillTable(
+    $("queue"),
+    rows.slice(0, QUEUE_ROWS),
+    (j) => ["#" + j.id, j.name, j.courselab, j.image, duration(span(j.phases.added, now))],
+    "nothing waiting",
+  );
+  if (rows.length > QUEUE_ROWS) {
+    $("queue").tBodies[0].append(
+      el("tr", {}, el("td", { class: "empty", colspan: 5 }, "… and " + (rows.length - QUEUE_ROWS) + " more")),
+    );
+  }
 }
 
 function renderRunning(running, details, now) {

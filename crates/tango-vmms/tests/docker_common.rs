@@ -82,6 +82,8 @@ pub fn config(work_dir: &Path) -> DockerConfig {
     let mut config = DockerConfig::new(autodriver(), work_dir.to_path_buf());
     config.default_memory_mb = 512;
     config.api_timeout = std::time::Duration::from_secs(20);
+    // The tests check the autodriver's summary too.
+    config.read_summary = true;
     config
 }
 

@@ -116,8 +116,10 @@ pub struct DockerConfig {
     /// Bound on each Engine API request (to its response headers).
     pub api_timeout: Duration,
     /// Read the autodriver's `--summary` after each job into
-    /// [`RunOutcome::summary`]. It costs one archive download (about 50 ms
-    /// on Docker 20.10, which runs a helper process for every archive call).
+    /// [`RunOutcome::summary`]. Off by default: it costs one archive
+    /// download per job (Docker 20.10 runs a helper process for every
+    /// archive call; 10-50 ms here) and the engine does not use it. The
+    /// OOM note does not depend on it.
     pub read_summary: bool,
     /// Give every container private tmpfs mounts on `/home`, `/tmp` and
     /// `/var/tmp`, each as large as the memory limit. What a job writes
@@ -130,7 +132,8 @@ pub struct DockerConfig {
 
 impl DockerConfig {
     /// The defaults: 1024 MiB, no CPU limit, 256 processes, no network,
-    /// user `autograde` or else `1000:1000`, 30 s per API request.
+    /// user `autograde` or else `1000:1000`, 30 s per API request, no
+    /// summary, tmpfs scratch directories.
     pub fn new(autodriver: PathBuf, work_dir: PathBuf) -> Self {
         DockerConfig {
             autodriver,
@@ -142,7 +145,7 @@ impl DockerConfig {
             grading_user: "autograde".into(),
             fallback_user: "1000:1000".into(),
             api_timeout: Duration::from_secs(30),
-            read_summary: true,
+            read_summary: false,
             scratch_tmpfs: true,
         }
     }

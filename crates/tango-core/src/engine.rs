@@ -989,6 +989,7 @@ impl Inner {
         .await
         .map_err(|e| fail(Step::CopyIn, e, Some(&vm)))?;
         job.phases.copied_in = Some(now_ms());
+        self.update_live(job);
 
         let request = RunRequest {
             job_id: job.id,
@@ -1003,6 +1004,7 @@ impl Inner {
             .await
             .map_err(|e| fail(Step::Run, e, Some(&vm)))?;
         job.phases.ran = Some(now_ms());
+        self.update_live(job);
         if matches!(outcome.status, RunStatus::OsError | RunStatus::UsageError) {
             return Err(SystemFailure {
                 step: Step::Run,

@@ -853,3 +853,43 @@ async fn oom_note_is_per_container() {
         docker.safe_destroy_vm(vm).await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn stale_derived_images_are_removed() {
+    require_docker!();
+    let work = tempfile::tempdir().unwrap();
+    let docker = common::backend(work.path()).await;
+    let prefix = common::prefix("stale");
+    common::clean(&docker, &prefix).await;
+    // A derived image of this autodriver, in use by a VM.
+    let vm = machine(&prefix, 1, BUSYBOX);
+    docker.initialize_vm(&vm).await.unwrap();
+    // One "made by another autodriver build": a tag on the busybox image.
+    let api = docker.api();
+    let stale_tag = "0000000000000000-ffffffffffffffff";
+    let options = bollard::query_parameters::TagImageOptionsBuilder::default()
+        .repo(tango_vmms::docker::DERIVED_REPO)
+        .tag(stale_tag)
+        .build();
+    api.tag_image(&format!("{BUSYBOX}:latest"), Some(options))
+        .await
+        .unwrap();
+    let stale = format!("{}:{stale_tag}", tango_vmms::docker::DERIVED_REPO);
+    assert!(api.inspect_image(&stale).await.is_ok());
+    assert!(docker.remove_stale_derived_images().await.unwrap() >= 1);
+    assert!(api.inspect_image(&stale).await.is_err());
+    // The current one stays, and VMs keep working.
+    let image = api
+        .inspect_container(&container_name(&vm), None)
+        .await
+        .unwrap()
+        .config
+        .unwrap()
+        .image
+        .unwrap();
+    assert!(api.inspect_image(&image).await.is_ok(), "{image}");
+    docker.safe_destroy_vm(&vm).await.unwrap();
+    docker.initialize_vm(&vm).await.unwrap();
+    docker.wait_vm(&vm, Duration::from_secs(10)).await.unwrap();
+    docker.safe_destroy_vm(&vm).await.unwrap();
+}

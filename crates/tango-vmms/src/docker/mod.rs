@@ -310,6 +310,42 @@ impl Docker {
         })
     }
 
+    /// Removes the derived images (see the module doc) made for another
+    /// autodriver build that no container uses, e.g. at server start after
+    /// an upgrade; returns how many went. Another server on the same daemon
+    /// with another autodriver copes: it re-derives, or uploads.
+    pub async fn remove_stale_derived_images(&self) -> Result<usize, VmmsError> {
+        let filters = HashMap::from([("reference", vec![DERIVED_REPO.to_string()])]);
+        let options = ListImagesOptionsBuilder::default()
+            .filters(&filters)
+            .build();
+        let images = self
+            .api
+            .list_images(Some(options))
+            .await
+            .map_err(|e| api_error("cannot list images", e))?;
+        let current = format!("-{}", self.autodriver_hash);
+        let mut removed = 0;
+        for tag in images.into_iter().flat_map(|i| i.repo_tags) {
+            let ours = tag.starts_with(&format!("{DERIVED_REPO}:"));
+            if ours && !tag.ends_with(&current) {
+                // Fails while a container uses it, which is fine.
+                let removal = self
+                    .api
+                    .remove_image(
+                        &tag,
+                        None::<bollard::query_parameters::RemoveImageOptions>,
+                        None,
+                    )
+                    .await;
+                if removal.is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// The bollard client, for callers that need more of the Engine API.
     pub fn api(&self) -> &bollard::Docker {
         &self.api

@@ -1294,7 +1294,21 @@ impl Inner {
             }
         }
         self.clone().spawn_destroy(vm);
-        self.top_up(&image);
+        let on_demand = self.lock().pools.get(&image).is_some_and(|p| p.target == 0);
+        if on_demand && healthy && !self.config.reuse_vms {
+            // Without reuse, a fresh VM for the next job of this image is
+            // made now, off the next job's critical path.
+            {
+                let mut st = self.lock();
+                if let Some(pool) = st.pools.get_mut(&image) {
+                    pool.creating += 1;
+                }
+                st.vm_count += 1;
+            }
+            self.clone().spawn_pool_vm(image);
+        } else {
+            self.top_up(&image);
+        }
     }
 
     /// Starts creating VMs until the pool of `image` reaches its target.
@@ -1316,7 +1330,8 @@ impl Inner {
 
     /// Creates one free VM for the pool of `image` (slot already counted).
     fn spawn_pool_vm(self: Arc<Self>, image: String) {
-        tokio::spawn(async move {
+        let inner = self.clone();
+        inner.workers.spawn(async move {
             let (vmms, cores, memory_mb) = {
                 let st = self.lock();
                 match st.pools.get(&image) {
@@ -1353,19 +1368,29 @@ impl Inner {
                 }
             }
             .await;
-            let mut st = self.lock();
-            let pool = st.pools.entry(image.clone()).or_default();
-            pool.creating = pool.creating.saturating_sub(1);
-            match created {
-                Ok(vm) => {
-                    pool.all.insert(vm.id);
-                    pool.free.push_back(vm);
-                    drop(st);
-                    self.dispatch_wake.notify_one();
+            let stopping = self.stop.is_cancelled();
+            let unused = {
+                let mut st = self.lock();
+                let pool = st.pools.entry(image.clone()).or_default();
+                pool.creating = pool.creating.saturating_sub(1);
+                match created {
+                    Ok(vm) if !stopping => {
+                        pool.all.insert(vm.id);
+                        pool.free.push_back(vm);
+                        None
+                    }
+                    other => Some(other),
                 }
-                Err(e) => {
-                    st.vm_count = st.vm_count.saturating_sub(1);
-                    drop(st);
+            };
+            match unused {
+                None => self.dispatch_wake.notify_one(),
+                // Made while stopping: nothing will use it.
+                Some(Ok(vm)) => self.clone().spawn_destroy(vm),
+                Some(Err(e)) => {
+                    {
+                        let mut st = self.lock();
+                        st.vm_count = st.vm_count.saturating_sub(1);
+                    }
                     if matches!(e, EngineError::Timeout(_)) {
                         self.counters
                             .waitvm_timeouts
@@ -1380,7 +1405,8 @@ impl Inner {
 
     /// Destroys a VM in the background; its slot is freed when it is gone.
     fn spawn_destroy(self: Arc<Self>, vm: Machine) {
-        tokio::spawn(async move {
+        let inner = self.clone();
+        inner.workers.spawn(async move {
             self.destroy(&vm).await;
             let mut st = self.lock();
             st.vm_count = st.vm_count.saturating_sub(1);
@@ -1391,7 +1417,8 @@ impl Inner {
 
     /// Destroys a VM whose slot was handed to another job already.
     fn spawn_destroy_keep_count(self: Arc<Self>, vm: Machine) {
-        tokio::spawn(async move { self.destroy(&vm).await });
+        let inner = self.clone();
+        inner.workers.spawn(async move { self.destroy(&vm).await });
     }
 
     async fn destroy(&self, vm: &Machine) {

@@ -172,16 +172,31 @@ async fn without_reuse_each_job_gets_a_fresh_vm() {
             ..config()
         })
         .await;
+    let mut used = Vec::new();
     for i in 0..3 {
         let id = engine.add_job(h.job(&format!("o{i}"))).await.unwrap();
-        h.wait_dead(id).await;
+        used.push(h.wait_dead(id).await.vm.unwrap().name);
+        // The spare made after this job is ready for the next one.
+        let start = Instant::now();
+        while engine.pools()["img"].free.is_empty() {
+            assert!(start.elapsed() < Duration::from_secs(5), "no spare VM");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
-    assert_eq!(h.vmms.initialized.load(Ordering::SeqCst), 3);
+    used.dedup();
+    assert_eq!(used.len(), 3, "a VM ran two jobs: {used:?}");
+    // Three VMs ran a job each and are gone; one spare waits.
+    assert_eq!(h.vmms.initialized.load(Ordering::SeqCst), 4);
     let start = Instant::now();
-    while !h.vmms.vms.lock().unwrap().is_empty() {
+    while h.vmms.vms.lock().unwrap().len() > 1 {
         assert!(start.elapsed() < Duration::from_secs(5), "VMs leaked");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    for name in &used {
+        assert!(h.vmms.destroyed.lock().unwrap().contains(name));
+    }
+    engine.shutdown().await;
+    assert!(h.vmms.vms.lock().unwrap().is_empty());
 }
 
 #[tokio::test]

@@ -606,6 +606,9 @@ impl Engine {
                 .collect()
         };
         futures_util::future::join_all(idle.iter().map(|vm| inner.destroy(vm))).await;
+        // VMs whose destruction failed earlier (e.g. while a daemon was
+        // away) are no longer owned: one last sweep removes them.
+        inner.sweep_orphans().await;
     }
 }
 

@@ -54,7 +54,13 @@ async fn docker(config: &Config) -> anyhow::Result<tango_vmms::docker::Docker> {
     docker_config.default_cores = settings.cores;
     docker_config.default_max_pids = settings.max_pids;
     docker_config.allow_network = settings.allow_network;
-    Docker::connect(docker_config)
+    let docker = Docker::connect(docker_config)
         .await
-        .context("cannot start the docker backend (is dockerd running? is DOCKER_HOST right?)")
+        .context("cannot start the docker backend (is dockerd running? is DOCKER_HOST right?)")?;
+    match docker.remove_stale_derived_images().await {
+        Ok(0) => {}
+        Ok(removed) => tracing::info!(removed, "removed stale autodriver images"),
+        Err(e) => tracing::warn!("cannot remove stale autodriver images: {e}"),
+    }
+    Ok(docker)
 }

@@ -188,7 +188,26 @@ fn is_not_found(error: &ApiError) -> bool {
     status_code(error) == Some(404)
 }
 
+/// The daemon itself cannot be reached (stopped, restarting, socket gone),
+/// as opposed to a request it refused.
+fn is_unreachable(error: &ApiError) -> bool {
+    use std::io::ErrorKind;
+    match error {
+        ApiError::SocketNotFoundError(_) => true,
+        ApiError::HyperLegacyError { err } => err.is_connect(),
+        ApiError::IOError { err } => matches!(
+            err.kind(),
+            ErrorKind::ConnectionRefused | ErrorKind::NotFound | ErrorKind::ConnectionReset
+        ),
+        _ => false,
+    }
+}
+
 fn api_error(context: impl std::fmt::Display, error: ApiError) -> VmmsError {
+    if is_unreachable(&error) {
+        // The engine waits for the daemon instead of spending retries.
+        return VmmsError::Unavailable(format!("docker: {context}: {error}"));
+    }
     VmmsError::Backend(format!("docker: {context}: {error}"))
 }
 

@@ -7,24 +7,29 @@ use common::*;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-fn sandbox_dirs(server: &Tangod) -> Vec<String> {
-    std::fs::read_dir(server.data_dir.join("sandbox"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_with_200_jobs_loses_none() {
     if !root_or_skip("kill9_with_200_jobs_loses_none") {
         return;
     }
+    kill9_with_200_jobs("sandbox", "host").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_with_200_jobs_loses_none_in_docker() {
+    if !docker_or_skip("kill9_with_200_jobs_loses_none_in_docker") {
+        return;
+    }
+    kill9_with_200_jobs("docker", DOCKER_TEST_IMAGE).await;
+}
+
+async fn kill9_with_200_jobs(vmms: &str, image: &str) {
     const JOBS: usize = 200;
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Tangod::start(&dir.path().join("data"), "[engine]\nmax_vms = 4\n");
+    let mut server = Tangod::start(
+        &dir.path().join("data"),
+        &format!("vmms = \"{vmms}\"\n[engine]\nmax_vms = 4\n"),
+    );
     let c = server.client();
     let receiver = Receiver::start().await;
     c.open("lab").await;
@@ -42,6 +47,7 @@ async fn kill9_with_200_jobs_loses_none() {
             Some(&receiver.url_for(&format!("j{i}"))),
             30,
         );
+        body["image"] = image.into();
         body["files"] = serde_json::json!([
             {"localFile": "Makefile", "destFile": "Makefile"},
             {"localFile": name, "destFile": "id.txt"},
@@ -95,21 +101,26 @@ async fn kill9_with_200_jobs_loses_none() {
         0,
         "jobs still live: {v}"
     );
-    // No sandbox of the first run is left: only the reusable ones of this run.
-    let v = c.get(&format!("/pool/{KEY}/host/")).await;
-    let owned: Vec<String> = v["pools"]["host"]["total"]
+    // No VM of the first run is left: only the reusable ones of this run.
+    let v = c.get(&format!("/pool/{KEY}/{image}/")).await;
+    let owned: Vec<String> = v["pools"][image]["total"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|id| format!("{}-{}-host", server.prefix, id))
+        .map(|id| format!("{}-{}-{image}", server.prefix, id))
         .collect();
-    for name in sandbox_dirs(&server) {
+    for name in leftover_vms(vmms, &server.prefix, &server.data_dir) {
         assert!(
             owned.contains(&name),
-            "leftover sandbox {name} (owned: {owned:?})"
+            "leftover VM {name} (owned: {owned:?})"
         );
     }
-    eprintln!("crash test: {before_restart} callbacks before the crash, {duplicates} duplicates");
+    eprintln!(
+        "crash test ({vmms}): {before_restart} callbacks before the crash, {duplicates} duplicates"
+    );
+    let (prefix, data_dir) = (server.prefix.clone(), server.data_dir.clone());
+    drop(server);
+    assert_eq!(leftover_vms(vmms, &prefix, &data_dir), Vec::<String>::new());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -110,12 +110,23 @@ fn target_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// A free port below the kernel's ephemeral range (32768 and up), so that
+/// no outgoing connection takes it while tangod restarts on it.
 fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Spread test processes running at once over the range.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let seed = ((std::process::id().wrapping_mul(7919) ^ nanos) % 12_000) as u16;
+    loop {
+        let port = 20_000 + (seed + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub struct Tangod {

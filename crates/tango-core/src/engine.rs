@@ -7,7 +7,7 @@
 
 use crate::config::EngineConfig;
 use crate::files::{DataDir, FilesError};
-use crate::model::{now_ms, CloudCredentials, InputFile, Job, JobId, JobState, Machine, Phases};
+use crate::model::{now_ms, CloudCredentials, InputFile, Job, JobId, JobState, Machine};
 use crate::names::{check_component, check_image};
 use crate::output::{cap_output, compose_output};
 use crate::store::{OutboxEntry, Store, StoreError};
@@ -356,30 +356,14 @@ impl Engine {
         let result = (|| -> Result<(), StoreError> {
             let mut job = Job {
                 id: inner.store.next_job_id()?,
-                name: name.chars().take(255).collect(),
-                courselab_dir: courselab_dir.chars().take(300).collect(),
-                courselab: String::new(),
-                image: String::new(),
-                vmms: inner.config.default_vmms.clone(),
-                inputs: vec![],
-                output_file: String::new(),
-                timeout_secs: 0,
-                max_output_bytes: 0,
-                callback_url: None,
-                disable_network: false,
-                cores: None,
-                memory_mb: None,
-                credentials: None,
                 state: JobState::Failed,
-                retries: 0,
-                vm: None,
-                trace: vec![],
-                phases: Phases {
-                    added: Some(now_ms()),
-                    ..Phases::default()
-                },
-                outcome: None,
-                backend_wait_ms: 0,
+                ..Job::new(
+                    name.chars().take(255).collect(),
+                    courselab_dir.chars().take(300).collect(),
+                    String::new(),
+                    String::new(),
+                    inner.config.default_vmms.clone(),
+                )
             };
             job.add_trace(format!("Error: job rejected: {reason}"));
             inner.store.save_job(&job)
@@ -755,12 +739,6 @@ impl Inner {
                 .unwrap_or((None, None))
         };
         Ok(Job {
-            id: 0,
-            name: new.name,
-            courselab_dir: new.courselab_dir,
-            courselab: new.courselab,
-            image: new.image,
-            vmms,
             inputs,
             output_file: new.output_file,
             timeout_secs,
@@ -770,16 +748,7 @@ impl Inner {
             cores,
             memory_mb,
             credentials: new.credentials,
-            state: JobState::Queued,
-            retries: 0,
-            vm: None,
-            trace: vec![],
-            phases: Phases {
-                added: Some(now_ms()),
-                ..Phases::default()
-            },
-            outcome: None,
-            backend_wait_ms: 0,
+            ..Job::new(new.name, new.courselab_dir, new.courselab, new.image, vmms)
         })
     }
 

@@ -170,6 +170,43 @@ pub struct Job {
 }
 
 impl Job {
+    /// A queued job with no inputs or limits yet, added now.
+    pub fn new(
+        name: String,
+        courselab_dir: String,
+        courselab: String,
+        image: String,
+        vmms: String,
+    ) -> Job {
+        Job {
+            id: 0,
+            name,
+            courselab_dir,
+            courselab,
+            image,
+            vmms,
+            inputs: vec![],
+            output_file: String::new(),
+            timeout_secs: 0,
+            max_output_bytes: 0,
+            callback_url: None,
+            disable_network: false,
+            cores: None,
+            memory_mb: None,
+            credentials: None,
+            state: JobState::Queued,
+            retries: 0,
+            vm: None,
+            trace: vec![],
+            phases: Phases {
+                added: Some(now_ms()),
+                ..Phases::default()
+            },
+            outcome: None,
+            backend_wait_ms: 0,
+        }
+    }
+
     pub fn add_trace(&mut self, message: impl Into<String>) {
         self.trace.push(TraceEntry {
             at_ms: now_ms(),

@@ -7,7 +7,15 @@
 # coverage). RUSTC_BOOTSTRAP=1 lets the stable toolchain accept them, so no
 # nightly toolchain is needed.
 #
+# By default the targets are built unoptimized (with debug assertions and
+# overflow checks) and without AddressSanitizer: that builds in about a
+# quarter of the time from scratch (2.3 min instead of 9 on 2 cores), which
+# is what matters for short CI runs, and the fuzzed code is safe Rust, where
+# ASan finds little. For long runs set FUZZ_RELEASE=1: cargo-fuzz's default
+# optimized ASan build, about 3-5 times more executions per second.
+#
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
+#   FUZZ_RELEASE=1 scripts/fuzz.sh 600 add_job_json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +31,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 export RUSTC_BOOTSTRAP=1
-# Sanitizer flags differ from a normal build's: keep these artifacts apart
+# Instrumentation flags differ from a normal build's: keep these artifacts apart
 # so neither build invalidates the other.
 if [ -n "${CARGO_TARGET_DIR:-}" ]; then
   target_dir=${FUZZ_TARGET_DIR:-${CARGO_TARGET_DIR}-fuzz}
@@ -37,8 +45,13 @@ else
   mapfile -t targets < <(cargo fuzz list)
 fi
 
+build_flags=(--target-dir "$target_dir")
+if [ "${FUZZ_RELEASE:-0}" = 0 ]; then
+  build_flags+=(--dev --sanitizer none)
+fi
+
 start=$SECONDS
-cargo fuzz build --target-dir "$target_dir"
+cargo fuzz build "${build_flags[@]}"
 echo "fuzz: build took $((SECONDS - start)) s"
 
 failed=()
@@ -50,7 +63,7 @@ for target in "${targets[@]}"; do
   echo "fuzz: $target for ${seconds}s"
   # New inputs go to the first (untracked) corpus directory; the committed
   # seeds are only read.
-  if ! cargo fuzz run --target-dir "$target_dir" "$target" "$corpus" "${seeds[@]}" -- \
+  if ! cargo fuzz run "${build_flags[@]}" "$target" "$corpus" "${seeds[@]}" -- \
       -max_total_time="$seconds" -timeout=10 -print_final_stats=1 2>&1 \
       | { grep -v '^#[0-9]*	\(NEW\|REDUCE\|pulse\)' || true; }; then
     failed+=("$target")

@@ -59,7 +59,6 @@ pub struct CgroupTree {
 #[derive(Debug, Clone)]
 struct V2Setup {
     parent: PathBuf,
-    own_path: String,
     root_name: String,
     with_cpu: bool,
 }
@@ -123,6 +122,26 @@ fn own_dir(mount: &MountEntry, own_path: &str) -> PathBuf {
     }
 }
 
+/// Our service's cgroup on v2. `setup_v2` moves the processes of a cgroup
+/// that holds them into its `<root_name>-daemon` leaf, so once it has run
+/// (earlier in this process, or in a parent that started us) we find
+/// ourselves in that leaf: the service cgroup is its parent. Without this,
+/// every `detect` would nest a new tree (and a new leaf) one level deeper and
+/// not find the VMs of the previous one.
+fn v2_service_path<'a>(own_path: &'a str, root_name: &str) -> &'a str {
+    let leaf = format!("{root_name}-daemon");
+    match own_path.rsplit_once('/') {
+        Some((parent, name)) if name == leaf => {
+            if parent.is_empty() {
+                "/"
+            } else {
+                parent
+            }
+        }
+        _ => own_path,
+    }
+}
+
 fn v1_mount<'a>(mounts: &'a [MountEntry], controller: &str) -> Option<&'a MountEntry> {
     mounts
         .iter()
@@ -151,6 +170,7 @@ impl CgroupTree {
                 .find(|c| c.controllers.is_empty())
                 .map(|c| c.path.as_str())
                 .unwrap_or("/");
+            let own_path = v2_service_path(own_path, root_name);
             let parent = own_dir(v2, own_path);
             let available =
                 fs::read_to_string(parent.join("cgroup.controllers")).unwrap_or_default();
@@ -158,7 +178,6 @@ impl CgroupTree {
             if has("memory") && has("pids") {
                 let setup = V2Setup {
                     parent,
-                    own_path: own_path.to_string(),
                     root_name: root_name.to_string(),
                     with_cpu: has("cpu"),
                 };
@@ -203,7 +222,7 @@ impl CgroupTree {
     /// Creates the base directories (and on v2 enables the controllers).
     fn ensure_bases(&self) -> Result<(), VmmsError> {
         match &self.v2_setup {
-            Some(s) => Self::setup_v2(&s.parent, &s.own_path, &s.root_name, s.with_cpu),
+            Some(s) => Self::setup_v2(&s.parent, &s.root_name, s.with_cpu),
             None => {
                 for dir in self.bases() {
                     fs::create_dir_all(&dir)
@@ -223,12 +242,7 @@ impl CgroupTree {
         }
     }
 
-    fn setup_v2(
-        parent: &Path,
-        own_path: &str,
-        root_name: &str,
-        with_cpu: bool,
-    ) -> Result<(), VmmsError> {
+    fn setup_v2(parent: &Path, root_name: &str, with_cpu: bool) -> Result<(), VmmsError> {
         let wanted: &[&str] = if with_cpu {
             &["memory", "pids", "cpu"]
         } else {
@@ -252,7 +266,12 @@ impl CgroupTree {
                 // processes cannot hand controllers to children. Move every
                 // process of our cgroup (tangod and whatever was started with
                 // it) into a leaf beside the VM tree, then retry.
-                if e.raw_os_error() != Some(libc::EBUSY) || own_path == "/" {
+                // Only a non-root cgroup (which has cgroup.type) may be
+                // emptied so: the root of the hierarchy has no such rule, and
+                // its members are the whole system. The root of a cgroup
+                // namespace (a container) is a non-root cgroup.
+                let non_root = parent.join("cgroup.type").exists();
+                if e.raw_os_error() != Some(libc::EBUSY) || !non_root {
                     return Err(VmmsError::io(
                         format!(
                             "enabling {enable} in {}",
@@ -550,6 +569,24 @@ mod tests {
             own_dir(&mount, "/docker/abc"),
             PathBuf::from("/sys/fs/cgroup/memory")
         );
+    }
+
+    #[test]
+    fn the_daemon_leaf_belongs_to_its_service() {
+        assert_eq!(
+            v2_service_path("/system.slice/tangod.service/tango-rs-daemon", "tango-rs"),
+            "/system.slice/tangod.service"
+        );
+        assert_eq!(v2_service_path("/tango-rs-daemon", "tango-rs"), "/");
+        assert_eq!(
+            v2_service_path("/system.slice/tangod.service", "tango-rs"),
+            "/system.slice/tangod.service"
+        );
+        assert_eq!(
+            v2_service_path("/other-daemon", "tango-rs"),
+            "/other-daemon"
+        );
+        assert_eq!(v2_service_path("/", "tango-rs"), "/");
     }
 
     #[test]

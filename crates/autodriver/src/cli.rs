@@ -17,7 +17,7 @@ usage:
   autodriver [-u NPROC] [-f FSIZE_BYTES] [-t TIMEOUT_S] [-o OUTPUT_CAP_BYTES]
              [--user NAME|UID[:GID]] [--home DIR] [--cpu-seconds N]
              [--mem-bytes N] [--nofile N] [--stack-bytes N]
-             [--summary FILE] [--stream FILE] DIR
+             [--summary FILE] [--stream FILE] [--input-tar FILE|-] DIR
   autodriver --idle
   autodriver --help
 
@@ -36,6 +36,8 @@ options (a value may also be given as --opt=VALUE):
       --stack-bytes N  RLIMIT_STACK in bytes
       --summary FILE   write a JSON verdict to FILE
       --stream FILE    append the kept head of the output to FILE as it comes
+      --input-tar F    first write the files of the tar F (`-`: stdin) into
+                       DIR, creating it (regular files with plain names only)
       --idle           be a container's PID 1: reap children, exit 0 on SIGTERM
 
 exit codes: 0 the job ran (whatever make returned), 1 usage error,
@@ -57,6 +59,8 @@ pub struct JobArgs {
     pub stack_bytes: Option<u64>,
     pub summary: Option<PathBuf>,
     pub stream: Option<PathBuf>,
+    /// A tar of input files (`-`: stdin) to write into `dir` first.
+    pub input_tar: Option<PathBuf>,
     pub dir: PathBuf,
 }
 
@@ -95,6 +99,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
     let mut stack_bytes = None;
     let mut summary = None;
     let mut stream = None;
+    let mut input_tar = None;
     let mut dir: Option<PathBuf> = None;
     let mut idle = false;
     let mut options_done = false;
@@ -177,6 +182,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             "--stack-bytes" => stack_bytes = Some(parse_number(&name, &value()?)?),
             "--summary" => summary = Some(nonempty_path(&name, value()?)?),
             "--stream" => stream = Some(nonempty_path(&name, value()?)?),
+            "--input-tar" => input_tar = Some(nonempty_path(&name, value()?)?),
             _ => return Err(format!("unknown option {name}")),
         }
     }
@@ -204,6 +210,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         stack_bytes,
         summary,
         stream,
+        input_tar,
         dir,
     })))
 }
@@ -268,6 +275,8 @@ mod tests {
             "--summary",
             "/s.json",
             "--stream=/p",
+            "--input-tar",
+            "-",
             "-t5",
             "d",
         ]);
@@ -279,6 +288,7 @@ mod tests {
         assert_eq!(j.stack_bytes, Some(8192));
         assert_eq!(j.summary, Some(PathBuf::from("/s.json")));
         assert_eq!(j.stream, Some(PathBuf::from("/p")));
+        assert_eq!(j.input_tar, Some(PathBuf::from("-")));
         assert_eq!(j.timeout_s, Some(5));
     }
 
@@ -292,6 +302,7 @@ mod tests {
         assert!(run(&["--bogus", "d"]).is_err());
         assert!(run(&["--idle", "d"]).is_err());
         assert!(run(&["--user=", "d"]).is_err());
+        assert!(run(&["--input-tar=", "d"]).is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod capture;
 mod cli;
 mod fsops;
 mod idle;
+mod intar;
 mod job;
 mod procs;
 mod summary;
@@ -245,6 +246,19 @@ fn run(args: &JobArgs) -> Result<i32, Failure> {
         ));
     }
     validate_home(&user.home)?;
+
+    if let Some(source) = &args.input_tar {
+        if invoker.is_some() {
+            // DIR would be root's, and the caller could name any target.
+            return Err(Failure::Usage(
+                "--input-tar is only accepted when autodriver is started as root".into(),
+            ));
+        }
+        intar::unpack_from(source, &args.dir).map_err(os(format_args!(
+            "cannot write the input files into {}",
+            args.dir.display()
+        )))?;
+    }
 
     let dir_stat =
         sys::lstat(&args.dir).map_err(os(format_args!("cannot use {}", args.dir.display())))?;

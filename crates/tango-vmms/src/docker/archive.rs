@@ -89,6 +89,50 @@ pub fn write_inputs_tar<'a, W: Write>(
     builder.into_inner()
 }
 
+/// A tar of the `(name, host path)` files with nothing but their plain
+/// names, for the autodriver's `--input-tar` (which writes them into the
+/// job directory itself). Names are checked first; regular files only;
+/// execute bits kept. Fails when the files hold more than `max_bytes`
+/// (they may have grown since the caller looked).
+pub fn stdin_inputs_tar<'a>(
+    files: impl IntoIterator<Item = (&'a str, &'a Path)> + Clone,
+    max_bytes: u64,
+) -> io::Result<Vec<u8>> {
+    if let Some((name, _)) = files
+        .clone()
+        .into_iter()
+        .find(|(name, _)| !is_plain_file_name(name))
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{name:?} is not a plain file name"),
+        ));
+    }
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut total: u64 = 0;
+    for (name, path) in files {
+        let file = std::fs::File::open(path)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a regular file", path.display()),
+            ));
+        }
+        total = total.saturating_add(meta.len());
+        if total > max_bytes {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the input files are too large to keep in memory",
+            ));
+        }
+        let mode = 0o644 | (meta.permissions().mode() & 0o111);
+        let mut h = header(tar::EntryType::Regular, mode, meta.len());
+        builder.append_data(&mut h, name, file.take(meta.len()))?;
+    }
+    builder.into_inner()
+}
+
 /// [`write_inputs_tar`] into memory.
 #[cfg(test)]
 pub fn inputs_tar<'a>(
@@ -191,6 +235,23 @@ mod tests {
             Some(&b"all:\n\techo hi\n"[..])
         );
         assert_eq!(first_file(&plain, 3)?.as_deref(), Some(&b"all"[..]));
+        Ok(())
+    }
+
+    #[test]
+    fn stdin_tar_holds_plain_names_only() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let a = dir.path().join("a");
+        std::fs::write(&a, b"hello")?;
+        let tar = stdin_inputs_tar([("Makefile", a.as_path()), ("x.c", a.as_path())], 10)?;
+        let mut archive = tar::Archive::new(tar.as_slice());
+        let names: Vec<String> = archive
+            .entries()?
+            .map(|e| e.and_then(|e| Ok(e.path()?.display().to_string())))
+            .collect::<io::Result<_>>()?;
+        assert_eq!(names, ["Makefile", "x.c"]);
+        assert!(stdin_inputs_tar([("a", a.as_path()), ("b", a.as_path())], 9).is_err());
+        assert!(stdin_inputs_tar([("../a", a.as_path())], 10).is_err());
         Ok(())
     }
 

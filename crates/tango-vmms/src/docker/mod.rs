@@ -53,10 +53,11 @@ use tokio::io::AsyncWriteExt;
 /// The backend's directory inside every container (relative form for tar).
 const DRIVER_DIR_REL: &str = ".tango";
 const AUTODRIVER_PATH: &str = "/.tango/autodriver";
-/// The autodriver's `--summary` and `--stream` files. Every copy-in empties
-/// them (in the same upload), so a job never sees, and the backend never
-/// reports, what an earlier job left there, and they do not pile up in a
-/// reused container.
+/// The autodriver's `--summary` and `--stream` files. The autodriver
+/// creates (truncates) both when it starts; a copy-in by archive upload
+/// also empties them in the same upload. Until the job's exec has started
+/// `partial_output` reports nothing, and the summary is read only when the
+/// autodriver says it ran the job, so nothing of an earlier job is reported.
 const SUMMARY_PATH: &str = "/.tango/summary.json";
 const STREAM_PATH: &str = "/.tango/stream";
 /// Repository of the images derived from job images with the autodriver
@@ -88,6 +89,14 @@ const IMAGE_LOAD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Bytes of autodriver output kept on the host beyond the job's output cap
 /// (its header line and its own error messages).
 const OUTPUT_SLACK: u64 = 1 << 20;
+/// Input files up to this size (as a tar) are kept in memory at copy-in and
+/// sent through the stdin of the job's exec (`--input-tar -`): no archive
+/// upload, for which dockerd runs a helper process (~50 ms). Larger inputs
+/// are uploaded, streamed from their files.
+const STDIN_INPUT_MAX_BYTES: u64 = 8 << 20;
+/// Tar header name field: longer names would need an extension header,
+/// which the autodriver's tar reader refuses.
+const STDIN_INPUT_MAX_NAME: usize = 99;
 
 /// Settings of the docker backend.
 #[derive(Debug, Clone)]
@@ -154,10 +163,23 @@ impl DockerConfig {
 /// What the backend remembers of a container between trait calls.
 #[derive(Debug, Default)]
 struct VmState {
+    /// This instance created the container (and has not removed it): a
+    /// copy-in may then skip the daemon. Others get the upload, which
+    /// fails when the container does not exist.
+    created_here: bool,
     /// Copy-ins so far; each gets a fresh directory.
     copy_ins: u64,
     /// Job directory (in the container) of the last copy-in not yet run.
     pending_job_dir: Option<String>,
+    /// The input files of that copy-in as a tar, to be sent through the
+    /// exec's stdin; `None` when they were uploaded into the directory.
+    pending_input: Option<Bytes>,
+    /// The current job's autodriver has been started (it has emptied the
+    /// stream file, or is about to): `partial_output` may read it.
+    exec_started: bool,
+    /// The container was seen running after the last job (by the OOM
+    /// check), so `reset_vm` need not ask again.
+    running_after_job: bool,
     /// Host file with the output of the last run.
     output: Option<PathBuf>,
 }
@@ -647,7 +669,19 @@ impl Docker {
             .filters(&filters)
             .build();
         let events = self.api.events(Some(options)).try_collect::<Vec<_>>();
-        if let Ok(Ok(events)) = tokio::time::timeout(self.config.api_timeout, events).await {
+        // Asked together: both are round trips to the daemon.
+        let (events, inspect) = futures_util::join!(
+            tokio::time::timeout(self.config.api_timeout, events),
+            self.api.inspect_container(name, None)
+        );
+        let running = inspect
+            .as_ref()
+            .ok()
+            .and_then(|i| i.state.as_ref())
+            .and_then(|s| s.running)
+            == Some(true);
+        self.with_state(name, |state| state.running_after_job = running);
+        if let Ok(Ok(events)) = events {
             // Docker matches the container filter by name prefix: keep only
             // events of this very container.
             let ours = events.iter().any(|event| {
@@ -665,7 +699,7 @@ impl Docker {
         // Some Docker versions keep OOMKilled set for the rest of a
         // container's life once anything in it was killed: trust the flag
         // only when the container itself died, i.e. during this job.
-        match self.api.inspect_container(name, None).await {
+        match inspect {
             Ok(inspect) => inspect
                 .state
                 .is_some_and(|s| s.running != Some(true) && s.oom_killed == Some(true)),
@@ -800,6 +834,7 @@ impl Vmms for Docker {
             let _ = self.remove(&name).await;
             return Err(e);
         }
+        self.with_state(&name, |state| state.created_here = true);
         Ok(())
     }
 
@@ -842,9 +877,9 @@ impl Vmms for Docker {
 
     async fn copy_in(&self, vm: &Machine, files: &[InputFile]) -> Result<(), VmmsError> {
         let name = container_name(vm);
-        let number = self.with_state(&name, |state| {
+        let (number, created_here) = self.with_state(&name, |state| {
             state.copy_ins += 1;
-            state.copy_ins
+            (state.copy_ins, state.created_here)
         });
         let dir = format!("{DRIVER_DIR_REL}/jobs/{number}/{JOB_DIR_NAME}");
         let pairs: Vec<(String, PathBuf)> = files
@@ -859,6 +894,46 @@ impl Vmms for Docker {
                 "input file name {:?} is not a plain file name",
                 bad.0
             )));
+        }
+        self.with_state(&name, |state| {
+            state.pending_job_dir = None;
+            state.pending_input = None;
+            state.exec_started = false;
+        });
+        // Small inputs wait in memory for the exec (see STDIN_INPUT_MAX_BYTES).
+        let mut total: u64 = 0;
+        for (_, path) in &pairs {
+            let meta = tokio::fs::metadata(path)
+                .await
+                .map_err(|e| VmmsError::io(format!("cannot read {}", path.display()), e))?;
+            total = total.saturating_add(meta.len());
+        }
+        let short_names = pairs
+            .iter()
+            .all(|(name, _)| name.len() <= STDIN_INPUT_MAX_NAME);
+        if created_here && short_names && total <= STDIN_INPUT_MAX_BYTES {
+            let files = pairs.clone();
+            let packed = tokio::task::spawn_blocking(move || {
+                let files = files
+                    .iter()
+                    .map(|(name, path)| (name.as_str(), path.as_path()));
+                archive::stdin_inputs_tar(files, STDIN_INPUT_MAX_BYTES)
+            })
+            .await
+            .map_err(|e| VmmsError::Backend(format!("packing the input files failed: {e}")))?;
+            match packed {
+                Ok(tar) => {
+                    self.with_state(&name, |state| {
+                        state.pending_job_dir = Some(format!("/{dir}"));
+                        state.pending_input = Some(Bytes::from(tar));
+                    });
+                    return Ok(());
+                }
+                // Grew past the bound since they were measured: upload.
+                // (or are not regular files: the upload says so).
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {}
+                Err(e) => return Err(VmmsError::io("cannot pack the input files", e)),
+            }
         }
         // The tar is written by a blocking thread while it is uploaded.
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
@@ -905,7 +980,10 @@ impl Vmms for Docker {
 
     async fn run_job(&self, vm: &Machine, req: &RunRequest) -> Result<RunOutcome, VmmsError> {
         let name = container_name(vm);
-        let job_dir = self.with_state(&name, |state| state.pending_job_dir.take());
+        let (job_dir, input) = self.with_state(&name, |state| {
+            state.running_after_job = false;
+            (state.pending_job_dir.take(), state.pending_input.take())
+        });
         let job_dir = job_dir.ok_or_else(|| {
             VmmsError::Backend(format!("run_job on {name} without copy_in before it"))
         })?;
@@ -916,7 +994,11 @@ impl Vmms for Docker {
         let stream_path = STREAM_PATH.to_string();
         let mut args = req.autodriver_args(&user, &summary_path, &job_dir);
         let dir_arg = args.pop().unwrap_or_else(|| job_dir.clone());
-        args.extend(["--stream".to_string(), stream_path.clone(), dir_arg]);
+        args.extend(["--stream".to_string(), stream_path.clone()]);
+        if input.is_some() {
+            args.extend(["--input-tar".to_string(), "-".to_string()]);
+        }
+        args.push(dir_arg);
         let mut cmd = vec![AUTODRIVER_PATH.to_string()];
         cmd.extend(args);
 
@@ -933,6 +1015,7 @@ impl Vmms for Docker {
             .create_exec(
                 &name,
                 CreateExecOptions {
+                    attach_stdin: Some(input.is_some()),
                     attach_stdout: Some(true),
                     attach_stderr: Some(true),
                     cmd: Some(cmd),
@@ -951,10 +1034,20 @@ impl Vmms for Docker {
             .map_err(|e| vm_error(&name, "cannot start the job in", e))?;
         let StartExecResults::Attached {
             output: mut stream,
-            input: _input,
+            input: mut stdin,
         } = attached
         else {
             return Err(VmmsError::Backend("docker: the exec did not attach".into()));
+        };
+        self.with_state(&name, |state| state.exec_started = true);
+        // The input files go in while the output is read. A failed write
+        // needs no handling here: the autodriver then reports a bad archive.
+        let feed = async {
+            if let Some(tar) = input {
+                if stdin.write_all(&tar).await.is_ok() {
+                    let _ = stdin.shutdown().await;
+                }
+            }
         };
 
         // The autodriver caps the job's output itself; the host file is
@@ -983,6 +1076,7 @@ impl Vmms for Docker {
                 .await
                 .map_err(|e| VmmsError::io("cannot write the job's output", e))
         };
+        let copy = async { futures_util::join!(feed, copy).1 };
         let bound =
             (req.timeout_secs > 0).then(|| Duration::from_secs(req.timeout_secs) + RUN_GRACE);
         match bound {
@@ -996,20 +1090,30 @@ impl Vmms for Docker {
 
         // The stream ends when the process exits; its exit code can lag
         // behind by a moment.
-        let mut exit_code = None;
-        for _ in 0..100 {
-            let inspect = self.api.inspect_exec(&exec.id).await.map_err(|e| {
-                api_error(format_args!("cannot inspect the job's exec in {name}"), e)
-            })?;
-            if inspect.running != Some(true) {
-                exit_code = inspect.exit_code.and_then(|c| i32::try_from(c).ok());
-                break;
+        let exit_code = async {
+            let mut exit_code = None;
+            for _ in 0..100 {
+                let inspect = self.api.inspect_exec(&exec.id).await.map_err(|e| {
+                    api_error(format_args!("cannot inspect the job's exec in {name}"), e)
+                })?;
+                if inspect.running != Some(true) {
+                    exit_code = inspect.exit_code.and_then(|c| i32::try_from(c).ok());
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            Ok::<_, VmmsError>(exit_code)
+        };
+        // The OOM check does not depend on the exit code: both at once.
+        let (exit_code, oom_killed) =
+            futures_util::join!(exit_code, self.oom_killed(&name, started_at));
+        let exit_code = exit_code?;
         let status = RunStatus::from_exit_code(exit_code);
 
-        let summary = if self.config.read_summary {
+        // The autodriver writes the summary when it ran the job (exit 0 or
+        // 2); otherwise the file may be an earlier job's.
+        let ran = matches!(status, RunStatus::Completed | RunStatus::TimedOut);
+        let summary = if self.config.read_summary && ran {
             match self.read_file(&name, &summary_path, 1 << 20).await {
                 Ok(Some(bytes)) => serde_json::from_slice::<serde_json::Value>(&bytes).ok(),
                 _ => None,
@@ -1018,7 +1122,7 @@ impl Vmms for Docker {
             None
         };
         let mut notes = Vec::new();
-        if self.oom_killed(&name, started_at).await {
+        if oom_killed {
             notes.push(format!(
                 "The job was killed: it exceeded its memory limit of {} MiB",
                 self.memory_mb(vm)
@@ -1110,7 +1214,16 @@ impl Vmms for Docker {
 
     async fn partial_output(&self, vm: &Machine, max_bytes: usize) -> Result<Vec<u8>, VmmsError> {
         let name = container_name(vm);
-        // Empty until the job's autodriver writes to it: copy-in empties it.
+        // Until the job's autodriver runs (and empties it) the file may
+        // hold an earlier job's output.
+        let (started, created_here) =
+            self.with_state(&name, |state| (state.exec_started, state.created_here));
+        if !started {
+            if !created_here && !self.exists_vm(vm).await? {
+                return Err(VmmsError::NoSuchVm(name));
+            }
+            return Ok(Vec::new());
+        }
         Ok(self
             .read_file(&name, STREAM_PATH, max_bytes)
             .await?
@@ -1122,6 +1235,11 @@ impl Vmms for Docker {
     /// runs (its PID 1 may have been killed, e.g. by the OOM killer).
     async fn reset_vm(&self, vm: &Machine) -> Result<(), VmmsError> {
         let name = container_name(vm);
+        // Seen running just after the job (the OOM check asks): no need to
+        // ask again a moment later.
+        if self.with_state(&name, |state| std::mem::take(&mut state.running_after_job)) {
+            return Ok(());
+        }
         let inspect = self
             .api
             .inspect_container(&name, None)

@@ -22,6 +22,9 @@
 #   --memory MB       guest memory (default 4096)
 #   --log FILE        serial console log (default $CARGO_TARGET_DIR/cgroup-v2-vm.log)
 #   --no-build        with no command: use the test binary built last
+#   --tangod          instead of the tests: start tangod (debug build, sandbox
+#                     backend) in the guest and run examples/jobs/hello
+#                     through the `tango` CLI, then stop tangod
 #   --accel kvm|tcg   default kvm, except tcg when /dev/kvm is PVM's
 # Without a command it builds the static autodriver and the sandbox test
 # binary on the host, then runs that binary in the guest (extra arguments
@@ -41,6 +44,7 @@ memory_mb=4096
 log=$target_dir/cgroup-v2-vm.log
 build=1
 accel=
+tangod=0
 test_args=()
 command=()
 while [ $# -gt 0 ]; do
@@ -50,6 +54,7 @@ while [ $# -gt 0 ]; do
     --memory) memory_mb=$2; shift 2 ;;
     --log) log=$2; shift 2 ;;
     --no-build) build=0; shift ;;
+    --tangod) tangod=1; shift ;;
     --accel) accel=$2; shift 2 ;;
     --tests) shift; test_args=("$@"); break ;;
     --) shift; command=("$@"); break ;;
@@ -91,6 +96,29 @@ fi
 [ -n "$kernel" ] || { echo "no /boot/vmlinuz-* with 9p modules: apt-get install linux-image-amd64" >&2; exit 2; }
 kernel_version=${TANGO_VM_KERNEL_VERSION:-${kernel#/boot/vmlinuz-}}
 
+if [ ${#command[@]} -eq 0 ] && [ "$tangod" = 1 ]; then
+  if [ "$build" = 1 ]; then
+    cargo build --release -p autodriver --target "$musl" >&2
+    cargo build -p tango-server -p tango-cli >&2
+  fi
+  # shellcheck disable=SC2016 # expanded by the guest's shell
+  command=(sh -c '
+    target=$0 data=/var/lib/tango-e2e
+    mkdir -p "$data"
+    "$target/debug/tangod" --listen 127.0.0.1:3000 --data-dir "$data" --key e2e-key \
+      --autodriver "$target/x86_64-unknown-linux-musl/release/autodriver" >"$data/tangod.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 1 300); do curl -sf http://127.0.0.1:3000/ >/dev/null 2>&1 && break; sleep 0.2; done
+    echo "e2e: tangod runs in cgroup $(cat /proc/$pid/cgroup)"
+    TANGO_URL=http://127.0.0.1:3000 TANGO_KEY=e2e-key \
+      "$target/debug/tango" run examples/jobs/hello --image host --timeout 60
+    status=$?
+    echo "e2e: tango run exited $status; cgroups:"; find /sys/fs/cgroup -mindepth 1 -type d
+    kill -TERM $pid; wait $pid; echo "e2e: tangod exited $?; cgroups:"
+    find /sys/fs/cgroup -mindepth 1 -type d
+    tail -n 20 "$data/tangod.log"
+    exit $status' "$target_dir")
+fi
 if [ ${#command[@]} -eq 0 ]; then
   if [ "$build" = 1 ]; then
     cargo build --release -p autodriver --target "$musl" >&2
@@ -128,10 +156,11 @@ for module in virtio_pci 9pnet_virtio 9p overlay; do
   done
 done
 
-# The guest's second stage runs from the host's filesystem (so with the
-# host's tools); the command and its environment are baked in here.
+# The guest's second stage runs from the host's filesystem, so with the
+# host's tools, under bash (it reads the %q quoting below); the command and
+# its environment are baked in here.
 {
-  echo '#!/bin/sh'
+  echo '#!/bin/bash'
   printf 'export PATH=%q HOME=/root RUST_BACKTRACE=0\n' "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
   [ -n "${TANGO_AUTODRIVER:-}" ] && printf 'export TANGO_AUTODRIVER=%q\n' "$TANGO_AUTODRIVER"
   printf 'cgroup_mode=%q\n' "$cgroup_mode"
@@ -203,7 +232,7 @@ mkdir -p /newroot/run
 cp /stage2.sh /newroot/run/stage2.sh
 mount --move /dev /newroot/dev
 umount /proc /sys
-exec switch_root /newroot /bin/sh /run/stage2.sh
+exec switch_root /newroot /bin/bash /run/stage2.sh
 INIT
 chmod +x "$initramfs/init"
 (cd "$initramfs" && find . | cpio -o -H newc --quiet | gzip -1) >"$work/initramfs.cpio.gz"

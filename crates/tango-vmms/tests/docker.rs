@@ -780,6 +780,59 @@ async fn large_and_bad_inputs() {
         .to_string();
     assert!(output.contains(&format!("{expected}  big.bin")), "{output}");
     assert!(output.contains("script ran"), "{output}");
+
+    // Below the in-memory bound the files go through the exec's stdin
+    // (--input-tar): 7 MiB intact, execute bit kept; a name too long for a
+    // plain tar header is uploaded instead; both reach the same directory.
+    docker.reset_vm(&vm).await.unwrap();
+    let medium = work.path().join("medium.bin");
+    std::fs::write(&medium, &pattern[..7 << 20]).unwrap();
+    let long_name = "n".repeat(120);
+    let long = work.path().join("long");
+    std::fs::write(&long, "long name\n").unwrap();
+    for (names, marker) in [
+        (vec!["medium.bin", "run.sh"], "medium"),
+        (vec!["medium.bin", "run.sh", long_name.as_str()], "long"),
+    ] {
+        let makefile =
+            format!("all:\n\t@md5sum medium.bin\n\t@./run.sh\n\t@echo {marker}; cat n* || true\n");
+        let mut files = common::inputs(work.path(), &[("Makefile", makefile.as_str())]);
+        for name in names {
+            let path = match name {
+                "medium.bin" => medium.clone(),
+                "run.sh" => script.clone(),
+                _ => long.clone(),
+            };
+            files.push(tango_core::model::InputFile {
+                local_file: name.into(),
+                dest_file: name.into(),
+                path,
+                md5: String::new(),
+            });
+        }
+        docker.copy_in(&vm, &files).await.unwrap();
+        let outcome = docker.run_job(&vm, &request(62, 60)).await.unwrap();
+        docker.copy_out(&vm, &dest).await.unwrap();
+        let output = std::fs::read_to_string(&dest).unwrap();
+        assert_eq!(outcome.status, RunStatus::Completed, "{output}");
+        let md5 = std::process::Command::new("md5sum")
+            .arg(&medium)
+            .output()
+            .unwrap();
+        let expected = String::from_utf8_lossy(&md5.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string();
+        assert!(
+            output.contains(&format!("{expected}  medium.bin")),
+            "{output}"
+        );
+        assert!(output.contains("script ran"), "{output}");
+        assert!(output.contains(marker), "{output}");
+        assert_eq!(output.contains("long name"), marker == "long", "{output}");
+        docker.reset_vm(&vm).await.unwrap();
+    }
     docker.safe_destroy_vm(&vm).await.unwrap();
 }
 

@@ -5,9 +5,12 @@
 //! adds the autodriver to each job image once (a derived image,
 //! `tango-autodriver:<image id>-<autodriver hash>`, made by an archive
 //! upload and a commit), so images need neither the autodriver nor a
-//! grading user, and creating a container costs no upload. Files go in and
-//! out as tar streams through the API and the job's output is the attached exec
-//! stream, written to a file under [`DockerConfig::work_dir`] on the host:
+//! grading user, and creating a container costs no upload. Files go in as
+//! a tar: up to [`STDIN_INPUT_MAX_BYTES`] through the stdin of the job's
+//! exec (the autodriver's `--input-tar -`), so a job costs no archive call
+//! (dockerd runs a helper process for each, ~50 ms); larger inputs by an
+//! archive upload. The job's output is the attached exec stream, written
+//! to a file under [`DockerConfig::work_dir`] on the host:
 //! no host directory is shared with containers, so `tangod` can itself run
 //! in a container with only the Docker socket mounted.
 //!
@@ -708,6 +711,12 @@ impl Docker {
     }
 
     async fn remove(&self, name: &str) -> Result<(), VmmsError> {
+        self.remove_confirmed(name).await.map(|_| ())
+    }
+
+    /// [`Self::remove`], saying whether the container is known to be gone:
+    /// `false` when Docker reported a removal already in progress.
+    async fn remove_confirmed(&self, name: &str) -> Result<bool, VmmsError> {
         let options = RemoveContainerOptionsBuilder::default()
             .force(true)
             .v(true)
@@ -719,10 +728,11 @@ impl Docker {
             }
         }
         match removed {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
+            // A forced removal answers once the container is gone.
+            Ok(()) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(true),
             // 409: a removal is already in progress.
-            Err(e) if status_code(&e) == Some(409) => Ok(()),
+            Err(e) if status_code(&e) == Some(409) => Ok(false),
             Err(e) => Err(api_error(format_args!("cannot remove {name}"), e)),
         }
     }
@@ -1156,7 +1166,9 @@ impl Vmms for Docker {
 
     async fn safe_destroy_vm(&self, vm: &Machine) -> Result<(), VmmsError> {
         let name = container_name(vm);
-        self.remove(&name).await?;
+        if self.remove_confirmed(&name).await? {
+            return Ok(());
+        }
         // A removal Docker reported as in progress ends with "removed".
         let options = WaitContainerOptionsBuilder::default()
             .condition("removed")

@@ -372,19 +372,8 @@ impl Docker {
         let mut removed = 0;
         for tag in images.into_iter().flat_map(|i| i.repo_tags) {
             let ours = tag.starts_with(&format!("{DERIVED_REPO}:"));
-            if ours && !tag.ends_with(&current) {
-                // Fails while a container uses it, which is fine.
-                let removal = self
-                    .api
-                    .remove_image(
-                        &tag,
-                        None::<bollard::query_parameters::RemoveImageOptions>,
-                        None,
-                    )
-                    .await;
-                if removal.is_ok() {
-                    removed += 1;
-                }
+            if ours && !tag.ends_with(&current) && self.remove_unused_image(&tag).await {
+                removed += 1;
             }
         }
         Ok(removed)
@@ -583,17 +572,22 @@ impl Docker {
         };
         for tag in images.into_iter().flat_map(|i| i.repo_tags) {
             if tag.starts_with(&format!("{DERIVED_REPO}:{short_id}-")) {
-                // Fails while a container uses it, which is fine.
-                let _ = self
-                    .api
-                    .remove_image(
-                        &tag,
-                        None::<bollard::query_parameters::RemoveImageOptions>,
-                        None,
-                    )
-                    .await;
+                self.remove_unused_image(&tag).await;
             }
         }
+    }
+
+    /// Removes an image tag; true when it was removed. Fails while a
+    /// container uses the image, which is fine: it goes on a later pass.
+    async fn remove_unused_image(&self, tag: &str) -> bool {
+        self.api
+            .remove_image(
+                tag,
+                None::<bollard::query_parameters::RemoveImageOptions>,
+                None,
+            )
+            .await
+            .is_ok()
     }
 
     async fn create_and_start(

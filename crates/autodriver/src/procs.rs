@@ -114,7 +114,13 @@ pub struct SweepReport {
 pub fn sweep(uid: u32, gid: u32, reap: &mut dyn FnMut()) -> io::Result<SweepReport> {
     let started = Instant::now();
     loop {
-        kill_all_as_user(uid, gid)?;
+        match kill_all_as_user(uid, gid) {
+            // A fork bomb can fill the job's process limit (a pids cgroup
+            // the driver shares), so the helper cannot be forked; the /proc
+            // scan below kills by pid without forking and frees the slots.
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
+            other => other?,
+        }
         reap();
         match scan_and_kill(uid)? {
             None => {

@@ -946,3 +946,88 @@ async fn stale_derived_images_are_removed() {
     docker.wait_vm(&vm, Duration::from_secs(10)).await.unwrap();
     docker.safe_destroy_vm(&vm).await.unwrap();
 }
+
+/// Every container's grading user has the same host uid, so a per-uid
+/// process limit would let one job's processes stop another container's
+/// job from forking. Each container is bounded by its own pids cgroup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_containers_processes_do_not_count_against_another() {
+    require_docker!();
+    let work = tempfile::tempdir().unwrap();
+    let docker = std::sync::Arc::new(common::backend(work.path()).await);
+    let prefix = common::prefix("nproc");
+    common::clean(&docker, &prefix).await;
+    let busy = machine(&prefix, 1, BOOKWORM);
+    let forker = machine(&prefix, 2, BOOKWORM);
+    for vm in [&busy, &forker] {
+        docker.initialize_vm(vm).await.unwrap();
+    }
+    let busy_dir = work.path().join("busy");
+    let forker_dir = work.path().join("forker");
+    std::fs::create_dir(&busy_dir).unwrap();
+    std::fs::create_dir(&forker_dir).unwrap();
+    // 40 sleepers stay alive while the other job runs; they are announced
+    // on a file the test waits for.
+    let busy_make = "all:\n\t@for i in $$(seq 40); do sleep 8 & done; wait\n";
+    docker
+        .copy_in(
+            &busy,
+            &common::inputs(&busy_dir, &[("Makefile", busy_make)]),
+        )
+        .await
+        .unwrap();
+    let busy_run = {
+        let (docker, busy) = (docker.clone(), busy.clone());
+        tokio::spawn(async move { docker.run_job(&busy, &request(91, 30)).await })
+    };
+    // Wait until the sleepers run (the busy job's partial output is empty,
+    // so look at the container's processes instead).
+    let started = std::time::Instant::now();
+    loop {
+        let ps = std::process::Command::new("docker")
+            .args([
+                "exec",
+                &container_name(&busy),
+                "sh",
+                "-c",
+                "ps -e | grep -c sleep",
+            ])
+            .output()
+            .unwrap();
+        let count: u32 = String::from_utf8_lossy(&ps.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        if count >= 40 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "sleepers never started"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let forker_make = "all:\n\t@for i in $$(seq 10); do sleep 1 & done; wait; echo forked all\n";
+    docker
+        .copy_in(
+            &forker,
+            &common::inputs(&forker_dir, &[("Makefile", forker_make)]),
+        )
+        .await
+        .unwrap();
+    let mut req = request(92, 30);
+    req.max_procs = 30;
+    let outcome = docker.run_job(&forker, &req).await.unwrap();
+    let dest = forker_dir.join("output");
+    docker.copy_out(&forker, &dest).await.unwrap();
+    let output = std::fs::read_to_string(&dest).unwrap();
+    assert_eq!(outcome.status, RunStatus::Completed, "{output}");
+    assert!(output.contains("forked all"), "{output}");
+    assert_eq!(
+        busy_run.await.unwrap().unwrap().status,
+        RunStatus::Completed
+    );
+    for vm in [&busy, &forker] {
+        docker.safe_destroy_vm(vm).await.unwrap();
+    }
+}

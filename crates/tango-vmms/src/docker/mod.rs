@@ -996,7 +996,15 @@ impl Vmms for Docker {
 
         let summary_path = SUMMARY_PATH.to_string();
         let stream_path = STREAM_PATH.to_string();
-        let mut args = req.autodriver_args(&user, &summary_path, &job_dir);
+        // RLIMIT_NPROC counts the processes of a uid across the whole host,
+        // and every container's grading user has the same uid: with it, a fork
+        // bomb in one container would stop `make` forking in all the others.
+        // The container's pids cgroup (`default_max_pids`) bounds each job.
+        let without_nproc = RunRequest {
+            max_procs: 0,
+            ..req.clone()
+        };
+        let mut args = without_nproc.autodriver_args(&user, &summary_path, &job_dir);
         let dir_arg = args.pop().unwrap_or_else(|| job_dir.clone());
         args.extend(["--stream".to_string(), stream_path.clone()]);
         if input.is_some() {

@@ -750,3 +750,87 @@ async fn concurrent_jobs() {
     }
     assert_clean(&env);
 }
+
+/// Descriptors tangod holds (its listening socket, its database, files
+/// opened without close-on-exec) never reach the processes of a job: a
+/// sandbox still being set up or a job still running after tangod died
+/// would otherwise keep them open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_descriptors_stay_out_of_the_sandbox() {
+    require_root!();
+    let env = env("t-fds");
+    let marker = env.dir.path().join("server-only");
+    std::fs::write(&marker, "tangod's own file").expect("marker");
+    let marker_c = std::ffi::CString::new(marker.to_string_lossy().as_bytes()).expect("path");
+    // Deliberately without O_CLOEXEC.
+    let leaked = unsafe { libc::open(marker_c.as_ptr(), libc::O_RDONLY) };
+    assert!(leaked >= 0);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
+
+    let vm = env.machine(1, "host");
+    env.sandbox.initialize_vm(&vm).await.expect("init");
+    let inputs = env.inputs(1, &[("Makefile", "all:\n\t@sleep 3\n")]);
+    env.sandbox.copy_in(&vm, &inputs).await.expect("copy_in");
+    // The VM's cgroup lists the job's processes: C1, the autodriver, make
+    // and sleep once it runs.
+    let procs_file = std::fs::read_dir(format!("/sys/fs/cgroup/pids/{CGROUP_ROOT}"))
+        .ok()
+        .into_iter()
+        .flatten()
+        .chain(
+            std::fs::read_dir(format!("/sys/fs/cgroup/{CGROUP_ROOT}"))
+                .ok()
+                .into_iter()
+                .flatten(),
+        )
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{}-", env.prefix)))
+        })
+        .expect("the VM's cgroup")
+        .join("cgroup.procs");
+    let socket_inode = {
+        use std::os::unix::fs::MetadataExt;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+        std::fs::metadata(format!("/proc/self/fd/{fd}"))
+            .expect("socket")
+            .ino()
+    };
+    let watch = async {
+        let mut seen = 0;
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(2) {
+            let pids = std::fs::read_to_string(&procs_file).unwrap_or_default();
+            for pid in pids.lines() {
+                let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+                    continue;
+                };
+                for fd in fds.flatten() {
+                    let Ok(target) = std::fs::read_link(fd.path()) else {
+                        continue;
+                    };
+                    seen += 1;
+                    assert_ne!(target, marker, "pid {pid} holds the server's file");
+                    assert_ne!(
+                        target.to_string_lossy(),
+                        format!("socket:[{socket_inode}]"),
+                        "pid {pid} holds the server's socket"
+                    );
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        seen
+    };
+    let req = request(20);
+    let (outcome, seen) = tokio::join!(env.sandbox.run_job(&vm, &req), watch);
+    assert!(seen > 0, "never saw the job's processes");
+    let outcome = outcome.expect("run_job");
+    assert_eq!(outcome.status, RunStatus::Completed);
+    env.sandbox.destroy_vm(&vm).await.expect("destroy");
+    unsafe { libc::close(leaked) };
+    drop(listener);
+    assert_clean(&env);
+}

@@ -5,11 +5,16 @@
 //! the child std spawns, where only async-signal-safe calls are allowed:
 //! every path and fd is prepared before the spawn, nothing allocates):
 //!
-//! - C1 (the child tokio waits for) joins the VM's cgroups, unshares the
-//!   mount, PID, IPC, UTS, cgroup and (usually) network namespaces and forks.
-//!   It then closes every inherited fd (std's spawn waits for EOF on its
-//!   internal CLOEXEC pipe, which C1 would otherwise hold for the whole job),
-//!   waits for C2 and exits with C2's status (128+signal when killed).
+//! - C1 (the child tokio waits for) joins the VM's cgroups, then closes
+//!   every inherited fd but 0-2: tangod's listening socket and database
+//!   among them, which a setup still running after tangod was killed would
+//!   otherwise keep open (the restarted server could not bind), and std's
+//!   internal CLOEXEC pipe, so `spawn` returns at once. From then on a
+//!   failed step is reported in the output file and ends the child with
+//!   [`SETUP_FAILED_EXIT`] (std could no longer report an error). C1 then
+//!   unshares the mount, PID, IPC, UTS, cgroup and (usually) network
+//!   namespaces, forks, waits for C2 and exits with C2's status (128+signal
+//!   when killed).
 //! - C2 is PID 1 of the new PID namespace: it asks for SIGKILL when C1 dies,
 //!   builds the VM's file tree, pivots into it and returns, so std execs the
 //!   autodriver in C2. When C2 exits the kernel kills everything else in its
@@ -93,6 +98,8 @@ struct Plan {
     run_tango: CString,
     autodriver_src: CString,
     autodriver_dst: CString,
+    /// The autodriver's path once the VM's root is `/`.
+    autodriver_in_vm: CString,
     ctl_src: CString,
     ctl_dst: CString,
     hostname: Vec<u8>,
@@ -201,6 +208,7 @@ impl Plan {
             run_tango: cstring(&inside("run/tango"))?,
             autodriver_src: cstring(spec.autodriver)?,
             autodriver_dst: cstring(&inside(AUTODRIVER_IN_VM))?,
+            autodriver_in_vm: cstr(AUTODRIVER_IN_VM),
             ctl_src: cstring(&spec.vm_dir.join("ctl"))?,
             ctl_dst: cstring(&inside(CTL_IN_VM))?,
             hostname: spec.hostname.as_bytes().iter().copied().take(64).collect(),
@@ -312,7 +320,12 @@ unsafe fn bind(
     )
 }
 
-/// C1: runs in the child std forked; never returns on the C1 side.
+/// How C1 exits when a setup step failed after it closed std's error pipe
+/// (the step is named in the output file; see [`setup_failure`]).
+pub const SETUP_FAILED_EXIT: i32 = 125;
+
+/// C1: runs in the child std forked; never returns on the C1 side, and in
+/// C2 returns only when the VM is ready for the exec.
 fn in_child(plan: &Plan) -> io::Result<()> {
     // SAFETY: async-signal-safe system calls on prepared data.
     unsafe {
@@ -323,23 +336,32 @@ fn in_child(plan: &Plan) -> io::Result<()> {
                 b"joining the VM's cgroup",
             )?;
         }
-        check(
+        close_inherited_fds();
+        if check(
             libc::unshare(plan.unshare_flags) as libc::c_long,
             b"unshare (creating namespaces)",
-        )?;
+        )
+        .is_err()
+        {
+            libc::_exit(SETUP_FAILED_EXIT);
+        }
         let pid = libc::fork();
         if pid == -1 {
-            check(-1, b"fork")?;
+            report(b"fork");
+            libc::_exit(SETUP_FAILED_EXIT);
         }
         if pid > 0 {
             supervise(pid);
         }
-        set_up_c2(plan)
+        if set_up_c2(plan).is_err() {
+            libc::_exit(SETUP_FAILED_EXIT);
+        }
+        Ok(())
     }
 }
 
-/// C1 after the fork: hold no fd, wait for C2, exit with its status.
-unsafe fn supervise(pid: libc::pid_t) -> ! {
+/// Closes every fd but stdin, stdout and stderr.
+unsafe fn close_inherited_fds() {
     if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
         // Kernels before 5.9.
         let max = libc::sysconf(libc::_SC_OPEN_MAX).clamp(256, 65536) as libc::c_int;
@@ -347,6 +369,10 @@ unsafe fn supervise(pid: libc::pid_t) -> ! {
             libc::close(fd);
         }
     }
+}
+
+/// C1 after the fork: wait for C2, exit with its status.
+unsafe fn supervise(pid: libc::pid_t) -> ! {
     let mut status = 0;
     loop {
         let rc = libc::waitpid(pid, &mut status, 0);
@@ -599,6 +625,12 @@ unsafe fn set_up_c2(p: &Plan) -> io::Result<()> {
     if p.new_net {
         bring_loopback_up(&p.lo)?;
     }
+    // std can no longer report a failed exec (its pipe is closed); the
+    // likely cause is caught here, where it can be named.
+    check(
+        libc::access(p.autodriver_in_vm.as_ptr(), libc::X_OK) as libc::c_long,
+        b"finding the autodriver in the VM",
+    )?;
     Ok(())
 }
 

@@ -490,6 +490,14 @@ impl Vmms for Sandbox {
         self.cgroups.kill_all(&vm.name).await?;
         let after = self.cgroups.counters(&vm.name);
         let exit_code = status.code();
+        if exit_code == Some(jail::SETUP_FAILED_EXIT) {
+            if let Some(step) = jail::setup_failure(&output_path) {
+                return Err(VmmsError::Backend(format!(
+                    "setting up the sandbox of {} failed at {step}",
+                    vm.name
+                )));
+            }
+        }
         let summary = fs::read(ctl.join("summary.json"))
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok());

@@ -3,5 +3,7 @@
 //! implement [`tango_core::Vmms`].
 #[cfg(feature = "docker")]
 pub mod docker;
+#[cfg(feature = "ec2")]
+pub mod ec2;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;

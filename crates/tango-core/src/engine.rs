@@ -204,6 +204,10 @@ struct Inner {
     started: Instant,
     /// Stops the dispatcher, the outbox and the sweeper.
     stop: CancellationToken,
+    /// Cancelled when the shutdown grace period is over: running jobs stop
+    /// where they are and their VMs are destroyed (the store still says
+    /// running, so the next start re-queues them).
+    abandon: CancellationToken,
     workers: TaskTracker,
     images_cache: Mutex<HashMap<String, (Instant, Vec<String>)>>,
 }
@@ -245,6 +249,7 @@ impl Engine {
             metrics: crate::metrics::EngineMetrics::default(),
             started: Instant::now(),
             stop: CancellationToken::new(),
+            abandon: CancellationToken::new(),
             workers: TaskTracker::new(),
             images_cache: Mutex::new(HashMap::new()),
         });
@@ -571,11 +576,19 @@ impl Engine {
             .is_err()
         {
             warn!(
-                "jobs still running after the shutdown grace period; the next start re-queues them"
+                "jobs still running after the shutdown grace period: stopping them; \
+                 the next start re-queues them"
             );
+            inner.abandon.cancel();
+            let destroying = Duration::from_secs(inner.config.timeouts.destroy_secs + 5);
+            if tokio::time::timeout(destroying, inner.workers.wait())
+                .await
+                .is_err()
+            {
+                warn!("VMs of stopped jobs are still being destroyed; the next start removes them");
+            }
         }
-        // Leave nothing behind: idle VMs go now; VMs of jobs still running
-        // are removed by the next start's orphan sweep.
+        // Leave nothing behind: idle VMs go now.
         let idle: Vec<Machine> = {
             let mut st = inner.lock();
             st.pools
@@ -873,7 +886,17 @@ impl Inner {
             warn!("cannot record job dispatch: {e}");
         }
         self.update_live(&job);
-        match self.execute(&mut job, warm).await {
+        let executed = tokio::select! {
+            executed = self.execute(&mut job, warm) => executed,
+            () = self.abandon.cancelled() => {
+                // Dropping the steps stopped the job; its VM goes too.
+                if let Some(vm) = job.vm.clone() {
+                    self.destroy(&vm).await;
+                }
+                return;
+            }
+        };
+        match executed {
             Ok(ran) => {
                 let healthy = ran.outcome.status != RunStatus::OsError;
                 self.finish_ran(job, ran.outcome, ran.output).await;

@@ -511,3 +511,41 @@ async fn an_unavailable_backend_is_waited_for_without_spending_retries() {
         .count();
     assert_eq!(waits, 3);
 }
+
+#[tokio::test]
+async fn shutdown_stops_jobs_that_outlive_the_grace_period_and_destroys_their_vms() {
+    let h = Harness::new();
+    h.upload("Makefile", b"x").await;
+    h.vmms.script.lock().unwrap().run_hangs = true;
+    let engine = h
+        .engine(EngineConfig {
+            shutdown_grace_secs: 0,
+            ..config()
+        })
+        .await;
+    let id = engine.add_job(h.job("hangs")).await.unwrap();
+    let start = Instant::now();
+    while engine
+        .get_job(id)
+        .unwrap()
+        .unwrap()
+        .phases
+        .copied_in
+        .is_none()
+    {
+        assert!(start.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(h.vmms.vms.lock().unwrap().len(), 1);
+    tokio::time::timeout(Duration::from_secs(10), engine.shutdown())
+        .await
+        .expect("shutdown waits no longer than grace + destroy");
+    assert!(
+        h.vmms.vms.lock().unwrap().is_empty(),
+        "the job's VM is left"
+    );
+    // The store still holds the job as running: the next start re-queues it.
+    let job = h.store.get_job(id).unwrap().unwrap();
+    assert_eq!(job.state, JobState::Running);
+    assert!(h.callbacks.delivered.lock().unwrap().is_empty());
+}

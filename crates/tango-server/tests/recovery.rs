@@ -162,6 +162,12 @@ async fn sigterm_stops_gracefully_and_the_next_start_resumes() {
         "stop took {:?}",
         stopping.elapsed()
     );
+    // Jobs still running after the grace period were stopped and their
+    // sandboxes removed: nothing keeps running without the server.
+    assert_eq!(
+        leftover_vms("sandbox", &server.prefix, &server.data_dir),
+        Vec::<String>::new()
+    );
     server.restart();
     receiver.wait_for(4, Duration::from_secs(60)).await;
     for i in 0..4 {

@@ -17,8 +17,9 @@ usage:
   autodriver [-u NPROC] [-f FSIZE_BYTES] [-t TIMEOUT_S] [-o OUTPUT_CAP_BYTES]
              [--user NAME|UID[:GID]] [--home DIR] [--cpu-seconds N]
              [--mem-bytes N] [--nofile N] [--stack-bytes N]
-             [--summary FILE] [--stream FILE] [--input-tar FILE|-] DIR
-  autodriver --idle
+             [--summary FILE] [--stream FILE] [--input-tar FILE|-]
+             [--purge-writable LIST] DIR
+  autodriver --idle [--purge-writable LIST]
   autodriver --help
 
 options (a value may also be given as --opt=VALUE):
@@ -38,6 +39,12 @@ options (a value may also be given as --opt=VALUE):
       --stream FILE    append the kept head of the output to FILE as it comes
       --input-tar F    first write the files of the tar F (`-`: stdin) into
                        DIR, creating it (regular files with plain names only)
+      --purge-writable LIST
+                       after the job also remove the grading user's files from
+                       every directory of the root file system others may
+                       write to (e.g. /run/lock), and its System V IPC
+                       objects; the directories are found by one scan, kept
+                       in LIST (with --idle: scan at once)
       --idle           be a container's PID 1: reap children, exit 0 on SIGTERM
 
 exit codes: 0 the job ran (whatever make returned), 1 usage error,
@@ -61,13 +68,18 @@ pub struct JobArgs {
     pub stream: Option<PathBuf>,
     /// A tar of input files (`-`: stdin) to write into `dir` first.
     pub input_tar: Option<PathBuf>,
+    /// Where the list of writable directories to clean is kept.
+    pub purge_writable: Option<PathBuf>,
     pub dir: PathBuf,
 }
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
     Run(Box<JobArgs>),
-    Idle,
+    /// `--idle`, scanning for writable directories into the list file first.
+    Idle {
+        purge_writable: Option<PathBuf>,
+    },
     Help,
 }
 
@@ -100,6 +112,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
     let mut summary = None;
     let mut stream = None;
     let mut input_tar = None;
+    let mut purge_writable = None;
     let mut dir: Option<PathBuf> = None;
     let mut idle = false;
     let mut options_done = false;
@@ -183,6 +196,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             "--summary" => summary = Some(nonempty_path(&name, value()?)?),
             "--stream" => stream = Some(nonempty_path(&name, value()?)?),
             "--input-tar" => input_tar = Some(nonempty_path(&name, value()?)?),
+            "--purge-writable" => purge_writable = Some(nonempty_path(&name, value()?)?),
             _ => return Err(format!("unknown option {name}")),
         }
     }
@@ -191,7 +205,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         if dir.is_some() {
             return Err("--idle takes no DIR".into());
         }
-        return Ok(Command::Idle);
+        return Ok(Command::Idle { purge_writable });
     }
     let dir = dir.ok_or("missing DIR")?;
     if output_cap > usize::MAX as u64 / 4 {
@@ -211,6 +225,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         summary,
         stream,
         input_tar,
+        purge_writable,
         dir,
     })))
 }
@@ -307,7 +322,18 @@ mod tests {
 
     #[test]
     fn idle_and_help() {
-        assert_eq!(run(&["--idle"]), Ok(Command::Idle));
+        assert_eq!(
+            run(&["--idle"]),
+            Ok(Command::Idle {
+                purge_writable: None
+            })
+        );
+        assert_eq!(
+            run(&["--idle", "--purge-writable", "/.tango/writable"]),
+            Ok(Command::Idle {
+                purge_writable: Some(PathBuf::from("/.tango/writable"))
+            })
+        );
         assert_eq!(run(&["--help"]), Ok(Command::Help));
     }
 }

@@ -1,10 +1,20 @@
 //! `--idle`: a container's PID 1. Sleeps, reaps every child that exits
 //! (orphans of `docker exec` sessions end up here), exits 0 on SIGTERM or
-//! SIGINT.
+//! SIGINT. With `--purge-writable LIST` it first lists the root file
+//! system's writable directories, so that no job waits for that scan.
 
 use std::io;
+use std::path::Path;
 
-pub fn run() -> io::Result<()> {
+pub fn run(purge_writable: Option<&Path>) -> io::Result<()> {
+    if let Some(list) = purge_writable {
+        // A job that finds no list makes it itself.
+        let scanned = crate::leftovers::scan_writable_dirs(Path::new("/"))
+            .and_then(|dirs| crate::leftovers::write_list(list, &dirs));
+        if let Err(e) = scanned {
+            eprintln!("autodriver: idle: cannot list the writable directories: {e}");
+        }
+    }
     // Blocked signals stay pending even for PID 1 (which the kernel
     // otherwise spares from signals it has no handler for), and
     // sigwaitinfo takes them synchronously.

@@ -8,6 +8,7 @@ mod fsops;
 mod idle;
 mod intar;
 mod job;
+mod leftovers;
 mod procs;
 mod summary;
 mod sys;
@@ -27,7 +28,7 @@ const EXIT_TIMEOUT: i32 = 2;
 const EXIT_OS_ERROR: i32 = 3;
 
 /// Where the job's leftovers are looked for besides the home.
-const SCRATCH_DIRS: [&str; 3] = ["/tmp", "/var/tmp", "/dev/shm"];
+const SCRATCH_DIRS: [&str; 5] = ["/tmp", "/var/tmp", "/dev/shm", "/dev/mqueue", "/run/lock"];
 
 /// Homes that would be disastrous to chown and empty.
 const FORBIDDEN_HOMES: [&str; 16] = [
@@ -54,7 +55,7 @@ fn main() {
             print!("{}", cli::HELP);
             EXIT_RAN
         }
-        Ok(Command::Idle) => match idle::run() {
+        Ok(Command::Idle { purge_writable }) => match idle::run(purge_writable.as_deref()) {
             Ok(()) => EXIT_RAN,
             Err(e) => {
                 eprintln!("autodriver: idle: {e}");
@@ -180,19 +181,27 @@ fn children_usage() -> (u64, u64) {
     )
 }
 
+/// Removes what the grading user left: files in its home (but `keep_in_home`),
+/// the scratch directories and `writable_dirs`, and System V IPC objects.
 fn purge_user_files(
     home: &Path,
     uid: u32,
     keep_in_home: Option<&std::ffi::CStr>,
+    writable_dirs: &[std::path::PathBuf],
 ) -> Result<(), Failure> {
     fsops::purge_owned(home, uid, keep_in_home, None)
         .map_err(os(format_args!("cannot clean {}", home.display())))?;
     // The home may lie under a scratch directory (tests do that): it stays.
     let home_id = sys::lstat(home).ok().map(|st| fsops::file_id(&st));
-    for dir in SCRATCH_DIRS {
-        fsops::purge_owned(Path::new(dir), uid, None, home_id)
-            .map_err(os(format_args!("cannot clean {dir}")))?;
+    let scratch = SCRATCH_DIRS.iter().map(Path::new);
+    for dir in scratch.chain(writable_dirs.iter().map(|d| d.as_path())) {
+        if home_id.is_some() && sys::lstat(dir).ok().map(|st| fsops::file_id(&st)) == home_id {
+            continue;
+        }
+        fsops::purge_owned(dir, uid, None, home_id)
+            .map_err(os(format_args!("cannot clean {}", dir.display())))?;
     }
+    leftovers::remove_ipc_objects(uid).map_err(os("cannot remove the System V IPC objects"))?;
     Ok(())
 }
 
@@ -246,6 +255,19 @@ fn run(args: &JobArgs) -> Result<i32, Failure> {
         ));
     }
     validate_home(&user.home)?;
+    let writable_dirs = match &args.purge_writable {
+        // The list is written as root where the caller says.
+        Some(_) if invoker.is_some() => {
+            return Err(Failure::Usage(
+                "--purge-writable is only accepted when autodriver is started as root".into(),
+            ))
+        }
+        Some(list) => leftovers::writable_dirs(list).map_err(os(format_args!(
+            "cannot list the writable directories in {}",
+            list.display()
+        )))?,
+        None => Vec::new(),
+    };
 
     if let Some(source) = &args.input_tar {
         if invoker.is_some() {
@@ -317,7 +339,7 @@ fn run(args: &JobArgs) -> Result<i32, Failure> {
             target.display()
         )))?;
     }
-    purge_user_files(&user.home, user.uid, Some(&job_name_c))?;
+    purge_user_files(&user.home, user.uid, Some(&job_name_c), &writable_dirs)?;
     fsops::chown_tree(&target, user.uid, user.gid, invoker.map(|inv| inv.uid)).map_err(os(
         format_args!("cannot give {} to the grading user", target.display()),
     ))?;
@@ -377,7 +399,7 @@ fn run(args: &JobArgs) -> Result<i32, Failure> {
         Err(message) => {
             // Leave nothing behind even when the job never started.
             let _ = procs::sweep(user.uid, user.gid, &mut || job::reap_children(0, &mut None));
-            let _ = purge_user_files(&user.home, user.uid, None);
+            let _ = purge_user_files(&user.home, user.uid, None, &writable_dirs);
             return Err(Failure::Os(message));
         }
     };
@@ -391,7 +413,7 @@ fn run(args: &JobArgs) -> Result<i32, Failure> {
     });
     run.wait_status = make_status;
     job::finish(&mut run, out_read, spec.stream);
-    let cleaned = purge_user_files(&user.home, user.uid, None);
+    let cleaned = purge_user_files(&user.home, user.uid, None, &writable_dirs);
     let oom_after = summary::oom_kill_count();
 
     if let job::Ending::Interrupted(signal) = run.ending {

@@ -1031,3 +1031,52 @@ async fn one_containers_processes_do_not_count_against_another() {
         docker.safe_destroy_vm(vm).await.unwrap();
     }
 }
+
+/// A reused container hands the next job nothing of the last one: not its
+/// files in world-writable directories of the image (`/run/lock`) or in
+/// `/dev/mqueue`, nor its System V IPC objects.
+#[tokio::test]
+async fn a_reused_container_keeps_no_lock_files_or_ipc_objects() {
+    require_docker!();
+    let work = tempfile::tempdir().unwrap();
+    let docker = common::backend(work.path()).await;
+    let prefix = common::prefix("leftover");
+    common::clean(&docker, &prefix).await;
+    let vm = machine(&prefix, 1, BOOKWORM);
+    let plant = "all:\n\
+                 \t@touch /run/lock/planted && mkdir /run/lock/dir && touch /run/lock/dir/inner\n\
+                 \t@ipcmk -M 4096 && ipcmk -Q && ipcmk -S 1\n\
+                 \t@python3 -c 'import os; os.open(\"/dev/mqueue/q\", os.O_CREAT | os.O_WRONLY, 0o600)' 2>&1 || true\n\
+                 \t@ls -A /run/lock; echo planted-mq: $$(ls -A /dev/mqueue)\n";
+    let (outcome, output) = common::run_once(
+        &docker,
+        &vm,
+        work.path(),
+        &[("Makefile", plant)],
+        &request(21, 20),
+    )
+    .await;
+    assert_eq!(outcome.status, RunStatus::Completed, "{output}");
+    assert!(output.contains("planted"), "{output}");
+    assert!(output.contains("Shared memory id"), "{output}");
+    assert!(output.contains("planted-mq: q\n"), "{output}");
+
+    docker.reset_vm(&vm).await.unwrap();
+    let look = "all:\n\
+                \t@echo lock: $$(ls -A /run/lock)\n\
+                \t@echo mqueue: $$(ls -A /dev/mqueue)\n\
+                \t@echo ipc: $$(ipcs | grep -c 0x)\n";
+    docker
+        .copy_in(&vm, &common::inputs(work.path(), &[("Makefile", look)]))
+        .await
+        .unwrap();
+    let outcome = docker.run_job(&vm, &request(22, 20)).await.unwrap();
+    let dest = work.path().join("second");
+    docker.copy_out(&vm, &dest).await.unwrap();
+    let output = std::fs::read_to_string(&dest).unwrap();
+    assert_eq!(outcome.status, RunStatus::Completed, "{output}");
+    assert!(output.contains("lock:\n"), "{output}");
+    assert!(output.contains("mqueue:\n"), "{output}");
+    assert!(output.contains("ipc: 0\n"), "{output}");
+    docker.safe_destroy_vm(&vm).await.unwrap();
+}

@@ -63,6 +63,9 @@ const AUTODRIVER_PATH: &str = "/.tango/autodriver";
 /// autodriver says it ran the job, so nothing of an earlier job is reported.
 const SUMMARY_PATH: &str = "/.tango/summary.json";
 const STREAM_PATH: &str = "/.tango/stream";
+/// The autodriver's list of the image's writable directories, made when
+/// the container starts and read by every job's cleanup.
+const WRITABLE_DIRS_PATH: &str = "/.tango/writable-dirs";
 /// Repository of the images derived from job images with the autodriver
 /// added (see `Docker::derived_image`); hidden from `get_images`.
 pub const DERIVED_REPO: &str = "tango-autodriver";
@@ -799,7 +802,12 @@ impl Vmms for Docker {
         };
         let mut body = ContainerCreateBody {
             image: Some(derived.clone().unwrap_or_else(|| vm.image.clone())),
-            entrypoint: Some(vec![AUTODRIVER_PATH.into(), "--idle".into()]),
+            entrypoint: Some(vec![
+                AUTODRIVER_PATH.into(),
+                "--idle".into(),
+                "--purge-writable".into(),
+                WRITABLE_DIRS_PATH.into(),
+            ]),
             cmd: Some(vec![]),
             user: Some("0:0".into()),
             working_dir: Some("/".into()),
@@ -1007,6 +1015,12 @@ impl Vmms for Docker {
         let mut args = without_nproc.autodriver_args(&user, &summary_path, &job_dir);
         let dir_arg = args.pop().unwrap_or_else(|| job_dir.clone());
         args.extend(["--stream".to_string(), stream_path.clone()]);
+        // A reused container must not carry one job's files in /run/lock
+        // or its IPC objects over to the next job.
+        args.extend([
+            "--purge-writable".to_string(),
+            WRITABLE_DIRS_PATH.to_string(),
+        ]);
         if input.is_some() {
             args.extend(["--input-tar".to_string(), "-".to_string()]);
         }

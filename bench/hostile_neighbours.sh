@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Issue 7's neighbour check: the latency of normal jobs (examples/jobs/hello,
+# 5 at a time) on an idle tangod, then while hostile example jobs run beside
+# them, measured in one run on one machine. Prints both p50s and their ratio
+# (target: at most 2).
+# Needs root (the sandbox backend); for docker, a running dockerd and the
+# test image (scripts/build-docker-test-image.sh).
+#   usage: bench/hostile_neighbours.sh [VMMS] [IMAGE] [HOSTILE JOB...]
+#   default: sandbox host, and every hostile job of examples/jobs
+#   RUNS (25), CONCURRENCY (5): normal jobs measured, and how many at once
+#   CORES: the jobs' CPU limit (default: the server's)
+#   SETTLE_SECS (2): wait between starting the hostile jobs and measuring
+set -euo pipefail
+cd "$(dirname "$0")/.."
+vmms=${1:-sandbox}
+image=${2:-host}
+shift $(($# > 2 ? 2 : $#))
+hostile=("$@")
+if [ ${#hostile[@]} -eq 0 ]; then
+  hostile=(endless output_flood fork_bomb memory_hog daemon disk_filler network_probe snoop kill_autodriver)
+fi
+runs=${RUNS:-25}
+concurrency=${CONCURRENCY:-5}
+target_dir=${CARGO_TARGET_DIR:-$PWD/target}
+musl=x86_64-unknown-linux-musl
+
+cargo build --release -q -p autodriver --target "$musl"
+cargo build --release -q -p tango-server -p tango-cli
+tangod=$target_dir/release/tangod
+tango=$target_dir/release/tango
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  kill "$server" 2>/dev/null || true
+  wait 2>/dev/null || true
+  if ! rm -rf "$work" 2>/dev/null; then
+    echo "tangod left files in $work; its log:" >&2
+    tail -20 "$work/tangod.log" >&2
+  fi
+}
+trap cleanup EXIT
+cores=${CORES:+cores = $CORES}
+cat >"$work/tangod.toml" <<TOML
+vmms = "$vmms"
+[engine]
+max_vms = 32
+[sandbox]
+memory_mb = 256
+max_pids = 64
+$cores
+[docker]
+memory_mb = 256
+max_pids = 64
+$cores
+TOML
+port=3981
+"$tangod" --listen 127.0.0.1:$port --data-dir "$work/data" --key bench \
+  --config "$work/tangod.toml" --autodriver "$target_dir/$musl/release/autodriver" \
+  >"$work/tangod.log" 2>&1 &
+server=$!
+for _ in $(seq 1 100); do curl -sf http://127.0.0.1:$port/ >/dev/null && break; sleep 0.1; done
+export TANGO_URL=http://127.0.0.1:$port TANGO_KEY=bench
+
+p50() {
+  "$tango" bench hello -n "$runs" -c "$concurrency" --image "$image" --json |
+    python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["failures"] == 0, r; print("%.1f" % r["p50_ms"])'
+}
+"$tango" run examples/jobs/hello --image "$image" >/dev/null # warm up
+idle=$(p50)
+echo "idle:   p50 ${idle} ms"
+
+# The hostile jobs get a long limit so that they all still run while the
+# normal jobs are measured.
+for name in "${hostile[@]}"; do
+  "$tango" run "examples/jobs/$name" --image "$image" --timeout 60 --max-kb 64 \
+    >"$work/$name.out" 2>&1 &
+  pids+=($!)
+done
+sleep "${SETTLE_SECS:-2}"
+beside=$(p50)
+echo "beside ${hostile[*]}: p50 ${beside} ms"
+python3 -c "print('ratio: %.2f (target: at most 2)' % ($beside / $idle))"

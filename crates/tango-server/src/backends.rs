@@ -15,7 +15,14 @@ pub async fn start(config: &Config) -> anyhow::Result<Vec<Arc<dyn Vmms>>> {
         backends.push(match name.as_str() {
             "sandbox" => Arc::new(sandbox(config).await?),
             "docker" => Arc::new(docker(config).await?),
-            other => anyhow::bail!("unknown backend {other:?}: use sandbox or docker"),
+            #[cfg(feature = "ec2")]
+            "ec2" => Arc::new(ec2(config).await?),
+            #[cfg(not(feature = "ec2"))]
+            "ec2" => anyhow::bail!(
+                "this tangod was built without the ec2 backend; rebuild it with \
+                 `cargo build --release -p tango-server --features ec2`"
+            ),
+            other => anyhow::bail!("unknown backend {other:?}: use sandbox, docker or ec2"),
         });
     }
     Ok(backends)
@@ -63,4 +70,66 @@ async fn docker(config: &Config) -> anyhow::Result<tango_vmms::docker::Docker> {
         Err(e) => tracing::warn!("cannot remove stale autodriver images: {e}"),
     }
     Ok(docker)
+}
+
+#[cfg(feature = "ec2")]
+async fn ec2(config: &Config) -> anyhow::Result<tango_vmms::ec2::Ec2> {
+    use std::time::Duration;
+    use tango_core::model::CloudCredentials;
+    use tango_vmms::ec2::{Ec2, Ec2Config};
+    let settings = &config.ec2;
+    let ssh_key = settings
+        .ssh_key
+        .clone()
+        .context("[ec2] needs ssh_key: the private key of the instances' key pair")?;
+    if settings.images.is_empty() {
+        tracing::warn!("[ec2] images is empty: no job can run on ec2");
+    }
+    let mut ec2_config = Ec2Config::new(
+        config.find_autodriver()?,
+        config.data_dir.join("ec2"),
+        ssh_key,
+    );
+    ec2_config.region = settings.region.clone();
+    ec2_config.endpoint_url = settings.endpoint_url.clone();
+    ec2_config.credentials = match (&settings.access_key_id, &settings.secret_access_key) {
+        (Some(id), Some(secret)) => Some(CloudCredentials {
+            access_key_id: id.clone(),
+            secret_access_key: secret.clone(),
+        }),
+        (None, None) => None,
+        _ => anyhow::bail!("[ec2] needs both access_key_id and secret_access_key, or neither"),
+    };
+    ec2_config.images = settings.images.clone();
+    ec2_config.instance_type = settings.instance_type.clone();
+    ec2_config.security_group_ids = settings.security_group_ids.clone();
+    ec2_config.key_name = settings.key_name.clone();
+    ec2_config.subnet_id = settings.subnet_id.clone();
+    ec2_config.spot = settings.spot;
+    ec2_config.use_public_ip = settings.use_public_ip;
+    ec2_config.ssh_host_override = settings.ssh_host_override.clone();
+    ec2_config.ssh_port = settings.ssh_port;
+    ec2_config.ssh_user = settings.ssh_user.clone();
+    ec2_config.remote_autodriver = settings.remote_autodriver.clone();
+    ec2_config.remote_dir = settings.remote_dir.clone();
+    ec2_config.grading_user = settings.grading_user.clone();
+    ec2_config.fallback_user = settings.fallback_user.clone();
+    ec2_config.grading_home = settings.grading_home.clone();
+    ec2_config.isolate_network = settings.isolate_network;
+    ec2_config.api_timeout = Duration::from_secs(settings.api_timeout_secs.max(1));
+    ec2_config.ssh_connect_timeout = Duration::from_secs(settings.ssh_connect_timeout_secs.max(1));
+    ec2_config.ssh_command_timeout = Duration::from_secs(settings.ssh_command_timeout_secs.max(1));
+    ec2_config.poll_interval = Duration::from_millis(settings.poll_interval_ms.max(10));
+    ec2_config.terminate_wait = Duration::from_secs(settings.terminate_wait_secs);
+    let ec2 = Ec2::connect(ec2_config)
+        .await
+        .context("cannot start the ec2 backend")?;
+    match ec2.check().await {
+        Ok(()) => {}
+        // The engine waits for an endpoint that is down; wrong settings
+        // are better reported now.
+        Err(e @ tango_core::VmmsError::Unavailable(_)) => tracing::warn!("{e}"),
+        Err(e) => return Err(anyhow::anyhow!("cannot start the ec2 backend: {e}")),
+    }
+    Ok(ec2)
 }

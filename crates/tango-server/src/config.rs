@@ -19,7 +19,7 @@ pub struct Cli {
     /// Directory for courselabs, outputs, the database and VMs [default: ./tango-data]
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Default backend: sandbox (Linux namespaces, no daemon) or docker [default: sandbox]
+    /// Default backend: sandbox (Linux namespaces, no daemon), docker, or ec2 (builds with the `ec2` feature) [default: sandbox]
     #[arg(long)]
     pub vmms: Option<String>,
     /// A client key (repeatable). RESTFUL_KEY is also read, as Tango does.
@@ -69,6 +69,9 @@ pub struct Config {
     pub engine: EngineConfig,
     pub sandbox: SandboxSettings,
     pub docker: DockerSettings,
+    /// Read whether or not tangod was built with the `ec2` feature, so a
+    /// config file means the same to every build.
+    pub ec2: Ec2Settings,
 }
 
 impl Default for Config {
@@ -87,6 +90,7 @@ impl Default for Config {
             engine: EngineConfig::default(),
             sandbox: SandboxSettings::default(),
             docker: DockerSettings::default(),
+            ec2: Ec2Settings::default(),
         }
     }
 }
@@ -130,6 +134,83 @@ impl Default for DockerSettings {
             max_pids: 256,
             cores: None,
             allow_network: false,
+        }
+    }
+}
+
+/// The `[ec2]` section: jobs on EC2 instances reached over SSH.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Ec2Settings {
+    pub region: String,
+    /// The EC2 API endpoint instead of AWS's (e.g. a moto server).
+    pub endpoint_url: Option<String>,
+    /// The server's keys; unset: the AWS SDK's chain (AWS_* variables,
+    /// ~/.aws profile, instance role).
+    pub access_key_id: Option<String>,
+    /// Never printed by `--print-config`.
+    #[serde(skip_serializing)]
+    pub secret_access_key: Option<String>,
+    /// Image name (as jobs give it) = AMI id.
+    pub images: std::collections::BTreeMap<String, String>,
+    pub instance_type: String,
+    pub security_group_ids: Vec<String>,
+    pub key_name: Option<String>,
+    pub subnet_id: Option<String>,
+    /// Spot instances, falling back to on-demand when none can be had.
+    pub spot: bool,
+    /// SSH to instances' public IPs (tangod outside their VPC).
+    pub use_public_ip: bool,
+    /// SSH to this host instead of the instance's address (tests).
+    pub ssh_host_override: Option<String>,
+    pub ssh_port: u16,
+    pub ssh_user: String,
+    /// Private key of the key pair (unencrypted OpenSSH or PEM).
+    pub ssh_key: Option<PathBuf>,
+    /// The autodriver's path on instances (copied there when missing).
+    pub remote_autodriver: String,
+    pub remote_dir: String,
+    pub grading_user: String,
+    pub fallback_user: String,
+    pub grading_home: Option<String>,
+    /// Jobs with disable_network run in a new network namespace.
+    pub isolate_network: bool,
+    pub api_timeout_secs: u64,
+    pub ssh_connect_timeout_secs: u64,
+    pub ssh_command_timeout_secs: u64,
+    pub poll_interval_ms: u64,
+    pub terminate_wait_secs: u64,
+}
+
+impl Default for Ec2Settings {
+    fn default() -> Self {
+        Ec2Settings {
+            region: "us-east-1".into(),
+            endpoint_url: None,
+            access_key_id: None,
+            secret_access_key: None,
+            images: Default::default(),
+            instance_type: "t3.micro".into(),
+            security_group_ids: vec![],
+            key_name: None,
+            subnet_id: None,
+            spot: false,
+            use_public_ip: false,
+            ssh_host_override: None,
+            ssh_port: 22,
+            ssh_user: "ubuntu".into(),
+            ssh_key: None,
+            remote_autodriver: "/usr/local/bin/tango-autodriver".into(),
+            remote_dir: "/var/lib/tango-rs".into(),
+            grading_user: "autograde".into(),
+            fallback_user: "1000:1000".into(),
+            grading_home: None,
+            isolate_network: true,
+            api_timeout_secs: 30,
+            ssh_connect_timeout_secs: 10,
+            ssh_command_timeout_secs: 120,
+            poll_interval_ms: 2000,
+            terminate_wait_secs: 120,
         }
     }
 }

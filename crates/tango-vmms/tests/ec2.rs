@@ -351,6 +351,8 @@ async fn a_vm_with_credentials_lives_in_that_account() {
     assert!(std::fs::read_to_string(&dest)
         .unwrap()
         .contains("paid by the course"));
+    // Never back into a pool: the engine destroys what it cannot reset.
+    assert!(ec2.reset_vm(&vm).await.is_err());
     ec2.safe_destroy_vm(&vm).await.unwrap();
     let theirs = instances(&ec2, &prefix, Some(&keys)).await;
     assert_eq!(theirs[0].2, "terminated", "{theirs:?}");

@@ -1122,8 +1122,16 @@ impl Vmms for Ec2 {
 
     /// The autodriver cleaned up after the job and every copy-in starts
     /// afresh; what is left to check is that the instance still answers
-    /// (a spot instance may have been reclaimed).
+    /// (a spot instance may have been reclaimed). A VM launched with a
+    /// job's credentials is refused: it serves that job only, and the
+    /// engine destroys a VM it cannot reset.
     async fn reset_vm(&self, vm: &Machine) -> Result<(), VmmsError> {
+        if vm.credentials.is_some() {
+            return Err(VmmsError::Backend(format!(
+                "{} runs in a job's own AWS account: it is not reused",
+                vm.name
+            )));
+        }
         self.session(vm).await.map(|_| ())
     }
 }

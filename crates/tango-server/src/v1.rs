@@ -129,15 +129,23 @@ fn courselab_dir(key: &str, courselab: &str) -> Result<String, V1> {
     DataDir::courselab_dir_name(key, courselab).map_err(|e| fail(e.to_string()))
 }
 
+/// Checks the key, then yields the courselab's directory name or answers
+/// with what is wrong with the name.
+macro_rules! checked_courselab_dir {
+    ($state:expr, $key:expr, $courselab:expr) => {{
+        check_key!($state, $key);
+        match courselab_dir(&$key, &$courselab) {
+            Ok(dir) => dir,
+            Err(e) => return e.into_response(),
+        }
+    }};
+}
+
 async fn open(
     State(state): State<AppState>,
     Path((key, courselab)): Path<(String, String)>,
 ) -> Response {
-    check_key!(state, key);
-    let dir = match courselab_dir(&key, &courselab) {
-        Ok(dir) => dir,
-        Err(e) => return e.into_response(),
-    };
+    let dir = checked_courselab_dir!(state, key, courselab);
     let engine = &state.engine;
     let created = match engine.data().open_courselab(&dir).await {
         Ok(created) => created,
@@ -167,11 +175,7 @@ async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    check_key!(state, key);
-    let dir = match courselab_dir(&key, &courselab) {
-        Ok(dir) => dir,
-        Err(e) => return e.into_response(),
-    };
+    let dir = checked_courselab_dir!(state, key, courselab);
     let Some(name) = headers.get("filename") else {
         return fail("missing header Filename: it names the uploaded file").into_response();
     };
@@ -323,11 +327,7 @@ async fn add_job(
     Path((key, courselab)): Path<(String, String)>,
     body: Bytes,
 ) -> Response {
-    check_key!(state, key);
-    let dir = match courselab_dir(&key, &courselab) {
-        Ok(dir) => dir,
-        Err(e) => return e.into_response(),
-    };
+    let dir = checked_courselab_dir!(state, key, courselab);
     let engine = &state.engine;
     let new = match parse_job(&body, &dir, &courselab) {
         Ok(new) => new,
@@ -350,11 +350,7 @@ async fn poll(
     State(state): State<AppState>,
     Path((key, courselab, output_file)): Path<(String, String, String)>,
 ) -> Response {
-    check_key!(state, key);
-    let dir = match courselab_dir(&key, &courselab) {
-        Ok(dir) => dir,
-        Err(e) => return e.into_response(),
-    };
+    let dir = checked_courselab_dir!(state, key, courselab);
     if tango_core::names::check_component("output file", &output_file).is_err() {
         return fail("Output file not found").into_response();
     }

@@ -210,7 +210,7 @@ impl Default for Ec2Settings {
             ssh_connect_timeout_secs: 10,
             ssh_command_timeout_secs: 120,
             poll_interval_ms: 2000,
-            terminate_wait_secs: 120,
+            terminate_wait_secs: 50,
         }
     }
 }

@@ -4,11 +4,13 @@
 //! from the AMI the image name maps to, tagged with the server's prefix and
 //! the VM's name (`get_vms` and the orphan sweep find instances by these
 //! tags), and terminated when the VM is destroyed. Everything else goes
-//! over SSH (russh), one connection per VM: the input files as a tar into
-//! `tar -x` on the instance, the autodriver (copied in once when the AMI
-//! lacks it), and the job's output, which streams back over the run's
-//! channel into a file on the host (as with the docker backend, so
-//! `copy_out` costs no round trip).
+//! over SSH (russh), one connection per VM, one exec channel per command:
+//! the input files as a tar (small inputs through the stdin of the run
+//! itself, the autodriver's `--input-tar -`; large ones into `tar -x` at
+//! copy-in), the autodriver (copied in once when the AMI lacks it), and
+//! the job's output, which streams back over the run's channel into a file
+//! on the host (as with the docker backend, so `copy_out` costs no round
+//! trip).
 //!
 //! On the instance everything of the backend lives in
 //! `<remote_dir>/<vm name>` (mode 0700, root): the job directory of the
@@ -47,6 +49,14 @@ const RUN_GRACE: Duration = Duration::from_secs(60);
 /// Bytes of autodriver output kept on the host beyond the job's output cap
 /// (its header line and its own error messages).
 const OUTPUT_SLACK: u64 = 1 << 20;
+/// Input files up to this size (in all) go to the instance with the run
+/// itself, through the stdin of the autodriver (`--input-tar -`): each
+/// SSH exec costs a round trip and sshd's session setup (~130 ms on
+/// loopback here). Larger inputs are unpacked by `tar` at copy-in, so
+/// their transfer does not count against the job's run time.
+const STDIN_INPUT_MAX_BYTES: u64 = 8 << 20;
+/// The autodriver's tar reader takes names under 100 bytes only.
+const STDIN_INPUT_MAX_NAME: usize = 99;
 
 /// Settings of the ec2 backend.
 #[derive(Debug, Clone)]
@@ -102,7 +112,9 @@ pub struct Ec2Config {
     pub ssh_command_timeout: Duration,
     /// Pause between looks at an instance that is starting or stopping.
     pub poll_interval: Duration,
-    /// How long `safe_destroy_vm` waits for `terminated`.
+    /// How long `safe_destroy_vm` waits for `terminated` (EC2 takes up to
+    /// a minute or so; keep it below the engine's `destroy_secs`, which
+    /// bounds the whole call).
     pub terminate_wait: Duration,
     /// Read the autodriver's `--summary` after each job (one more command).
     pub read_summary: bool,
@@ -141,7 +153,7 @@ impl Ec2Config {
             ssh_connect_timeout: Duration::from_secs(10),
             ssh_command_timeout: Duration::from_secs(120),
             poll_interval: Duration::from_secs(2),
-            terminate_wait: Duration::from_secs(120),
+            terminate_wait: Duration::from_secs(50),
             read_summary: false,
         }
     }
@@ -160,6 +172,9 @@ struct VmState {
     prepared: Option<Prepared>,
     /// Job directory (on the instance) of the last copy-in not yet run.
     pending_job_dir: Option<String>,
+    /// That copy-in's files, when they go with the run (see
+    /// [`STDIN_INPUT_MAX_BYTES`]); `None` when they were unpacked already.
+    pending_input: Option<Vec<(String, PathBuf)>>,
     /// The current job's autodriver was started: `partial_output` may read
     /// its stream.
     run_started: bool,
@@ -849,11 +864,35 @@ impl Vmms for Ec2 {
         }
         self.with_state(&vm.name, |s| {
             s.pending_job_dir = None;
+            s.pending_input = None;
             s.run_started = false;
         });
-        let (session, _) = self.session(vm).await?;
         let job = format!("{}/job", self.vm_dir(vm));
         let dir = format!("{job}/autolab");
+        let mut total: u64 = 0;
+        for (_, path) in &pairs {
+            let meta = tokio::fs::metadata(path)
+                .await
+                .map_err(|e| VmmsError::io(format!("cannot read {}", path.display()), e))?;
+            if !meta.is_file() {
+                return Err(VmmsError::Backend(format!(
+                    "input file {} is not a regular file",
+                    path.display()
+                )));
+            }
+            total = total.saturating_add(meta.len());
+        }
+        let short_names = pairs
+            .iter()
+            .all(|(name, _)| name.len() <= STDIN_INPUT_MAX_NAME);
+        if short_names && total <= STDIN_INPUT_MAX_BYTES {
+            self.with_state(&vm.name, |s| {
+                s.pending_job_dir = Some(dir);
+                s.pending_input = Some(pairs);
+            });
+            return Ok(());
+        }
+        let (session, _) = self.session(vm).await?;
         // Every copy-in starts from an empty directory: nothing of an
         // earlier job can leak into this one.
         let script = format!(
@@ -900,11 +939,12 @@ impl Vmms for Ec2 {
     }
 
     async fn run_job(&self, vm: &Machine, req: &RunRequest) -> Result<RunOutcome, VmmsError> {
-        let job_dir = self
-            .with_state(&vm.name, |s| s.pending_job_dir.take())
-            .ok_or_else(|| {
-                VmmsError::Backend(format!("run_job on {} without copy_in before it", vm.name))
-            })?;
+        let (job_dir, input) = self.with_state(&vm.name, |s| {
+            (s.pending_job_dir.take(), s.pending_input.take())
+        });
+        let job_dir = job_dir.ok_or_else(|| {
+            VmmsError::Backend(format!("run_job on {} without copy_in before it", vm.name))
+        })?;
         let (session, prepared) = self.session(vm).await?;
         let vm_dir = self.vm_dir(vm);
         let summary_path = format!("{vm_dir}/summary.json");
@@ -915,10 +955,22 @@ impl Vmms for Ec2 {
         if let Some(home) = &self.config.grading_home {
             args.extend(["--home".to_string(), home.clone()]);
         }
+        if input.is_some() {
+            args.extend(["--input-tar".to_string(), "-".to_string()]);
+        }
         args.push(dir_arg);
         let mut words = vec![ssh::quote(&self.config.remote_autodriver)];
         words.extend(args.iter().map(|a| ssh::quote(a)));
         let autodriver = words.join(" ");
+        // With the files on stdin the autodriver makes the job directory;
+        // nothing of an earlier job may be in it.
+        let clear = match input {
+            Some(_) => {
+                let job = job_dir.strip_suffix("/autolab").unwrap_or(&job_dir);
+                format!("rm -rf {} || exit 3; ", ssh::quote(job))
+            }
+            None => String::new(),
+        };
         let script = if req.disable_network && self.config.isolate_network {
             if !prepared.has_unshare {
                 return Err(VmmsError::Backend(format!(
@@ -928,9 +980,9 @@ impl Vmms for Ec2 {
             }
             // A new network namespace has only a loopback device, down.
             let inner = format!("ip link set lo up 2>/dev/null; exec {autodriver}");
-            format!("exec unshare --net -- sh -c {}", ssh::quote(&inner))
+            format!("{clear}exec unshare --net -- sh -c {}", ssh::quote(&inner))
         } else {
-            format!("exec {autodriver}")
+            format!("{clear}exec {autodriver}")
         };
 
         let output_path = self
@@ -946,7 +998,14 @@ impl Vmms for Ec2 {
         });
         let cap = req.output_cap_bytes.saturating_add(OUTPUT_SLACK);
         let command = self.remote(&script);
-        let run = session.exec(&command, None, &mut output, true, cap);
+        let (chunks, packer) = match input {
+            Some(files) => {
+                let (chunks, packer) = archive::pack(files);
+                (Some(chunks), Some(packer))
+            }
+            None => (None, None),
+        };
+        let run = session.exec(&command, chunks, &mut output, true, cap);
         let exit = match (req.timeout_secs > 0)
             .then(|| Duration::from_secs(req.timeout_secs) + RUN_GRACE)
         {
@@ -959,6 +1018,19 @@ impl Vmms for Ec2 {
             None => run.await,
         }
         .map_err(|e| ssh_error(&vm.name, "the job's connection to", e))?;
+        if let Some(packer) = packer {
+            match packer.await {
+                Ok(Ok(())) => {}
+                // The autodriver stopped reading (it reports why).
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                Ok(Err(e)) => return Err(VmmsError::io("cannot pack the input files", e)),
+                Err(e) => {
+                    return Err(VmmsError::Backend(format!(
+                        "packing the input files failed: {e}"
+                    )))
+                }
+            }
+        }
         let exit_code = exit.status.and_then(|code| i32::try_from(code).ok());
         let status = RunStatus::from_exit_code(exit_code);
         // The autodriver writes the summary when it ran the job (exit 0 or

@@ -23,6 +23,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
+/// How often the bytes of replaced uploads are looked for.
+const BLOB_SWEEP_INTERVAL: Duration = Duration::from_secs(3600);
+/// A blob this young may belong to a job being added right now.
+const BLOB_MIN_AGE: Duration = Duration::from_secs(3600);
+
 /// Delivers a callback: POSTs `body` to `url` as Tango does (multipart file
 /// part `file`, header `Filename`). Implemented by the server with an HTTP
 /// client; the engine only decides when.
@@ -1440,11 +1445,36 @@ impl Inner {
     async fn sweep_loop(self: Arc<Self>) {
         let mut every = tokio::time::interval(Duration::from_secs(60));
         every.tick().await;
+        let mut blobs_every = tokio::time::interval(BLOB_SWEEP_INTERVAL);
+        blobs_every.tick().await;
         loop {
             tokio::select! {
                 _ = every.tick() => self.sweep_orphans().await,
+                _ = blobs_every.tick() => self.sweep_blobs().await,
                 _ = self.stop.cancelled() => return,
             }
+        }
+    }
+
+    /// Frees the bytes of replaced uploads that no job still to run needs.
+    async fn sweep_blobs(&self) {
+        let pending = self
+            .store
+            .jobs_in_states(&[JobState::Queued, JobState::Running], None);
+        let keep = match pending {
+            Ok(jobs) => jobs
+                .iter()
+                .flat_map(|job| job.inputs.iter().map(|input| input.md5.clone()))
+                .collect(),
+            Err(e) => {
+                warn!("cannot list pending jobs for the blob sweep: {e}");
+                return;
+            }
+        };
+        match self.data.remove_unused_blobs(keep, BLOB_MIN_AGE).await {
+            Ok(0) => {}
+            Ok(removed) => info!(removed, "removed the bytes of replaced uploads"),
+            Err(e) => warn!("cannot sweep unused upload blobs: {e}"),
         }
     }
 

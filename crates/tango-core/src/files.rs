@@ -128,6 +128,49 @@ impl DataDir {
         self.root.join("blobs").join(md5)
     }
 
+    /// Removes the blobs of file versions that were replaced: a blob no
+    /// courselab file shares any more (link count 1), not named in `keep`
+    /// (the inputs of jobs still to run), and older than `min_age` (so a
+    /// job being added, which takes its snapshot before it is stored, keeps
+    /// its bytes). Returns how many were removed.
+    pub async fn remove_unused_blobs(
+        &self,
+        keep: std::collections::HashSet<String>,
+        min_age: std::time::Duration,
+    ) -> io::Result<usize> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = self.root.join("blobs");
+        tokio::task::spawn_blocking(move || {
+            let now = std::time::SystemTime::now();
+            let mut removed = 0;
+            for entry in std::fs::read_dir(&dir)? {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if keep.contains(&name) {
+                    continue;
+                }
+                let Ok(meta) = entry.metadata() else {
+                    continue;
+                };
+                // The ctime moves when the last courselab file sharing the
+                // blob goes (its link count changes), not when it was written.
+                let changed = std::time::UNIX_EPOCH
+                    + std::time::Duration::from_secs(meta.ctime().max(0) as u64);
+                let old_enough = now.duration_since(changed).is_ok_and(|age| age >= min_age);
+                if meta.is_file() && meta.nlink() == 1 && old_enough {
+                    match std::fs::remove_file(entry.path()) {
+                        Ok(()) => removed += 1,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Ok(removed)
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
     /// A fresh path in `tmp/` (same filesystem as everything else).
     pub fn temp_path(&self, tag: &str) -> PathBuf {
         let n = self.temp_counter.fetch_add(1, Ordering::Relaxed);

@@ -831,7 +831,10 @@ impl Inner {
             if no_free_anywhere && st.vm_count >= max_vms {
                 break;
             }
-            let Some((image, vmms)) = st.live.get(&id).map(|j| (j.image.clone(), j.vmms.clone()))
+            let Some((image, vmms, own_account)) = st
+                .live
+                .get(&id)
+                .map(|j| (j.image.clone(), j.vmms.clone(), j.credentials.is_some()))
             else {
                 st.queue.remove(&id);
                 continue;
@@ -840,12 +843,17 @@ impl Inner {
                 vmms: vmms.clone(),
                 ..Pool::default()
             });
-            // Only a VM of the job's own backend can run it.
-            let warm = pool
-                .free
-                .iter()
-                .position(|vm| vm.vmms == vmms)
-                .and_then(|at| pool.free.remove(at));
+            // Only a VM of the job's own backend can run it. A job with its
+            // own cloud credentials runs on a fresh VM in that account,
+            // never on a pool VM of the server's.
+            let warm = if own_account {
+                None
+            } else {
+                pool.free
+                    .iter()
+                    .position(|vm| vm.vmms == vmms && vm.credentials.is_none())
+                    .and_then(|at| pool.free.remove(at))
+            };
             if warm.is_none() {
                 if st.vm_count < max_vms {
                     st.vm_count += 1;
@@ -1262,7 +1270,9 @@ impl Inner {
     /// After a job: keep a healthy VM for the next job (reuse), or destroy it
     /// and top the pool up to its target.
     async fn release_vm(self: &Arc<Self>, vm: Machine, healthy: bool) {
-        if healthy && self.config.reuse_vms {
+        // A VM in a job's own cloud account served that job only.
+        let own_account = vm.credentials.is_some();
+        if healthy && self.config.reuse_vms && !own_account {
             let reset = match self.backend(&vm.vmms) {
                 Ok(backend) => call(
                     self.timeout(self.config.timeouts.query_secs),
@@ -1295,7 +1305,7 @@ impl Inner {
         }
         self.clone().spawn_destroy(vm);
         let on_demand = self.lock().pools.get(&image).is_some_and(|p| p.target == 0);
-        if on_demand && healthy && !self.config.reuse_vms {
+        if on_demand && healthy && !self.config.reuse_vms && !own_account {
             // Without reuse, a fresh VM for the next job of this image is
             // made now, off the next job's critical path.
             {

@@ -590,3 +590,38 @@ async fn blobs_of_replaced_uploads_are_removed_unless_a_pending_job_needs_them()
         b"second version"
     );
 }
+
+#[tokio::test]
+async fn a_job_with_its_own_credentials_gets_a_fresh_vm_that_is_not_reused() {
+    let h = Harness::new();
+    h.upload("Makefile", b"x").await;
+    let engine = h.engine(config()).await;
+    let plain = engine.add_job(h.job("plain")).await.unwrap();
+    h.wait_dead(plain).await;
+    let start = Instant::now();
+    while engine.pools()["img"].free.is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let warm: Vec<String> = h.vmms.vms.lock().unwrap().keys().cloned().collect();
+    assert_eq!(warm.len(), 1);
+
+    let mut own = h.job("own");
+    own.credentials = Some(crate::model::CloudCredentials {
+        access_key_id: "AKIDEXAMPLE".into(),
+        secret_access_key: "secret".into(),
+    });
+    let own = engine.add_job(own).await.unwrap();
+    h.wait_dead(own).await;
+    let job = engine.get_job(own).unwrap().unwrap();
+    let vm = job.vm.expect("the job's VM");
+    assert!(!warm.contains(&vm.name), "ran on the server's warm VM");
+    // Its VM is destroyed, not kept; the warm one is still there.
+    let start = Instant::now();
+    while h.vmms.vms.lock().unwrap().contains_key(&vm.name) {
+        assert!(start.elapsed() < Duration::from_secs(5), "kept for reuse");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(h.vmms.vms.lock().unwrap().contains_key(&warm[0]));
+    engine.shutdown().await;
+}

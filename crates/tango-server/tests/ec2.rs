@@ -239,10 +239,9 @@ async fn a_job_with_credentials_runs_on_its_own_instance_in_that_account() {
     );
 }
 
-/// Fails until the engine keeps warm pool VMs (the server's account) from
-/// jobs that carry credentials: see the ec2 report (tango-core dispatch).
+/// Warm pool VMs are the server's account's: a job with its own
+/// credentials never runs on one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the engine to skip warm VMs for jobs with credentials (tango-core)"]
 async fn a_job_with_credentials_never_takes_a_warm_instance() {
     let test = "a_job_with_credentials_never_takes_a_warm_instance";
     let Some((moto, sshd)) = fixtures(test) else {

@@ -778,7 +778,13 @@ impl Inner {
         for mut job in jobs {
             if job.state == JobState::Running {
                 job.retries += 1;
-                job.vm = None;
+                // A VM in the job's own cloud account is invisible to the
+                // orphan sweep (which lists with the server's keys): it is
+                // destroyed here, with the keys the job brought.
+                if let Some(vm) = job.vm.take().filter(|vm| vm.credentials.is_some()) {
+                    info!(vm = %vm.name, "destroying the VM an interrupted job had in its own account");
+                    self.destroy(&vm).await;
+                }
                 if job.retries > self.config.max_retries {
                     let failure = SystemFailure {
                         step: Step::Run,
@@ -966,6 +972,13 @@ impl Inner {
                 let mut vm = vm;
                 vm.credentials = job.credentials.clone();
                 job.vm = Some(vm.clone());
+                if vm.credentials.is_some() {
+                    // Recorded before it exists: after a crash only this
+                    // record finds a VM in the job's own account.
+                    if let Err(e) = self.store.save_job(job) {
+                        warn!("cannot record the job's VM: {e}");
+                    }
+                }
                 self.update_live(job);
                 call(
                     self.timeout(t.initialize_secs),
@@ -1157,6 +1170,11 @@ impl Inner {
             }),
             _ => None,
         };
+        // A finished job needs its cloud keys no more: they are not kept.
+        job.credentials = None;
+        if let Some(vm) = &mut job.vm {
+            vm.credentials = None;
+        }
         if let Err(e) = self.store.finish_job(job, callback.as_ref()) {
             warn!(job = job.id, "cannot record the finished job: {e}");
         }

@@ -614,6 +614,13 @@ async fn a_job_with_its_own_credentials_gets_a_fresh_vm_that_is_not_reused() {
     let own = engine.add_job(own).await.unwrap();
     h.wait_dead(own).await;
     let job = engine.get_job(own).unwrap().unwrap();
+    // The keys are not kept once the job is done.
+    let stored = h.store.get_job(own).unwrap().unwrap();
+    assert!(stored.credentials.is_none());
+    assert!(stored
+        .vm
+        .as_ref()
+        .is_some_and(|vm| vm.credentials.is_none()));
     let vm = job.vm.expect("the job's VM");
     assert!(!warm.contains(&vm.name), "ran on the server's warm VM");
     // Its VM is destroyed, not kept; the warm one is still there.
@@ -624,4 +631,41 @@ async fn a_job_with_its_own_credentials_gets_a_fresh_vm_that_is_not_reused() {
     }
     assert!(h.vmms.vms.lock().unwrap().contains_key(&warm[0]));
     engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restart_destroys_the_vm_an_interrupted_job_had_in_its_own_account() {
+    let h = Harness::new();
+    h.upload("Makefile", b"x").await;
+    h.vmms.script.lock().unwrap().run_hangs = true;
+    let engine = h.engine(config()).await;
+    let mut own = h.job("own");
+    own.credentials = Some(crate::model::CloudCredentials {
+        access_key_id: "AKIDEXAMPLE".into(),
+        secret_access_key: "secret".into(),
+    });
+    let id = engine.add_job(own).await.unwrap();
+    let start = Instant::now();
+    while engine
+        .get_job(id)
+        .unwrap()
+        .unwrap()
+        .phases
+        .copied_in
+        .is_none()
+    {
+        assert!(start.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let vm_name = engine.get_job(id).unwrap().unwrap().vm.unwrap().name;
+    // A crash: the engine is gone without a shutdown (its hung worker is
+    // left behind), and the VM is not listed by the orphan sweep.
+    drop(engine);
+    h.vmms.script.lock().unwrap().run_hangs = false;
+    let _engine = h.engine(config()).await;
+    assert!(
+        !h.vmms.vms.lock().unwrap().contains_key(&vm_name),
+        "the job's own VM outlived the restart"
+    );
+    h.wait_dead(id).await;
 }

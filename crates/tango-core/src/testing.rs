@@ -260,6 +260,9 @@ impl Vmms for FakeVmms {
             .unwrap()
             .values()
             .filter(|vm| parse_machine_name(prefix, &vm.name).is_some())
+            // As on a cloud: VMs in a job's own account are not listed with
+            // the server's keys.
+            .filter(|vm| vm.credentials.is_none())
             .cloned()
             .collect())
     }

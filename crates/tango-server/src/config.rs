@@ -104,6 +104,10 @@ pub struct SandboxSettings {
     /// Give jobs the host's network (default: loopback only).
     pub allow_network: bool,
     pub cgroup_name: String,
+    /// More host paths jobs must not see in images that contain them (e.g.
+    /// other services' data under `/` for the `host` image); the data dir
+    /// is always hidden. Paths that do not exist are passed over.
+    pub hidden_paths: Vec<PathBuf>,
 }
 
 impl Default for SandboxSettings {
@@ -114,6 +118,7 @@ impl Default for SandboxSettings {
             cores: None,
             allow_network: false,
             cgroup_name: "tango-rs".into(),
+            hidden_paths: Vec::new(),
         }
     }
 }

@@ -22,3 +22,9 @@ if [ -S /var/run/docker.sock ] && [ -x scripts/build-docker-test-image.sh ]; the
 fi
 
 cargo test --workspace "$@"
+# The ec2 backend (feature ec2, not in the default build) against moto and a
+# local sshd: TANGO_TEST_EC2=1 (CI sets it).
+if [ "${TANGO_TEST_EC2:-0}" = 1 ]; then
+  cargo test -p tango-vmms --features ec2 --lib --test ec2 "$@"
+  cargo test -p tango-server --features ec2 --test ec2 "$@"
+fi

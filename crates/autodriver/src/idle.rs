@@ -8,12 +8,7 @@ use std::path::Path;
 
 pub fn run(purge_writable: Option<&Path>) -> io::Result<()> {
     if let Some(list) = purge_writable {
-        // A job that finds no list makes it itself.
-        let scanned = crate::leftovers::scan_writable_dirs(Path::new("/"))
-            .and_then(|dirs| crate::leftovers::write_list(list, &dirs));
-        if let Err(e) = scanned {
-            eprintln!("autodriver: idle: cannot list the writable directories: {e}");
-        }
+        scan_in_background(list);
     }
     // Blocked signals stay pending even for PID 1 (which the kernel
     // otherwise spares from signals it has no handler for), and
@@ -49,5 +44,33 @@ fn reap_all() {
         if unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } <= 0 {
             return;
         }
+    }
+}
+
+/// Lists the writable directories in a child at the lowest CPU priority, so
+/// that a container made while jobs run takes no CPU from them (and one
+/// removed before it ran, as without reuse, costs almost nothing). PID 1
+/// reaps the child with the others. A job that finds no list makes it
+/// itself.
+fn scan_in_background(list: &Path) {
+    match unsafe { libc::fork() } {
+        0 => {
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+            let scanned = crate::leftovers::scan_writable_dirs(Path::new("/"))
+                .and_then(|dirs| crate::leftovers::write_list(list, &dirs));
+            let code = match scanned {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("autodriver: idle: cannot list the writable directories: {e}");
+                    1
+                }
+            };
+            unsafe { libc::_exit(code) };
+        }
+        -1 => eprintln!(
+            "autodriver: idle: cannot start listing the writable directories: {}",
+            io::Error::last_os_error()
+        ),
+        _ => {}
     }
 }

@@ -863,7 +863,7 @@ impl Inner {
             if warm.is_none() {
                 if st.vm_count < max_vms {
                     st.vm_count += 1;
-                } else if let Some(idle) = evict_idle(&mut st, &image) {
+                } else if let Some(idle) = evict_idle(&mut st) {
                     // The slot of an idle VM of another image goes to this job.
                     self.clone().spawn_destroy_keep_count(idle);
                 } else {
@@ -1672,15 +1672,15 @@ impl Inner {
     }
 }
 
-/// Takes a free VM of another image out of its pool (beyond that pool's
-/// target) so its slot can serve a waiting job.
-fn evict_idle(st: &mut State, wanted_image: &str) -> Option<Machine> {
+/// Takes a free VM out of its pool (beyond that pool's target) so its slot
+/// can serve a waiting job. Any free VM will do, of the job's image too:
+/// when this is called none can run the job (another image or backend, or
+/// the server's account for a job with its own keys).
+fn evict_idle(st: &mut State) -> Option<Machine> {
     let (image, _) = st
         .pools
         .iter()
-        .filter(|(image, pool)| {
-            image.as_str() != wanted_image && !pool.free.is_empty() && pool.all.len() > pool.target
-        })
+        .filter(|(_, pool)| !pool.free.is_empty() && pool.all.len() > pool.target)
         .max_by_key(|(_, pool)| pool.free.len())?;
     let image = image.clone();
     let pool = st.pools.get_mut(&image)?;

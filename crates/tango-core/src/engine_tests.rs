@@ -669,3 +669,32 @@ async fn a_restart_destroys_the_vm_an_interrupted_job_had_in_its_own_account() {
     );
     h.wait_dead(id).await;
 }
+
+#[tokio::test]
+async fn a_job_with_its_own_credentials_is_not_starved_by_warm_vms_it_cannot_use() {
+    let h = Harness::new();
+    h.upload("Makefile", b"x").await;
+    let engine = h
+        .engine(EngineConfig {
+            max_vms: 1,
+            ..config()
+        })
+        .await;
+    let plain = engine.add_job(h.job("plain")).await.unwrap();
+    h.wait_dead(plain).await;
+    let start = Instant::now();
+    while engine.pools()["img"].free.is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The only slot holds a warm VM of the server's account.
+    let mut own = h.job("own");
+    own.credentials = Some(crate::model::CloudCredentials {
+        access_key_id: "AKIDEXAMPLE".into(),
+        secret_access_key: "secret".into(),
+    });
+    let own = engine.add_job(own).await.unwrap();
+    h.wait_dead(own).await;
+    assert_eq!(engine.get_job(own).unwrap().unwrap().state, JobState::Done);
+    engine.shutdown().await;
+}

@@ -824,3 +824,47 @@ async fn the_servers_descriptors_stay_out_of_the_sandbox() {
     drop(listener);
     assert_clean(&env);
 }
+
+/// A job running longer than a second gets a tenth of the default CPU
+/// weight (short jobs beside it keep their latency); the VM's next job
+/// starts at the default again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_job_yields_contended_cpu() {
+    require_root!();
+    let env = env("t-prio");
+    let vm = env.machine(1, "host");
+    env.sandbox.initialize_vm(&vm).await.expect("init");
+    let weight_file = env
+        .leftover_cgroups()
+        .into_iter()
+        .flat_map(|dir| [dir.join("cpu.shares"), dir.join("cpu.weight")])
+        .find(|file| file.exists());
+    let Some(weight_file) = weight_file else {
+        eprintln!("skipping: no cpu controller for the VM");
+        return;
+    };
+    let weight = || {
+        std::fs::read_to_string(&weight_file)
+            .expect("weight")
+            .trim()
+            .to_string()
+    };
+    let default = weight();
+    let inputs = env.inputs(1, &[("Makefile", "all:\n\t@sleep 2\n")]);
+    env.sandbox.copy_in(&vm, &inputs).await.expect("copy_in");
+    let req = request(20);
+    let watch = async {
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+        weight()
+    };
+    let (outcome, during) = tokio::join!(env.sandbox.run_job(&vm, &req), watch);
+    assert_eq!(outcome.expect("run_job").status, RunStatus::Completed);
+    assert_ne!(during, default, "a long job keeps the default CPU weight");
+    assert!(during == "102" || during == "10", "{during}");
+
+    let (outcome, output) = env.run_on(&vm, "all:\n\t@true\n", &req).await;
+    assert_eq!(outcome.status, RunStatus::Completed, "{output}");
+    assert_eq!(weight(), default, "the next job started demoted");
+    env.sandbox.destroy_vm(&vm).await.expect("destroy");
+    assert_clean(&env);
+}

@@ -40,6 +40,13 @@ pub struct Counters {
 
 const CPU_PERIOD_US: u64 = 100_000;
 
+/// A VM's claim on contended CPU time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuPriority {
+    Normal,
+    Background,
+}
+
 /// The parent directories under which VM cgroups are created.
 #[derive(Debug, Clone)]
 pub struct CgroupTree {
@@ -380,6 +387,33 @@ impl CgroupTree {
             }
         }
         Ok(())
+    }
+
+    /// Sets the VM's share of contended CPU time: `Normal` (the default
+    /// weight) or `Background` (a tenth of it). Weights only matter while
+    /// the CPU is contended; a background job alone still gets it all.
+    /// Without a cpu controller this does nothing.
+    pub fn set_cpu_priority(&self, vm: &str, priority: CpuPriority) -> Result<(), VmmsError> {
+        let Some(cpu) = &self.cpu else {
+            return Ok(());
+        };
+        let dir = cpu.join(vm);
+        match self.version {
+            CgroupVersion::V1 => write_file(
+                &dir.join("cpu.shares"),
+                match priority {
+                    CpuPriority::Normal => "1024",
+                    CpuPriority::Background => "102",
+                },
+            ),
+            CgroupVersion::V2 => write_file(
+                &dir.join("cpu.weight"),
+                match priority {
+                    CpuPriority::Normal => "100",
+                    CpuPriority::Background => "10",
+                },
+            ),
+        }
     }
 
     /// `cgroup.procs` of each of the VM's cgroups, for a child to join them.

@@ -17,7 +17,7 @@ mod jail;
 mod mounts;
 
 use async_trait::async_trait;
-use cgroup::{CgroupTree, Counters, Limits};
+use cgroup::{CgroupTree, Counters, CpuPriority, Limits};
 use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -39,6 +39,20 @@ const REQUIRED_IMAGE_DIRS: [&str; 5] = ["home", "tmp", "proc", "dev", "run"];
 
 /// Grading uids are `UID_BASE + id % UID_SPAN`: distinct per VM because
 /// RLIMIT_NPROC counts a uid's processes across the whole system.
+/// After this long a job's VM gets a tenth of the default CPU weight, so
+/// that jobs that take a second or less (most grading runs) keep their
+/// latency beside endless loops and fork bombs.
+const BACKGROUND_AFTER: Duration = Duration::from_secs(1);
+
+/// Aborts a background task when the job it watches ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 const UID_BASE: u64 = 200_000;
 const UID_SPAN: u64 = 100_000;
 
@@ -451,6 +465,20 @@ impl Vmms for Sandbox {
         let output = fs::File::create(&output_path)
             .map_err(io_err(format!("creating {}", output_path.display())))?;
         let before = self.cgroups.counters(&vm.name);
+        // A job that runs long yields contended CPU to the short ones
+        // beside it (a reused VM starts every job at normal priority).
+        self.cgroups
+            .set_cpu_priority(&vm.name, CpuPriority::Normal)?;
+        let _demote = AbortOnDrop({
+            let cgroups = self.cgroups.clone();
+            let name = vm.name.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(BACKGROUND_AFTER).await;
+                if let Err(e) = cgroups.set_cpu_priority(&name, CpuPriority::Background) {
+                    tracing::debug!("cannot lower the CPU priority of {name}: {e}");
+                }
+            })
+        });
         let args = self.autodriver_args(vm, req);
         let cgroup_procs = self.cgroups.procs_files(&vm.name);
         let spec = jail::JailSpec {

@@ -80,6 +80,45 @@ impl Harness {
         std::fs::read_to_string(self.data.output_path("k-lab", name)).unwrap_or_default()
     }
 
+    /// A job that brings its own cloud keys.
+    fn job_with_own_keys(&self, output: &str) -> NewJob {
+        NewJob {
+            credentials: Some(crate::model::CloudCredentials {
+                access_key_id: "AKIDEXAMPLE".into(),
+                secret_access_key: "secret".into(),
+            }),
+            ..self.job(output)
+        }
+    }
+
+    /// Waits until the pool of image `img` holds a free VM.
+    async fn wait_free_vm(&self, engine: &Engine) {
+        let start = Instant::now();
+        while engine.pools()["img"].free.is_empty() {
+            assert!(start.elapsed() < Duration::from_secs(5), "no free VM");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Waits until job `id` has its files in its VM (it is running).
+    async fn wait_copied_in(&self, engine: &Engine, id: u64) {
+        let start = Instant::now();
+        while engine
+            .get_job(id)
+            .unwrap()
+            .unwrap()
+            .phases
+            .copied_in
+            .is_none()
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "job {id} never ran"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     async fn wait_dead(&self, id: u64) -> Job {
         let start = Instant::now();
         loop {
@@ -177,11 +216,7 @@ async fn without_reuse_each_job_gets_a_fresh_vm() {
         let id = engine.add_job(h.job(&format!("o{i}"))).await.unwrap();
         used.push(h.wait_dead(id).await.vm.unwrap().name);
         // The spare made after this job is ready for the next one.
-        let start = Instant::now();
-        while engine.pools()["img"].free.is_empty() {
-            assert!(start.elapsed() < Duration::from_secs(5), "no spare VM");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        h.wait_free_vm(&engine).await;
     }
     used.dedup();
     assert_eq!(used.len(), 3, "a VM ran two jobs: {used:?}");
@@ -480,11 +515,7 @@ async fn shutdown_destroys_idle_vms() {
     let id = engine.add_job(h.job("o")).await.unwrap();
     h.wait_dead(id).await;
     // The reused VM waits in the pool until the server stops.
-    let start = Instant::now();
-    while engine.pools()["img"].free.is_empty() {
-        assert!(start.elapsed() < Duration::from_secs(5));
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    h.wait_free_vm(&engine).await;
     assert_eq!(h.vmms.vms.lock().unwrap().len(), 1);
     engine.shutdown().await;
     assert!(h.vmms.vms.lock().unwrap().is_empty());
@@ -524,18 +555,7 @@ async fn shutdown_stops_jobs_that_outlive_the_grace_period_and_destroys_their_vm
         })
         .await;
     let id = engine.add_job(h.job("hangs")).await.unwrap();
-    let start = Instant::now();
-    while engine
-        .get_job(id)
-        .unwrap()
-        .unwrap()
-        .phases
-        .copied_in
-        .is_none()
-    {
-        assert!(start.elapsed() < Duration::from_secs(5));
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    h.wait_copied_in(&engine, id).await;
     assert_eq!(h.vmms.vms.lock().unwrap().len(), 1);
     tokio::time::timeout(Duration::from_secs(10), engine.shutdown())
         .await
@@ -598,20 +618,11 @@ async fn a_job_with_its_own_credentials_gets_a_fresh_vm_that_is_not_reused() {
     let engine = h.engine(config()).await;
     let plain = engine.add_job(h.job("plain")).await.unwrap();
     h.wait_dead(plain).await;
-    let start = Instant::now();
-    while engine.pools()["img"].free.is_empty() {
-        assert!(start.elapsed() < Duration::from_secs(5));
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    h.wait_free_vm(&engine).await;
     let warm: Vec<String> = h.vmms.vms.lock().unwrap().keys().cloned().collect();
     assert_eq!(warm.len(), 1);
 
-    let mut own = h.job("own");
-    own.credentials = Some(crate::model::CloudCredentials {
-        access_key_id: "AKIDEXAMPLE".into(),
-        secret_access_key: "secret".into(),
-    });
-    let own = engine.add_job(own).await.unwrap();
+    let own = engine.add_job(h.job_with_own_keys("own")).await.unwrap();
     h.wait_dead(own).await;
     let job = engine.get_job(own).unwrap().unwrap();
     // The keys are not kept once the job is done.
@@ -639,24 +650,8 @@ async fn a_restart_destroys_the_vm_an_interrupted_job_had_in_its_own_account() {
     h.upload("Makefile", b"x").await;
     h.vmms.script.lock().unwrap().run_hangs = true;
     let engine = h.engine(config()).await;
-    let mut own = h.job("own");
-    own.credentials = Some(crate::model::CloudCredentials {
-        access_key_id: "AKIDEXAMPLE".into(),
-        secret_access_key: "secret".into(),
-    });
-    let id = engine.add_job(own).await.unwrap();
-    let start = Instant::now();
-    while engine
-        .get_job(id)
-        .unwrap()
-        .unwrap()
-        .phases
-        .copied_in
-        .is_none()
-    {
-        assert!(start.elapsed() < Duration::from_secs(5));
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let id = engine.add_job(h.job_with_own_keys("own")).await.unwrap();
+    h.wait_copied_in(&engine, id).await;
     let vm_name = engine.get_job(id).unwrap().unwrap().vm.unwrap().name;
     // A crash: the engine is gone without a shutdown (its hung worker is
     // left behind), and the VM is not listed by the orphan sweep.
@@ -682,18 +677,9 @@ async fn a_job_with_its_own_credentials_is_not_starved_by_warm_vms_it_cannot_use
         .await;
     let plain = engine.add_job(h.job("plain")).await.unwrap();
     h.wait_dead(plain).await;
-    let start = Instant::now();
-    while engine.pools()["img"].free.is_empty() {
-        assert!(start.elapsed() < Duration::from_secs(5));
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    h.wait_free_vm(&engine).await;
     // The only slot holds a warm VM of the server's account.
-    let mut own = h.job("own");
-    own.credentials = Some(crate::model::CloudCredentials {
-        access_key_id: "AKIDEXAMPLE".into(),
-        secret_access_key: "secret".into(),
-    });
-    let own = engine.add_job(own).await.unwrap();
+    let own = engine.add_job(h.job_with_own_keys("own")).await.unwrap();
     h.wait_dead(own).await;
     assert_eq!(engine.get_job(own).unwrap().unwrap().state, JobState::Done);
     engine.shutdown().await;

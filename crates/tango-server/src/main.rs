@@ -17,8 +17,52 @@ async fn main() -> anyhow::Result<()> {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
+    let _prefix_lock = lock_prefix(&config.engine.prefix).await?;
     let listener = bind(config.listen).await?;
     tango_server::serve(config, listener).await
+}
+
+/// Host-wide lock files of the VM prefixes in use.
+const PREFIX_LOCK_DIR: &str = "/run/tango-rs";
+
+/// Holds this host's lock on the VM prefix for as long as tangod runs. Two
+/// servers with one prefix would each take the other's VMs for orphans and
+/// destroy them (Docker containers are host-wide). The lock goes with the
+/// process, however it ends. Without a writable /run (not root) there is
+/// no check.
+async fn lock_prefix(prefix: &str) -> anyhow::Result<Option<std::fs::File>> {
+    tango_core::names::check_component("engine prefix", prefix)
+        .map_err(|e| anyhow::anyhow!("{e}: set [engine] prefix to a plain name"))?;
+    if let Err(e) = std::fs::create_dir_all(PREFIX_LOCK_DIR) {
+        tracing::warn!("cannot check that no other tangod uses prefix {prefix:?}: {e}");
+        return Ok(None);
+    }
+    let path = std::path::Path::new(PREFIX_LOCK_DIR).join(format!("prefix-{prefix}.lock"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // Right after a crash a job process of the dead server that was being
+    // set up may hold the lock for a moment (as with the socket above).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(Some(file)),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "another tangod on this host uses the VM prefix {prefix:?} (it holds {}): \
+                 give each server its own [engine] prefix, or they destroy each other's VMs",
+                path.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()))
+            }
+        }
+    }
 }
 
 /// Binds the listen address. Right after a crash, job processes of the dead

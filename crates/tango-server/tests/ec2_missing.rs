@@ -10,7 +10,11 @@ fn ec2_without_the_feature_is_a_clear_start_error() {
     let config = dir.path().join("tangod.toml");
     std::fs::write(
         &config,
-        "vmms = \"ec2\"\n[ec2]\nregion = \"eu-west-1\"\n[ec2.images]\nhost = \"ami-1\"\n",
+        format!(
+            "vmms = \"ec2\"\n[engine]\nprefix = \"t{}ec2missing\"\n\
+             [ec2]\nregion = \"eu-west-1\"\n[ec2.images]\nhost = \"ami-1\"\n",
+            std::process::id()
+        ),
     )
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_tangod"))

@@ -234,6 +234,27 @@ fn is_numeric_user(user: &str) -> bool {
         .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// The grading uid must not be the SSH user's: after every job the
+/// autodriver kills every process of the grading uid, the backend's own
+/// session included, and deletes its files (e.g. `authorized_keys`). On an
+/// AMI without an `autograde` user the fallback `1000:1000` is often the
+/// SSH user (`ubuntu`, `admin`, `ec2-user`).
+fn check_grading_uid(
+    grader_uid: Option<u32>,
+    ssh_uid: Option<u32>,
+    grading_user: &str,
+    ssh_user: &str,
+) -> Result<(), VmmsError> {
+    match (grader_uid, ssh_uid) {
+        (Some(grader), Some(ssh)) if grader == ssh => Err(VmmsError::Backend(format!(
+            "ec2: the grading user {grading_user} (uid {grader}) is the SSH user {ssh_user}: \
+             jobs would kill the backend's session and delete its files; give the AMI an \
+             `autograde` user or set [ec2] fallback_user to an unused uid"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn ssh_error(vm: &str, context: &str, error: ssh::SshError) -> VmmsError {
     VmmsError::Backend(format!("ec2: {context} {vm}: {error}"))
 }
@@ -658,10 +679,19 @@ impl Ec2 {
                 ssh::quote(user)
             )
         };
+        let grader_uid = if is_numeric_user(user) {
+            String::new()
+        } else {
+            format!(
+                "echo grader_uid=$(id -u {} 2>/dev/null)\n",
+                ssh::quote(user)
+            )
+        };
         let script = format!(
             "umask 077; mkdir -p {dir} || exit 1\n\
              if [ -x {autodriver} ]; then echo autodriver=yes; else echo autodriver=no; fi\n\
-             {user_check}\n\
+             {user_check}\n{grader_uid}\
+             echo ssh_uid=${{SUDO_UID:-$(id -u)}}\n\
              if command -v unshare >/dev/null 2>&1; then echo unshare=yes; else echo unshare=no; fi\n",
             dir = ssh::quote(&self.vm_dir(vm)),
         );
@@ -703,6 +733,18 @@ impl Ec2 {
         } else {
             self.config.grading_user.clone()
         };
+        let value = |key: &str| {
+            probe
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(key))
+                .and_then(|v| v.parse::<u32>().ok())
+        };
+        let grader_uid = if is_numeric_user(&user) {
+            user.split(':').next().and_then(|uid| uid.parse().ok())
+        } else {
+            value("grader_uid=")
+        };
+        check_grading_uid(grader_uid, value("ssh_uid="), &user, &self.config.ssh_user)?;
         let prepared = Prepared {
             user,
             has_unshare: has("unshare=yes"),
@@ -1221,5 +1263,14 @@ mod tests {
         assert!(is_numeric_user("64123"));
         assert!(!is_numeric_user("autograde"));
         assert!(!is_numeric_user("1000:"));
+    }
+
+    #[test]
+    fn the_grading_uid_must_not_be_the_ssh_users() {
+        assert!(check_grading_uid(Some(1000), Some(1000), "1000:1000", "ubuntu").is_err());
+        assert!(check_grading_uid(Some(1001), Some(1000), "autograde", "ubuntu").is_ok());
+        // Unknown on either side: nothing to compare.
+        assert!(check_grading_uid(None, Some(1000), "autograde", "ubuntu").is_ok());
+        assert!(check_grading_uid(Some(1000), None, "1000:1000", "root").is_ok());
     }
 }

@@ -72,8 +72,15 @@ pub const DERIVED_REPO: &str = "tango-autodriver";
 /// The job directory's name: jobs run in `<grading home>/autolab`, as under
 /// Tango.
 const JOB_DIR_NAME: &str = "autolab";
-/// Writable directories given private tmpfs mounts (path, mode).
-const SCRATCH_DIRS: [(&str, &str); 3] = [("/home", "755"), ("/tmp", "1777"), ("/var/tmp", "1777")];
+/// Writable directories given private tmpfs mounts (path, mode, size in
+/// eighths of the memory limit). Together they stay below the limit: a job
+/// that fills them gets ENOSPC, not a memory cgroup thrashing for seconds
+/// over tmpfs pages it cannot reclaim before the OOM killer acts.
+const SCRATCH_DIRS: [(&str, &str, u64); 3] = [
+    ("/home", "755", 4),
+    ("/tmp", "1777", 1),
+    ("/var/tmp", "1777", 1),
+];
 /// Linux capabilities the autodriver needs as root in the container: switch
 /// to the grading user, hand it the job's files, remove what it leaves
 /// anywhere, kill what it leaves running. Everything else is dropped.
@@ -136,8 +143,8 @@ pub struct DockerConfig {
     /// archive call; 10-50 ms here) and the engine does not use it. The
     /// OOM note does not depend on it.
     pub read_summary: bool,
-    /// Give every container private tmpfs mounts on `/home`, `/tmp` and
-    /// `/var/tmp`, each as large as the memory limit. What a job writes
+    /// Give every container private tmpfs mounts on `/home` (half the
+    /// memory limit), `/tmp` and `/var/tmp` (an eighth each). What a job writes
     /// there is charged to the container's memory, so it cannot fill the
     /// host's disk (overlay2 has no size limit without xfs quotas). The
     /// image's own `/home` content is hidden (the autodriver empties the
@@ -767,10 +774,11 @@ impl Vmms for Docker {
             ),
             security_opt: Some(vec!["no-new-privileges:true".into()]),
             tmpfs: self.config.scratch_tmpfs.then(|| {
-                let size = self.memory_mb(vm);
+                let memory_mb = self.memory_mb(vm);
                 SCRATCH_DIRS
                     .iter()
-                    .map(|(path, mode)| {
+                    .map(|(path, mode, eighths)| {
+                        let size = (memory_mb * eighths / 8).max(1);
                         let options = format!("rw,exec,nosuid,nodev,size={size}m,mode={mode}");
                         (path.to_string(), options)
                     })

@@ -10,14 +10,14 @@ use tango_core::model::{InputFile, Machine};
 use tango_core::vmms::{RunRequest, Vmms};
 use tango_vmms::docker::{Docker, DockerConfig};
 
+#[path = "support/autodriver.rs"]
+mod autodriver_build;
+pub use autodriver_build::{autodriver, workspace_root};
+
 pub const BOOKWORM: &str = "tango-test-bookworm";
 pub const BUSYBOX: &str = "tango-test-busybox";
 /// Bookworm plus user `autograde`, like Tango's images.
 pub const AUTOGRADE: &str = "tango-test-autograde";
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 /// Why the Docker tests cannot run here, if they cannot.
 pub fn skip_reason() -> Option<String> {
@@ -36,36 +36,6 @@ macro_rules! require_docker {
     };
 }
 pub(crate) use require_docker;
-
-/// The static autodriver: `TANGO_AUTODRIVER`, else built for musl.
-pub fn autodriver() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        if let Some(path) = std::env::var_os("TANGO_AUTODRIVER") {
-            return PathBuf::from(path);
-        }
-        let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join("target"));
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "autodriver",
-                "--target",
-                "x86_64-unknown-linux-musl",
-            ])
-            .env("CARGO_TARGET_DIR", &target_dir)
-            .current_dir(workspace_root())
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building the autodriver failed");
-        target_dir.join("x86_64-unknown-linux-musl/release/autodriver")
-    })
-    .clone()
-}
 
 /// Builds the test images once per machine.
 pub fn ensure_test_images() {

@@ -8,47 +8,16 @@
 //! where a missing fixture is a failure.
 #![cfg(feature = "ec2")]
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 use std::time::Duration;
 use tango_core::model::{CloudCredentials, InputFile, Machine};
 use tango_core::vmms::{RunRequest, RunStatus, Vmms, VmmsError};
 use tango_vmms::ec2::testing::{server_credentials, Moto, Sshd};
 use tango_vmms::ec2::{Ec2, Ec2Config};
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The static autodriver: `TANGO_AUTODRIVER`, else built for musl.
-fn autodriver() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        if let Some(path) = std::env::var_os("TANGO_AUTODRIVER") {
-            return PathBuf::from(path);
-        }
-        let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join("target"));
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "autodriver",
-                "--target",
-                "x86_64-unknown-linux-musl",
-            ])
-            .env("CARGO_TARGET_DIR", &target_dir)
-            .current_dir(workspace_root())
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building the autodriver failed");
-        target_dir.join("x86_64-unknown-linux-musl/release/autodriver")
-    })
-    .clone()
-}
+#[path = "support/autodriver.rs"]
+mod autodriver_build;
+use autodriver_build::autodriver;
 
 /// moto and sshd, or `None` (after saying why) when they cannot run here.
 fn fixtures(test: &str) -> Option<(Moto, Sshd)> {

@@ -56,10 +56,8 @@ fn scan_in_background(list: &Path) {
     match unsafe { libc::fork() } {
         0 => {
             unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
-            let scanned = crate::leftovers::scan_writable_dirs(Path::new("/"))
-                .and_then(|dirs| crate::leftovers::write_list(list, &dirs));
-            let code = match scanned {
-                Ok(()) => 0,
+            let code = match crate::leftovers::make_list(list) {
+                Ok(_) => 0,
                 Err(e) => {
                     eprintln!("autodriver: idle: cannot list the writable directories: {e}");
                     1

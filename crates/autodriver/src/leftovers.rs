@@ -56,13 +56,16 @@ pub fn writable_dirs(list_file: &Path) -> io::Result<Vec<PathBuf>> {
             .filter(|line| line.starts_with(b"/"))
             .map(|line| PathBuf::from(std::ffi::OsStr::from_bytes(line)))
             .collect()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let dirs = scan_writable_dirs(Path::new("/"))?;
-            write_list(list_file, &dirs)?;
-            Ok(dirs)
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => make_list(list_file),
         Err(e) => Err(e),
     }
+}
+
+/// Scans `/` for the writable directories and keeps them in `list_file`.
+pub fn make_list(list_file: &Path) -> io::Result<Vec<PathBuf>> {
+    let dirs = scan_writable_dirs(Path::new("/"))?;
+    write_list(list_file, &dirs)?;
+    Ok(dirs)
 }
 
 /// Writes the list atomically (a temporary file renamed into place), so a

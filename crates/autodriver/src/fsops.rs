@@ -200,25 +200,79 @@ pub fn remove_all_at(parent: RawFd, name: &CStr) -> io::Result<()> {
     unlink_at(parent, name, true)
 }
 
-/// Changes the owner of `root` and everything under it, never following a
-/// symlink (lchown). With `only_from`, only entries owned by that uid change
-/// hands (used when a non-root caller hands over a tree it may have salted
-/// with links to files it does not own).
-pub fn chown_tree(root: &Path, uid: u32, gid: u32, only_from: Option<u32>) -> io::Result<()> {
+/// Whose entries [`chown_tree`] gives to the grading user.
+#[derive(Clone, Copy, Debug)]
+pub enum Handover {
+    /// Every entry: the driver was started by root, who vouches for the tree.
+    Everything,
+    /// Set-uid mode: the caller's entries, and root's directories, symlinks
+    /// and regular files with a single link, which is what root copies in
+    /// for the caller in Tango's own flow (`cp -r` as root, then the driver
+    /// as the caller). A root regular file with more than one link may be
+    /// any root file the caller hard-linked in, so it stays root's, and so
+    /// do root's devices, fifos and sockets.
+    CallerAndRootCopies { caller: u32 },
+}
+
+impl Handover {
+    fn takes(self, st: &libc::stat) -> bool {
+        match self {
+            Handover::Everything => true,
+            Handover::CallerAndRootCopies { caller } => {
+                if st.st_uid == caller {
+                    return true;
+                }
+                if st.st_uid != 0 {
+                    return false;
+                }
+                match st.st_mode & libc::S_IFMT {
+                    libc::S_IFDIR | libc::S_IFLNK => true,
+                    libc::S_IFREG => st.st_nlink == 1,
+                    _ => false,
+                }
+            }
+        }
+    }
+}
+
+/// Gives the entry `name` in `parent` to `uid`:`gid` if `policy` takes it.
+/// The decision and the chown are made on one `O_PATH` descriptor of the
+/// entry itself (a symlink is not followed), so swapping the name for
+/// another file between the check and the chown changes nothing.
+fn hand_over_at(
+    parent: RawFd,
+    name: &CStr,
+    uid: u32,
+    gid: u32,
+    policy: Handover,
+) -> io::Result<()> {
+    let fd = match sys::openat(parent, name, libc::O_PATH | libc::O_NOFOLLOW, 0) {
+        Ok(fd) => fd,
+        Err(e) if sys::errno_of(&e) == libc::ENOENT => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let st = sys::fstat(fd.as_raw_fd())?;
+    if policy.takes(&st) {
+        sys::check(unsafe {
+            libc::fchownat(fd.as_raw_fd(), c"".as_ptr(), uid, gid, libc::AT_EMPTY_PATH)
+        })?;
+    }
+    Ok(())
+}
+
+/// Changes the owner of `root` and of the entries under it that `policy`
+/// takes, never following a symlink.
+pub fn chown_tree(root: &Path, uid: u32, gid: u32, policy: Handover) -> io::Result<()> {
     let fd = sys::open_dir(root)?;
     let st = sys::fstat(fd.as_raw_fd())?;
-    if only_from.is_none_or(|owner| st.st_uid == owner) {
+    if policy.takes(&st) {
         sys::check(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) })?;
     }
     walk(
         fd,
         (),
         &mut |parent, _, name, st| {
-            if only_from.is_none_or(|owner| st.st_uid == owner) {
-                sys::check(unsafe {
-                    libc::fchownat(parent, name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW)
-                })?;
-            }
+            hand_over_at(parent, name, uid, gid, policy)?;
             Ok(if sys::is_dir(st) {
                 Visit::Descend(())
             } else {
@@ -235,8 +289,11 @@ fn permission_bits(st: &libc::stat) -> libc::mode_t {
 }
 
 /// Copies the tree under `src` into the existing directory `dst`: regular
-/// files, directories and symlinks (as symlinks); other kinds are skipped.
-fn copy_tree(src: OwnedFd, dst: OwnedFd) -> io::Result<()> {
+/// files, directories and symlinks (as symlinks); other kinds are skipped,
+/// and so are regular files `policy` would not hand over (the copies are
+/// root's files with one link, which [`chown_tree`] then hands over: a
+/// hard link to a root file must not become a copy the grader owns).
+fn copy_tree(src: OwnedFd, dst: OwnedFd, policy: Handover) -> io::Result<()> {
     walk(
         src,
         dst,
@@ -251,11 +308,16 @@ fn copy_tree(src: OwnedFd, dst: OwnedFd) -> io::Result<()> {
                 }
                 libc::S_IFREG => {
                     let from = sys::openat(src_parent, name, libc::O_RDONLY | libc::O_NOFOLLOW, 0)?;
+                    // Decided on the file opened, not on the name looked at.
+                    let opened = sys::fstat(from.as_raw_fd())?;
+                    if opened.st_mode & libc::S_IFMT != libc::S_IFREG || !policy.takes(&opened) {
+                        return Ok(Visit::Skip);
+                    }
                     let to = sys::openat(
                         dst_parent,
                         name,
                         libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
-                        permission_bits(st),
+                        permission_bits(&opened),
                     )?;
                     io::copy(&mut File::from(from), &mut File::from(to))?;
                     Ok(Visit::Skip)
@@ -313,8 +375,9 @@ pub fn remove_all(path: &Path) -> io::Result<()> {
 }
 
 /// Moves the directory `src` to `dst` (which must not exist): a rename, or
-/// across file systems a copy followed by deleting the source.
-pub fn move_dir(src: &Path, dst: &Path) -> io::Result<()> {
+/// across file systems a copy (leaving out the regular files `policy` would
+/// not hand over) followed by deleting the source.
+pub fn move_dir(src: &Path, dst: &Path, policy: Handover) -> io::Result<()> {
     let src_c = sys::cstring(src)?;
     let dst_c = sys::cstring(dst)?;
     match sys::check(unsafe { libc::rename(src_c.as_ptr(), dst_c.as_ptr()) }) {
@@ -327,7 +390,7 @@ pub fn move_dir(src: &Path, dst: &Path) -> io::Result<()> {
     sys::check(unsafe { libc::mkdir(dst_c.as_ptr(), 0o700) })?;
     let dst_fd = sys::open_dir(dst)?;
     sys::check(unsafe { libc::fchmod(dst_fd.as_raw_fd(), permission_bits(&st)) })?;
-    copy_tree(src_fd, dst_fd)?;
+    copy_tree(src_fd, dst_fd, policy)?;
     remove_all(src)
 }
 
@@ -385,7 +448,7 @@ mod tests {
         let dst = base.join("dst");
         let src_fd = sys::open_dir(&src).unwrap();
         std::fs::create_dir(&dst).unwrap();
-        copy_tree(src_fd, sys::open_dir(&dst).unwrap()).unwrap();
+        copy_tree(src_fd, sys::open_dir(&dst).unwrap(), Handover::Everything).unwrap();
         assert_eq!(std::fs::read(dst.join("a/b/c/file")).unwrap(), b"hello");
         assert_eq!(
             std::fs::read_link(dst.join("a/link")).unwrap(),
@@ -395,6 +458,93 @@ mod tests {
         assert!(!src.exists());
         remove_all(&base).unwrap();
         assert!(!base.exists());
+    }
+
+    fn owner(path: &Path) -> u32 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(path).unwrap().uid()
+    }
+
+    /// A tree as a set-uid caller may hand in: its own file, root's copies
+    /// (a file, a directory holding a file, a symlink, a fifo), a root file
+    /// with a second link, and another user's file. `None` unless root.
+    fn mixed_tree(name: &str, caller: u32) -> Option<std::path::PathBuf> {
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
+        let base = scratch(name);
+        let src = base.join("src");
+        std::fs::create_dir_all(src.join("rootdir")).unwrap();
+        std::os::unix::fs::chown(&src, Some(caller), Some(caller)).unwrap();
+        std::fs::write(src.join("mine"), b"m").unwrap();
+        std::os::unix::fs::chown(src.join("mine"), Some(caller), Some(caller)).unwrap();
+        std::fs::write(src.join("rootfile"), b"r").unwrap();
+        std::fs::write(src.join("rootdir/inner"), b"i").unwrap();
+        symlink("/etc/passwd", src.join("rootlink")).unwrap();
+        let fifo = CString::new(src.join("rootfifo").to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        std::fs::write(base.join("secret"), b"s").unwrap();
+        std::fs::hard_link(base.join("secret"), src.join("linked")).unwrap();
+        std::fs::write(src.join("foreign"), b"f").unwrap();
+        std::os::unix::fs::chown(src.join("foreign"), Some(caller + 1), None).unwrap();
+        Some(base)
+    }
+
+    #[test]
+    fn set_uid_handover_takes_root_copies_but_not_linked_or_foreign_files() {
+        let (caller, grader) = (64030, 64031);
+        let Some(base) = mixed_tree("handover", caller) else {
+            return;
+        };
+        let src = base.join("src");
+        chown_tree(
+            &src,
+            grader,
+            grader,
+            Handover::CallerAndRootCopies { caller },
+        )
+        .unwrap();
+        for taken in [
+            "",
+            "mine",
+            "rootfile",
+            "rootdir",
+            "rootdir/inner",
+            "rootlink",
+        ] {
+            assert_eq!(owner(&src.join(taken)), grader, "{taken}");
+        }
+        for kept in ["linked", "rootfifo"] {
+            assert_eq!(owner(&src.join(kept)), 0, "{kept}");
+        }
+        assert_eq!(owner(&src.join("foreign")), caller + 1);
+        assert_eq!(owner(&base.join("secret")), 0);
+        assert_eq!(owner(Path::new("/etc/passwd")), 0);
+        remove_all(&base).unwrap();
+    }
+
+    #[test]
+    fn set_uid_copy_leaves_out_files_it_would_not_hand_over() {
+        let caller = 64032;
+        let Some(base) = mixed_tree("copy-policy", caller) else {
+            return;
+        };
+        let dst = base.join("dst");
+        std::fs::create_dir(&dst).unwrap();
+        copy_tree(
+            sys::open_dir(&base.join("src")).unwrap(),
+            sys::open_dir(&dst).unwrap(),
+            Handover::CallerAndRootCopies { caller },
+        )
+        .unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&dst)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["mine", "rootdir", "rootfile", "rootlink"]);
+        assert_eq!(std::fs::read(dst.join("rootdir/inner")).unwrap(), b"i");
+        remove_all(&base).unwrap();
     }
 
     #[test]

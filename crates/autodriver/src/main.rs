@@ -318,6 +318,10 @@ fn run(args: &JobArgs) -> Result<i32, Failure> {
         .map_err(os("cannot stop the grading user's processes"))?;
     fsops::ensure_home(&user.home, user.uid, user.gid)
         .map_err(os(format_args!("cannot set up {}", user.home.display())))?;
+    let handover = match invoker {
+        Some(inv) => fsops::Handover::CallerAndRootCopies { caller: inv.uid },
+        None => fsops::Handover::Everything,
+    };
     let source = std::fs::canonicalize(&args.dir)
         .map_err(os(format_args!("cannot resolve {}", args.dir.display())))?;
     let target = std::fs::canonicalize(&user.home)
@@ -333,16 +337,17 @@ fn run(args: &JobArgs) -> Result<i32, Failure> {
         }
         fsops::remove_all(&target)
             .map_err(os(format_args!("cannot clear {}", target.display())))?;
-        fsops::move_dir(&source, &target).map_err(os(format_args!(
+        fsops::move_dir(&source, &target, handover).map_err(os(format_args!(
             "cannot move {} to {}",
             source.display(),
             target.display()
         )))?;
     }
     purge_user_files(&user.home, user.uid, Some(&job_name_c), &writable_dirs)?;
-    fsops::chown_tree(&target, user.uid, user.gid, invoker.map(|inv| inv.uid)).map_err(os(
-        format_args!("cannot give {} to the grading user", target.display()),
-    ))?;
+    fsops::chown_tree(&target, user.uid, user.gid, handover).map_err(os(format_args!(
+        "cannot give {} to the grading user",
+        target.display()
+    )))?;
 
     let mut limits: Vec<(libc::c_int, u64, u64)> = Vec::new();
     // The resource constants have different types in the gnu and musl bindings.

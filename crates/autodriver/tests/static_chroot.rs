@@ -66,7 +66,7 @@ fn write(path: &Path, text: &str, mode: u32, owner: u32) {
     std::os::unix::fs::chown(path, Some(owner), Some(owner)).unwrap();
 }
 
-fn build_root(root: &Path, driver: &Path) {
+fn build_root(root: &Path, driver: &Path, grader: u32, caller: u32) {
     for dir in [
         "bin", "sbin", "usr/bin", "usr/sbin", "etc", "dev", "home", "var",
     ] {
@@ -99,8 +99,8 @@ fn build_root(root: &Path, driver: &Path) {
     write(
         &root.join("etc/passwd"),
         &format!(
-            "root:x:0:0:root:/root:/bin/sh\nautograde:x:{GRADER}:{GRADER}::/home/autograde:/bin/sh\n\
-             caller:x:{CALLER}:{CALLER}::/home/caller:/bin/sh\n"
+            "root:x:0:0:root:/root:/bin/sh\nautograde:x:{grader}:{grader}::/home/autograde:/bin/sh\n\
+             caller:x:{caller}:{caller}::/home/caller:/bin/sh\n"
         ),
         0o644,
         0,
@@ -118,12 +118,16 @@ fn build_root(root: &Path, driver: &Path) {
         std::fs::Permissions::from_mode(0o4755),
     )
     .unwrap();
-    mkdir(&root.join("home/caller"), 0o755, CALLER);
+    mkdir(&root.join("home/caller"), 0o755, caller);
 }
 
 fn as_caller(root: &Path, args: &[&str]) -> Outcome {
+    as_user(root, CALLER, args)
+}
+
+fn as_user(root: &Path, caller: u32, args: &[&str]) -> Outcome {
     let output = Command::new("chroot")
-        .arg(format!("--userspec={CALLER}:{CALLER}"))
+        .arg(format!("--userspec={caller}:{caller}"))
         .arg(root)
         .arg("/autodriver")
         .args(args)
@@ -143,16 +147,17 @@ fn on_nosuid_mount(path: &Path) -> bool {
     unsafe { libc::statvfs(c.as_ptr(), &mut stats) == 0 && stats.f_flag & libc::ST_NOSUID != 0 }
 }
 
-#[test]
-fn setuid_static_binary_in_a_busybox_root() {
-    if !root_or_skip("setuid_static_binary_in_a_busybox_root") {
-        return;
+/// A busybox root with the set-uid static driver (kept while the returned
+/// directory lives), or `None` after saying why the test is skipped.
+fn busybox_root(test: &str, grader: u32, caller: u32) -> Option<tempfile::TempDir> {
+    if !root_or_skip(test) {
+        return None;
     }
     if !Path::new("/bin/busybox").exists() {
-        skip("setuid_static_binary_in_a_busybox_root: /bin/busybox is missing");
-        return;
+        skip(&format!("{test}: /bin/busybox is missing"));
+        return None;
     }
-    let Some(driver) = musl_binary() else { return };
+    let driver = musl_binary()?;
     let size = std::fs::metadata(&driver).unwrap().len();
     assert!(size < 2 * 1024 * 1024, "the static binary is {size} bytes");
 
@@ -163,15 +168,21 @@ fn setuid_static_binary_in_a_busybox_root() {
         .tempdir_in(&roots)
         .unwrap();
     if on_nosuid_mount(holder.path()) {
-        skip(&format!(
-            "setuid_static_binary_in_a_busybox_root: {} is nosuid",
-            roots.display()
-        ));
-        return;
+        skip(&format!("{test}: {} is nosuid", roots.display()));
+        return None;
     }
     std::fs::set_permissions(holder.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    build_root(holder.path(), &driver, grader, caller);
+    Some(holder)
+}
+
+#[test]
+fn setuid_static_binary_in_a_busybox_root() {
+    let Some(holder) = busybox_root("setuid_static_binary_in_a_busybox_root", GRADER, CALLER)
+    else {
+        return;
+    };
     let root = holder.path();
-    build_root(root, &driver);
 
     let job = root.join("home/caller/job");
     mkdir(&job, 0o755, CALLER);
@@ -238,4 +249,64 @@ fn setuid_static_binary_in_a_busybox_root() {
     assert!(!root.join("etc/summary.json").exists());
     let out = as_caller(root, &["--user", &CALLER.to_string(), "/home/caller/job"]);
     assert_eq!(out.code, 1, "{}", out.stderr);
+}
+
+/// Tango's own Docker flow: root copies the job's files into the caller's
+/// directory (`cp -r mount/* autolab/`), then the caller runs the set-uid
+/// driver. Root's copies must become the grader's, as Tango's `chown -R`
+/// made them, or the job cannot append to its handin or `chmod` a script.
+/// A regular file with a second hard link stays root's (the caller could
+/// have linked any root file in), and a root symlink's target is untouched.
+#[test]
+fn root_copied_input_files_go_to_the_grader() {
+    const GRADER: u32 = 64025;
+    const CALLER: u32 = 64026;
+    let Some(holder) = busybox_root("root_copied_input_files_go_to_the_grader", GRADER, CALLER)
+    else {
+        return;
+    };
+    let root = holder.path();
+    let job = root.join("home/caller/job");
+    mkdir(&job, 0o755, CALLER);
+    write(&job.join("Makefile"), "all:\n\t@echo unused\n", 0o644, 0);
+    write(
+        &job.join("job.sh"),
+        "stat -c '%u %n' handin.txt src src/main.c rootlink linked\n\
+         echo more >> handin.txt && echo appended\n\
+         chmod +x job.sh && echo chmodded\n\
+         echo new > src/new.txt && echo edit >> src/main.c && echo subdir-writable\n\
+         if { echo x >> linked; } 2>/dev/null; then echo linked-writable; else echo linked-kept; fi\n",
+        0o644,
+        0,
+    );
+    write(&job.join("handin.txt"), "handin\n", 0o644, 0);
+    mkdir(&job.join("src"), 0o755, 0);
+    write(&job.join("src/main.c"), "int main;\n", 0o644, 0);
+    let secret = root.join("etc/secret");
+    write(&secret, "secret\n", 0o644, 0);
+    std::fs::hard_link(&secret, job.join("linked")).unwrap();
+    std::os::unix::fs::symlink("/etc/secret", job.join("rootlink")).unwrap();
+
+    let out = as_user(root, CALLER, &["-t", "20", "/home/caller/job"]);
+    assert_eq!(
+        out.text(),
+        format!(
+            "Autodriver: Job exited with status 0\n\
+             {GRADER} handin.txt\n{GRADER} src\n{GRADER} src/main.c\n{GRADER} rootlink\n0 linked\n\
+             appended\nchmodded\nsubdir-writable\nlinked-kept\n"
+        ),
+        "stderr: {}",
+        out.stderr
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let kept = std::fs::symlink_metadata(&secret).unwrap();
+    assert_eq!((kept.uid(), kept.mode() & 0o7777), (0, 0o644));
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "secret\n");
+    // Only root's linked file is left of the job once the grader's are gone.
+    let left: Vec<String> = std::fs::read_dir(root.join("home/autograde/job"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["linked"]);
+    assert_eq!(processes_of(GRADER), Vec::<String>::new());
 }

@@ -286,6 +286,98 @@ async fn minimal_image_without_make_or_users() {
     docker.safe_destroy_vm(&vm).await.unwrap();
 }
 
+/// A stand-in for make in the busybox image (which has none): runs the
+/// Makefile's tab-indented recipe lines (`@` dropped, `$$` unescaped) in one
+/// shell that stops at the first failure, and exits 2 then, as make does.
+const BUSYBOX_MAKE: &str = "#!/bin/sh\n\
+    recipe=$(sed -n '/^\t/{s/^\t@\\{0,1\\}//;s/\\$\\$/$/g;p;}' Makefile) || exit 2\n\
+    sh -e -c \"$recipe\" || exit 2\n";
+
+/// A real job in a minimal image through the backend: busybox and the
+/// stand-in make, no users. It prints, floods past the output cap, starts a
+/// detached daemon and leaves files in /tmp and the home; the next job in
+/// the reused container must find none of them.
+#[tokio::test]
+async fn busybox_image_runs_a_job_and_the_next_sees_nothing_of_it() {
+    require_docker!();
+    let work = tempfile::tempdir().unwrap();
+    let docker = common::backend(work.path()).await;
+    let prefix = common::prefix("bbjob");
+    common::clean(&docker, &prefix).await;
+    let image = busybox_with_make(&docker).await;
+    let vm = machine(&prefix, 1, &image);
+    let first = "all:\n\
+        \t@echo hello from $$(id -u) in $$(pwd)\n\
+        \t@setsid sh -c 'echo up > /tmp/daemon-up; exec sleep 1000' > /dev/null 2>&1 &\n\
+        \t@while [ ! -e /tmp/daemon-up ]; do sleep 0.05; done\n\
+        \t@echo litter > /tmp/litter; echo litter > $$HOME/litter\n\
+        \t@yes flood | head -c 1200000\n\
+        \t@echo done\n";
+    let (outcome, output) = common::run_once(
+        &docker,
+        &vm,
+        work.path(),
+        &[("Makefile", first)],
+        &request(43, 30),
+    )
+    .await;
+    assert_eq!(outcome.status, RunStatus::Completed, "{output}");
+    assert_eq!(outcome.exit_code, Some(0));
+    let head =
+        "Autodriver: Job exited with status 0\nhello from 1000 in /home/autograde/autolab\nflood\n";
+    assert!(
+        output.starts_with(head),
+        "{}",
+        &output[..output.len().min(300)]
+    );
+    assert!(
+        output.ends_with("flood\nflood\ndone\n"),
+        "{}",
+        &output[output.len().saturating_sub(300)..]
+    );
+    assert_eq!(output.matches("\n...[excess bytes elided]...\n").count(), 1);
+    let summary = outcome.summary.expect("the autodriver's summary");
+    assert_eq!(summary["exit_status"], 0, "{summary}");
+    let printed = "hello from 1000 in /home/autograde/autolab\n".len() + 1_200_000 + "done\n".len();
+    assert_eq!(summary["output_bytes_total"], printed as u64, "{summary}");
+    assert_eq!(summary["output_bytes_kept"], 512 * 1024, "{summary}");
+    // The daemon is gone once the job is over, not only when the next starts.
+    let top = docker
+        .api()
+        .top_processes(&container_name(&vm), None)
+        .await
+        .unwrap();
+    let commands: Vec<String> = top
+        .processes
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| p.join(" "))
+        .collect();
+    assert!(
+        !commands.iter().any(|c| c.contains("sleep 1000")),
+        "{commands:?}"
+    );
+
+    docker.reset_vm(&vm).await.unwrap();
+    let second = "all:\n\
+        \t@ls -A /tmp $$HOME\n\
+        \t@if ps -o args | grep -q '^sleep 100[0]'; then echo daemon-alive; else echo no-daemon; fi\n";
+    docker
+        .copy_in(&vm, &common::inputs(work.path(), &[("Makefile", second)]))
+        .await
+        .unwrap();
+    let outcome = docker.run_job(&vm, &request(44, 30)).await.unwrap();
+    let dest = work.path().join("second");
+    docker.copy_out(&vm, &dest).await.unwrap();
+    let output = std::fs::read_to_string(&dest).unwrap();
+    assert_eq!(outcome.status, RunStatus::Completed, "{output}");
+    assert_eq!(
+        output,
+        "Autodriver: Job exited with status 0\n/home/autograde:\nautolab\n\n/tmp:\nno-daemon\n"
+    );
+    docker.safe_destroy_vm(&vm).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_timeout_is_reported_and_partial_output_is_live() {
     require_docker!();
@@ -401,6 +493,16 @@ async fn unknown_image_and_vm_errors() {
 
 /// A variant of the busybox image with one more file: a new image ID.
 async fn busybox_variant(docker: &Docker, marker: &str) -> String {
+    busybox_with(docker, &[("marker", marker, 0o644)], None).await
+}
+
+/// The busybox image with `files` (path, contents, mode) added, committed
+/// as (repository, tag) if given; returns the new image's ID.
+async fn busybox_with(
+    docker: &Docker,
+    files: &[(&str, &str, u32)],
+    name: Option<(&str, &str)>,
+) -> String {
     let api = docker.api();
     let body = bollard::models::ContainerCreateBody {
         image: Some(format!("{BUSYBOX}:latest")),
@@ -416,11 +518,13 @@ async fn busybox_variant(docker: &Docker, marker: &str) -> String {
         .unwrap()
         .id;
     let mut tar = tar::Builder::new(Vec::new());
-    let mut header = tar::Header::new_gnu();
-    header.set_size(marker.len() as u64);
-    header.set_mode(0o644);
-    tar.append_data(&mut header, "marker", marker.as_bytes())
-        .unwrap();
+    for (path, contents, mode) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(contents.len() as u64);
+        header.set_mode(*mode);
+        tar.append_data(&mut header, path, contents.as_bytes())
+            .unwrap();
+    }
     let options = bollard::query_parameters::UploadToContainerOptionsBuilder::default()
         .path("/")
         .build();
@@ -431,11 +535,13 @@ async fn busybox_variant(docker: &Docker, marker: &str) -> String {
     )
     .await
     .unwrap();
-    let options = bollard::query_parameters::CommitContainerOptionsBuilder::default()
-        .container(&scratch)
-        .build();
+    let mut options =
+        bollard::query_parameters::CommitContainerOptionsBuilder::default().container(&scratch);
+    if let Some((repo, tag)) = name {
+        options = options.repo(repo).tag(tag);
+    }
     let image = api
-        .commit_container(options, bollard::models::ContainerConfig::default())
+        .commit_container(options.build(), bollard::models::ContainerConfig::default())
         .await
         .unwrap()
         .id;
@@ -446,6 +552,29 @@ async fn busybox_variant(docker: &Docker, marker: &str) -> String {
     .await
     .unwrap();
     image
+}
+
+/// The busybox image with [`BUSYBOX_MAKE`] as `/bin/make`, made once per
+/// version of the script (tagged with its FNV-1a hash, so reruns neither
+/// commit new images nor make the backend derive new ones).
+async fn busybox_with_make(docker: &Docker) -> String {
+    const REPO: &str = "tango-test-busybox-make";
+    let hash = BUSYBOX_MAKE
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    let tag = format!("{hash:016x}");
+    let name = format!("{REPO}:{tag}");
+    if docker.api().inspect_image(&name).await.is_err() {
+        busybox_with(
+            docker,
+            &[("bin/make", BUSYBOX_MAKE, 0o755)],
+            Some((REPO, &tag)),
+        )
+        .await;
+    }
+    name
 }
 
 /// `docker save` of `image`, through the API, into `path`.

@@ -61,10 +61,16 @@ impl OutputCapture {
             self.tail.extend_from_slice(&chunk[..n]);
             chunk = &chunk[n..];
         }
-        for &byte in chunk {
-            self.tail[self.tail_start] = byte;
-            self.tail_start = (self.tail_start + 1) % self.tail_limit;
+        if chunk.is_empty() {
+            return head_part;
         }
+        // The ring is full and the rest is shorter than it: overwrite the
+        // oldest bytes, in two slices when the rest wraps around the end.
+        let to_end = chunk.len().min(self.tail_limit - self.tail_start);
+        self.tail[self.tail_start..self.tail_start + to_end].copy_from_slice(&chunk[..to_end]);
+        let wrapped = &chunk[to_end..];
+        self.tail[..wrapped.len()].copy_from_slice(wrapped);
+        self.tail_start = (self.tail_start + chunk.len()) % self.tail_limit;
         head_part
     }
 
@@ -122,7 +128,7 @@ mod tests {
         let data: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
         for cap in [0usize, 1, 2, 3, 10, 11, 100, 999, 4999, 5000, 5001, 9000] {
             for len in [0usize, 1, 5, 10, 11, 12, 99, 100, 101, 2500, 5000] {
-                for chunk in [1usize, 3, 64, 4096] {
+                for chunk in [1usize, 3, 64, 1000, 4096] {
                     let mut capture = OutputCapture::new(cap);
                     for piece in data[..len].chunks(chunk) {
                         capture.push(piece);

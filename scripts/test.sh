@@ -4,7 +4,8 @@
 # running dockerd for the Docker tests (they skip, saying so, without one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-target_dir=${CARGO_TARGET_DIR:-$PWD/target}
+# Absolute: the tests run from their crate directories.
+target_dir=$(realpath -m "${CARGO_TARGET_DIR:-$PWD/target}")
 musl=x86_64-unknown-linux-musl
 
 if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx "$musl"; then
@@ -13,6 +14,9 @@ fi
 # The static autodriver every backend puts into its VMs.
 cargo build --release -p autodriver --target "$musl"
 export TANGO_AUTODRIVER="$target_dir/$musl/release/autodriver"
+# The autodriver's static_chroot test takes this one instead of building
+# its own copy into <target>/musl-for-tests.
+export AUTODRIVER_MUSL_BIN="$TANGO_AUTODRIVER"
 
 # A Debian root filesystem for image tests (built once per machine).
 TANGO_TEST_ROOTFS=$(scripts/build-test-rootfs.sh)

@@ -224,12 +224,97 @@ mod tokio_util_stream {
     }
 }
 
+/// What stands for the key in everything `tango` prints.
+pub const KEY_PLACEHOLDER: &str = "<key>";
+
+/// Hides the key in text that did not come from `tango` itself: server
+/// answers (a server may echo the route, key included, e.g. "no such
+/// route: /tango/info/<key>/"), HTTP bodies and transport errors (which
+/// may quote the URL). Every form the key can take there is replaced: as
+/// given, percent-encoded as it travels in the URL path, and JSON-escaped.
+/// The replacement is literal: a very short key also hides the same
+/// letters inside other words, which garbles a message but never shows
+/// the key.
+#[derive(Clone, Debug)]
+pub struct KeyRedactor {
+    /// Longest first, so a longer form wins over a shorter one it contains.
+    forms: Vec<String>,
+}
+
+impl KeyRedactor {
+    pub fn new(key: &str) -> KeyRedactor {
+        if key.is_empty() {
+            return KeyRedactor { forms: Vec::new() };
+        }
+        let mut forms = vec![key.to_string()];
+        // Encoded exactly as `TangoClient::route` encodes it.
+        if let Ok(mut probe) = Url::parse("http://localhost/") {
+            if let Ok(mut path) = probe.path_segments_mut() {
+                path.clear().push(key);
+            }
+            forms.push(probe.path().trim_start_matches('/').to_string());
+        }
+        for form in forms.clone() {
+            if let Ok(quoted) = serde_json::to_string(&form) {
+                forms.push(quoted[1..quoted.len() - 1].to_string());
+            }
+        }
+        forms.retain(|form| !form.is_empty());
+        forms.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        forms.dedup();
+        KeyRedactor { forms }
+    }
+
+    /// `text` with every form of the key replaced by `<key>`, in one pass
+    /// (so a placeholder just written is never matched again).
+    pub fn text(&self, text: &str) -> String {
+        if self.forms.is_empty() {
+            return text.to_string();
+        }
+        let mut hidden = String::with_capacity(text.len());
+        let mut rest = text;
+        'scan: while !rest.is_empty() {
+            for form in &self.forms {
+                if let Some(after) = rest.strip_prefix(form.as_str()) {
+                    hidden.push_str(KEY_PLACEHOLDER);
+                    rest = after;
+                    continue 'scan;
+                }
+            }
+            let mut chars = rest.chars();
+            if let Some(c) = chars.next() {
+                hidden.push(c);
+            }
+            rest = chars.as_str();
+        }
+        hidden
+    }
+
+    /// A JSON answer with the key hidden in every string and object key.
+    pub fn value(&self, value: Value) -> Value {
+        if self.forms.is_empty() {
+            return value;
+        }
+        match value {
+            Value::String(s) => Value::String(self.text(&s)),
+            Value::Array(items) => Value::Array(items.into_iter().map(|v| self.value(v)).collect()),
+            Value::Object(map) => Value::Object(
+                map.into_iter()
+                    .map(|(k, v)| (self.text(&k), self.value(v)))
+                    .collect(),
+            ),
+            other => other,
+        }
+    }
+}
+
 /// A client of one tangod, with one key.
 #[derive(Clone)]
 pub struct TangoClient {
     http: reqwest::Client,
     base: Url,
     key: String,
+    redactor: KeyRedactor,
     timeout_secs: u64,
 }
 
@@ -255,6 +340,7 @@ impl TangoClient {
             http,
             base,
             key: key.to_string(),
+            redactor: KeyRedactor::new(key),
             timeout_secs: timeout.as_secs(),
         })
     }
@@ -292,8 +378,10 @@ impl TangoClient {
                 secs: self.timeout_secs,
             };
         }
-        let cause = root_cause(&err);
-        if err.is_connect() {
+        let is_connect = err.is_connect();
+        // reqwest's message may quote the URL, key and all.
+        let cause = self.redactor.text(&root_cause(&err.without_url()));
+        if is_connect {
             ClientError::Unreachable { base, cause }
         } else {
             ClientError::Transport {
@@ -331,7 +419,8 @@ impl TangoClient {
                 base: self.base_display(),
                 route: route.to_string(),
                 status,
-                body: snippet(body.as_bytes()),
+                // Hidden before it is cut, so no part of the key is left.
+                body: snippet(&self.redactor.text(&body)),
             });
         }
         Ok(response)
@@ -352,7 +441,7 @@ impl TangoClient {
             .bytes()
             .await
             .map_err(|e| self.transport_error(route, e))?;
-        parse_answer(route, &bytes)
+        parse_answer(route, &bytes, &self.redactor)
     }
 
     pub async fn open(&self, courselab: &str) -> Result<Value, ClientError> {
@@ -412,7 +501,7 @@ impl TangoClient {
         }
         // A JSON answer is the "not found" refusal; any other refusal is an
         // error of its own (e.g. a wrong key).
-        match parse_answer(&route, &bytes) {
+        match parse_answer(&route, &bytes, &self.redactor) {
             Err(ClientError::Refused {
                 message, answer, ..
             }) if message == "Output file not found" => Ok(PollResult::NotFound(answer)),
@@ -479,13 +568,19 @@ impl TangoClient {
 }
 
 /// Parses a v1 answer: a JSON object whose `statusId` is >= 0 on success.
-pub fn parse_answer(route: &str, bytes: &[u8]) -> Result<Value, ClientError> {
+/// The key is hidden in the answer (and in the error) it gives back.
+pub fn parse_answer(
+    route: &str,
+    bytes: &[u8],
+    redactor: &KeyRedactor,
+) -> Result<Value, ClientError> {
     let bad = |cause: String| ClientError::BadAnswer {
         route: route.to_string(),
-        cause,
-        body: snippet(bytes),
+        cause: redactor.text(&cause),
+        body: snippet(&redactor.text(&String::from_utf8_lossy(bytes))),
     };
     let answer: Value = serde_json::from_slice(bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let answer = redactor.value(answer);
     let Some(object) = answer.as_object() else {
         return Err(bad("not a JSON object".into()));
     };
@@ -535,8 +630,7 @@ fn lowercase_first(text: &str) -> String {
 }
 
 /// At most 300 characters of a body, for messages.
-fn snippet(bytes: &[u8]) -> String {
-    let text = String::from_utf8_lossy(bytes);
+fn snippet(text: &str) -> String {
     let text = text.trim();
     if text.chars().count() > 300 {
         let cut: String = text.chars().take(300).collect();
@@ -583,14 +677,17 @@ mod tests {
 
     #[test]
     fn answers_are_checked() {
+        let none = KeyRedactor::new("");
         let ok = parse_answer(
             "/x/",
             br#"{"statusId":0,"statusMsg":"Found directory","files":{}}"#,
+            &none,
         );
         assert!(ok.is_ok());
         let refused = parse_answer(
             "/x/",
             br#"{"statusId":-1,"statusMsg":"Key not recognized"}"#,
+            &none,
         )
         .unwrap_err();
         let text = refused.to_string();
@@ -598,17 +695,78 @@ mod tests {
         assert!(text.contains("TANGO_KEY"), "{text}");
         assert!(refused.answer().is_some());
         assert!(matches!(
-            parse_answer("/x/", b"<html>"),
+            parse_answer("/x/", b"<html>", &none),
             Err(ClientError::BadAnswer { .. })
         ));
         assert!(matches!(
-            parse_answer("/x/", b"[1]"),
+            parse_answer("/x/", b"[1]", &none),
             Err(ClientError::BadAnswer { .. })
         ));
         assert!(matches!(
-            parse_answer("/x/", br#"{"statusMsg":"x"}"#),
+            parse_answer("/x/", br#"{"statusMsg":"x"}"#, &none),
             Err(ClientError::BadAnswer { .. })
         ));
+    }
+
+    #[test]
+    fn the_key_is_hidden_in_every_form_it_travels_in() {
+        let key = "s3cr\"et k/ey";
+        let redactor = KeyRedactor::new(key);
+        let client =
+            TangoClient::new("http://127.0.0.1:3000/tango", key, Duration::from_secs(5)).unwrap();
+        let (url, _) = client.route("info", &[]);
+        // As sent in the URL, as given, and JSON-escaped.
+        let text = format!(
+            "no such route: {} ({key}) {}",
+            url.path(),
+            serde_json::to_string(key).unwrap()
+        );
+        assert_eq!(
+            redactor.text(&text),
+            "no such route: /tango/info/<key>/ (<key>) \"<key>\""
+        );
+        // A placeholder just written is not matched again, even when the
+        // key is part of it.
+        assert_eq!(KeyRedactor::new("k").text("a k b"), "a <key> b");
+        assert_eq!(KeyRedactor::new("key").text("key keys"), "<key> <key>s");
+        // No key, nothing to hide.
+        assert_eq!(KeyRedactor::new("").text("abc"), "abc");
+    }
+
+    #[test]
+    fn answers_and_bodies_from_the_server_hide_the_key() {
+        let redactor = KeyRedactor::new("audkey6");
+        let refused = parse_answer(
+            "/info/<key>/",
+            br#"{"statusId":-1,"statusMsg":"no such route: /tango/info/audkey6/","detail":"key audkey6","audkey6":["audkey6"]}"#,
+            &redactor,
+        )
+        .unwrap_err();
+        let text = refused.to_string();
+        assert!(!text.contains("audkey6"), "{text}");
+        assert!(
+            text.contains("no such route: /tango/info/<key>/: key <key>"),
+            "{text}"
+        );
+        let answer = refused.answer().unwrap().to_string();
+        assert!(!answer.contains("audkey6"), "{answer}");
+        assert!(answer.contains(r#""<key>":["<key>"]"#), "{answer}");
+        // Successful answers are hidden too (`--json` prints them).
+        let ok = parse_answer(
+            "/jobs/<key>/1/",
+            br#"{"statusId":0,"statusMsg":"x","jobs":[{"trace":["t|audkey6"]}]}"#,
+            &redactor,
+        )
+        .unwrap();
+        assert!(!ok.to_string().contains("audkey6"), "{ok}");
+        // A body that is not JSON: hidden before it is cut to a snippet, so
+        // not even the start of the key is left at the cut.
+        let mut body = "x".repeat(297).into_bytes();
+        body.extend_from_slice(b"audkey6 and more");
+        let bad = parse_answer("/info/<key>/", &body, &redactor).unwrap_err();
+        let text = bad.to_string();
+        assert!(!text.contains("aud"), "{text}");
+        assert!(text.contains("<ke"), "{text}");
     }
 
     #[test]

@@ -150,3 +150,131 @@ fn bad_job_directories_and_files_are_explained() {
         .code(1)
         .stderr(predicate::str::contains("destination Makefile"));
 }
+
+/// A stand-in for a server that echoes the request path back in its
+/// answers (as tangod's "no such route: ..." does, and as many proxies'
+/// error pages do). The first path segment picks the answer:
+/// `/refuse/...` a v1 refusal (HTTP 200), `/missing/...` HTTP 404 with a
+/// text body, `/html/...` HTTP 200 that is not JSON. The path is echoed
+/// both as sent (percent-encoded) and decoded.
+fn echoing_server() -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let mut reader = BufReader::new(stream);
+            let mut request_line = String::new();
+            if reader.read_line(&mut request_line).is_err() {
+                continue;
+            }
+            // Skip the headers.
+            let mut line = String::new();
+            while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
+                line.clear();
+            }
+            let path = request_line
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("/")
+                .to_string();
+            let decoded = percent_decode(&path);
+            let (status, content_type, body) = if path.starts_with("/refuse/") {
+                (
+                    "200 OK",
+                    "application/json",
+                    serde_json::json!({
+                        "statusId": -1,
+                        "statusMsg": format!("no such route: {path}"),
+                        "detail": decoded,
+                    })
+                    .to_string(),
+                )
+            } else if path.starts_with("/missing/") {
+                (
+                    "404 Not Found",
+                    "text/plain",
+                    format!("Cannot GET {path} ({decoded})"),
+                )
+            } else {
+                (
+                    "200 OK",
+                    "text/html",
+                    format!("<p>no route {path} ({decoded})</p>"),
+                )
+            };
+            let mut stream = reader.into_inner();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    url
+}
+
+fn percent_decode(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 3 <= bytes.len() {
+            if let Ok(byte) = u8::from_str_radix(&path[i + 1..i + 3], 16) {
+                out.push(byte);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn the_key_never_appears_in_messages_or_json() {
+    let base = echoing_server();
+    // A key that is percent-encoded in the URL, to check both forms.
+    let key = "s3cret key/6";
+    for mode in ["refuse", "missing", "html"] {
+        let url = format!("{base}/{mode}");
+        for json in [false, true] {
+            let mut cmd = tango();
+            cmd.args(["--url", &url, "--key", key]);
+            if json {
+                cmd.arg("--json");
+            }
+            let output = cmd.args(["pool", "img"]).output().unwrap();
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(1), "{mode}: {stderr}");
+            for text in [&stdout, &stderr] {
+                assert!(
+                    !text.contains(key) && !text.contains("s3cret%20key%2F6"),
+                    "{mode}, json {json}: the key leaked:\n{text}"
+                );
+            }
+            // The echo is there, with the key hidden.
+            assert!(
+                stderr.contains(&format!("/{mode}/pool/<key>/img/")),
+                "{mode}: {stderr}"
+            );
+            if json {
+                let v = stdout_json(&output);
+                assert!(
+                    v["error"].as_str().unwrap().contains("<key>"),
+                    "{mode}: {v}"
+                );
+                if mode == "refuse" {
+                    assert_eq!(
+                        v["answer"]["detail"],
+                        format!("/{mode}/pool/<key>/img/"),
+                        "{v}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -156,6 +156,29 @@ fn open_upload_add_job_poll_jobs_info() {
         .stderr(predicate::str::contains(
             "never-written.out not found in lab",
         ));
+    // A URL with a path tangod does not serve: tangod's answer echoes the
+    // route, key included; tango hides the key, in text and in JSON.
+    for json in [false, true] {
+        let mut cmd = server.tango();
+        cmd.args(["--url", &format!("{}/tango", server.url)]);
+        if json {
+            cmd.arg("--json");
+        }
+        let output = cmd.arg("info").output().unwrap();
+        assert_eq!(output.status.code(), Some(1), "{output:?}");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !stdout.contains(KEY) && !stderr.contains(KEY),
+            "the key leaked:\n{stdout}\n{stderr}"
+        );
+        assert!(stderr.contains("/tango/info/<key>/"), "{stderr}");
+        if json {
+            let v = stdout_json(&output);
+            let message = v["answer"]["statusMsg"].as_str().unwrap();
+            assert!(message.contains("/tango/info/<key>/"), "{v}");
+        }
+    }
     server
         .tango()
         .args(["--key", "wrong-key", "info"])

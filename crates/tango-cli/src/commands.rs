@@ -17,6 +17,23 @@ use std::time::Duration;
 /// Tango's default image name, used when nothing else names one.
 const DEFAULT_IMAGE: &str = "autograding_image";
 
+/// A failure of a command that comes with the server's answer: the message
+/// is the command's own, and `--json` puts the answer under `answer` in the
+/// one JSON document it prints (see main.rs).
+#[derive(Debug)]
+pub struct AnsweredError {
+    pub message: String,
+    pub answer: Value,
+}
+
+impl std::fmt::Display for AnsweredError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for AnsweredError {}
+
 pub async fn dispatch(cli: Cli) -> Result<u8> {
     let global = cli.global;
     let file = config::load_config(global.config.as_deref())?;
@@ -271,12 +288,13 @@ async fn poll(
         None => match client.poll(courselab, output_file).await? {
             PollResult::Ready(bytes) => bytes,
             PollResult::NotFound(answer) => {
-                if json {
-                    print_json(&answer);
+                return Err(AnsweredError {
+                    message: format!(
+                        "{output_file} not found in {courselab}: the job has not finished yet or the name is wrong — check `tango jobs`, or add --wait SECS"
+                    ),
+                    answer,
                 }
-                bail!(
-                    "{output_file} not found in {courselab}: the job has not finished yet or the name is wrong — check `tango jobs`, or add --wait SECS"
-                );
+                .into());
             }
         },
     };

@@ -8,6 +8,7 @@ mod outcome;
 mod run;
 
 use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -218,31 +219,71 @@ pub struct BenchArgs {
     pub concurrency: usize,
 }
 
+/// Exit status of a usage error (clap's own).
+const EXIT_USAGE: u8 = 2;
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return usage_error(err),
+    };
     let json = cli.global.json;
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            let err = anyhow::anyhow!("cannot start the async runtime: {e}");
+            report_error(&err, json);
             return ExitCode::from(EXIT_ERROR);
         }
     };
     match runtime.block_on(commands::dispatch(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
-            if json {
-                let answer = err
-                    .downcast_ref::<client::ClientError>()
-                    .and_then(|e| e.answer().cloned());
-                let report = serde_json::json!({
-                    "error": format!("{err:#}"),
-                    "answer": answer,
-                });
-                println!("{report}");
-            }
-            eprintln!("error: {err:#}");
+            report_error(&err, json);
             ExitCode::from(EXIT_ERROR)
         }
     }
+}
+
+/// The error on standard error, and with `--json` also as the one JSON
+/// document on standard output, with the server's answer when there was
+/// one (commands print nothing on stdout before they fail).
+fn report_error(err: &anyhow::Error, json: bool) {
+    if json {
+        let answer = err.chain().find_map(|cause| {
+            if let Some(e) = cause.downcast_ref::<client::ClientError>() {
+                e.answer().cloned()
+            } else {
+                cause
+                    .downcast_ref::<commands::AnsweredError>()
+                    .map(|e| e.answer.clone())
+            }
+        });
+        let report = serde_json::json!({
+            "error": format!("{err:#}"),
+            "answer": answer,
+        });
+        println!("{report}");
+    }
+    eprintln!("error: {err:#}");
+}
+
+/// A command line clap refused. `--help` and `--version` are printed as
+/// clap prints them (exit 0); a usage error with `--json` among the
+/// arguments also gives the JSON error document on standard output, so a
+/// script always has one to read.
+fn usage_error(err: clap::Error) -> ExitCode {
+    let code = err.exit_code();
+    let wants_json = std::env::args_os().skip(1).any(|arg| arg == "--json");
+    if code != 0 && wants_json {
+        let text = err.render().to_string();
+        let first_line = text.lines().next().unwrap_or_default();
+        let message = first_line.strip_prefix("error: ").unwrap_or(first_line);
+        println!(
+            "{}",
+            serde_json::json!({ "error": message, "answer": Value::Null })
+        );
+    }
+    let _ = err.print();
+    ExitCode::from(u8::try_from(code).unwrap_or(EXIT_USAGE))
 }

@@ -278,3 +278,21 @@ fn the_key_never_appears_in_messages_or_json() {
         }
     }
 }
+
+#[test]
+fn usage_errors_with_json_print_one_json_document() {
+    let output = tango().args(["--json", "poll", "lab"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let v = stdout_json(&output);
+    assert!(
+        v["error"].as_str().unwrap().contains("required arguments"),
+        "{v}"
+    );
+    assert!(v["answer"].is_null(), "{v}");
+    // Help is not an error, and not JSON.
+    tango()
+        .args(["--json", "--help"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("Usage"));
+}

@@ -156,6 +156,23 @@ fn open_upload_add_job_poll_jobs_info() {
         .stderr(predicate::str::contains(
             "never-written.out not found in lab",
         ));
+    // With --json, one document: the error, with the server's answer.
+    let output = server
+        .tango()
+        .args(["--json", "poll", "lab", "never-written.out"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let v = stdout_json(&output);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("never-written.out not found in lab"),
+        "{v}"
+    );
+    assert_eq!(v["answer"]["statusId"], -1, "{v}");
+    assert_eq!(v["answer"]["statusMsg"], "Output file not found", "{v}");
     // A URL with a path tangod does not serve: tangod's answer echoes the
     // route, key included; tango hides the key, in text and in JSON.
     for json in [false, true] {

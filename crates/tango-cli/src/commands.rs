@@ -318,7 +318,15 @@ async fn poll(
             .write_all(&output)
             .context("cannot write the output")?;
     }
-    Ok(0)
+    // Like `run`: the output is there, but the job failed.
+    if outcome.ok() {
+        return Ok(0);
+    }
+    eprintln!(
+        "error: the job that wrote {output_file} failed: {}",
+        outcome.failure_reason().as_deref().unwrap_or("unknown")
+    );
+    Ok(EXIT_JOB_FAILED)
 }
 
 async fn partial_output(client: &TangoClient, job_id: u64, json: bool) -> Result<u8> {

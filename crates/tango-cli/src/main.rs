@@ -17,7 +17,7 @@ use std::process::ExitCode;
 /// refusal with statusId < 0, bad input).
 pub const EXIT_ERROR: u8 = 1;
 /// Exit status when the job(s) ran but failed (timeout, make failed,
-/// internal error).
+/// internal error): `run`, `bench`, and `poll` of such a job's output.
 pub const EXIT_JOB_FAILED: u8 = 3;
 
 #[derive(Parser, Debug)]
@@ -30,7 +30,8 @@ pub const EXIT_JOB_FAILED: u8 = 3;
         config file (~/.config/tango/config.toml or --config) with `url = \"...\"`, \
         `key = \"...\"` and optionally `image = \"...\"`.\n\n\
         Exit status: 0 success, 1 error (unreachable server, HTTP error, statusId < 0), \
-        2 usage error, 3 a job ran but failed."
+        2 usage error, 3 a job ran but failed (run, bench, and poll of a finished job \
+        that failed)."
 )]
 pub struct Cli {
     #[command(flatten)]

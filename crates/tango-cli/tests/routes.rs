@@ -295,15 +295,27 @@ fn add_job_from_json_live_jobs_and_partial_output() {
         .success()
         .stdout(predicate::str::contains("cli-endless").and(predicate::str::contains("running")));
 
-    // It ends at its timeout; the output says so.
+    // It ends at its timeout; the output says so, and poll exits 3 (the
+    // job ran but failed), as run does.
     server
         .tango()
         .args(["poll", "endless", "endless.out", "--wait", "60"])
         .assert()
-        .success()
+        .code(3)
         .stdout(predicate::str::contains(
             "Error: Job timed out after 4 seconds",
+        ))
+        .stderr(predicate::str::contains(
+            "the job that wrote endless.out failed: Error: Job timed out",
         ));
+    let output = server
+        .tango()
+        .args(["--json", "poll", "endless", "endless.out"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(3), "{output:?}");
+    let v = stdout_json(&output);
+    assert_eq!(v["ok"], false, "{v}");
 }
 
 #[test]

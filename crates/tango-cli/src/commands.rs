@@ -544,6 +544,9 @@ async fn run_dir(
     if args.jobs == 0 {
         bail!("--jobs must be at least 1");
     }
+    if args.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
     let prepared = prepare_run(client, settings, &args.dir, &args.job).await?;
     if !json {
         eprintln!(
@@ -622,7 +625,7 @@ async fn batch(
         label,
         &prepared.template.image,
         &results,
-        concurrency.max(1),
+        concurrency,
         wall,
         &prepared.wait,
     )
@@ -689,6 +692,9 @@ async fn bench(
 ) -> Result<u8> {
     if args.count == 0 {
         bail!("-n must be at least 1");
+    }
+    if args.concurrency == 0 {
+        bail!("-c/--concurrency must be at least 1");
     }
     let dir = run::find_example_job(&args.job)?;
     let prepared = prepare_run(client, settings, &dir, &args.run).await?;

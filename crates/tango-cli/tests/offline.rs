@@ -280,6 +280,29 @@ fn the_key_never_appears_in_messages_or_json() {
 }
 
 #[test]
+fn concurrency_zero_is_refused_like_jobs_zero() {
+    let url = dead_url();
+    for (flag, message) in [
+        ("--jobs", "--jobs must be at least 1"),
+        ("--concurrency", "--concurrency must be at least 1"),
+    ] {
+        tango()
+            .args(["--url", &url, "--key", "k", "run", "examples/jobs/hello"])
+            .args([flag, "0"])
+            .assert()
+            .code(1)
+            .stderr(predicate::str::contains(message));
+    }
+    tango()
+        .args(["--url", &url, "--key", "k", "bench", "hello", "-c", "0"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "-c/--concurrency must be at least 1",
+        ));
+}
+
+#[test]
 fn usage_errors_with_json_print_one_json_document() {
     let output = tango().args(["--json", "poll", "lab"]).output().unwrap();
     assert_eq!(output.status.code(), Some(2));

@@ -22,22 +22,39 @@ async fn main() -> anyhow::Result<()> {
     tango_server::serve(config, listener).await
 }
 
-/// Host-wide lock files of the VM prefixes in use.
+/// Host-wide lock files of the VM prefixes in use (root's servers).
 const PREFIX_LOCK_DIR: &str = "/run/tango-rs";
+
+/// Where this user's servers lock their prefixes: /run for root, else the
+/// user's runtime directory (a rootless server's sandboxes and cgroups are
+/// its own; only Docker containers are shared with other users' servers).
+fn prefix_lock_dir() -> Option<std::path::PathBuf> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return Some(PREFIX_LOCK_DIR.into());
+    }
+    std::env::var_os("XDG_RUNTIME_DIR").map(|d| std::path::Path::new(&d).join("tango-rs"))
+}
 
 /// Holds this host's lock on the VM prefix for as long as tangod runs. Two
 /// servers with one prefix would each take the other's VMs for orphans and
 /// destroy them (Docker containers are host-wide). The lock goes with the
-/// process, however it ends. Without a writable /run (not root) there is
-/// no check.
+/// process, however it ends. Without a lock directory there is no check.
 async fn lock_prefix(prefix: &str) -> anyhow::Result<Option<std::fs::File>> {
     tango_core::names::check_component("engine prefix", prefix)
         .map_err(|e| anyhow::anyhow!("{e}: set [engine] prefix to a plain name"))?;
-    if let Err(e) = std::fs::create_dir_all(PREFIX_LOCK_DIR) {
+    let Some(dir) = prefix_lock_dir() else {
+        tracing::warn!(
+            "cannot check that no other tangod of this user uses prefix {prefix:?}: \
+             XDG_RUNTIME_DIR is not set"
+        );
+        return Ok(None);
+    };
+    if let Err(e) = std::fs::create_dir_all(&dir) {
         tracing::warn!("cannot check that no other tangod uses prefix {prefix:?}: {e}");
         return Ok(None);
     }
-    let path = std::path::Path::new(PREFIX_LOCK_DIR).join(format!("prefix-{prefix}.lock"));
+    let path = dir.join(format!("prefix-{prefix}.lock"));
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

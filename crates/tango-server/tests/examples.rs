@@ -57,10 +57,11 @@ async fn upload_example(
     serde_json::Value::Array(files)
 }
 
-/// Processes running as a sandbox grading uid (200000 + VM id % 100000):
-/// every one of them belongs to a job. Counting these, not all host
-/// processes, keeps the check exact on a machine doing other work.
-fn job_processes() -> Vec<u32> {
+/// Processes running as a sandbox grading uid (root: 200000 + VM id %
+/// 100000; rootless: one of the user's subordinate uids): every one of them
+/// belongs to a job. Counting these, not all host processes, keeps the
+/// check exact on a machine doing other work.
+fn job_processes(grading_uids: std::ops::Range<u32>) -> Vec<u32> {
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
@@ -72,7 +73,7 @@ fn job_processes() -> Vec<u32> {
                 .find(|l| l.starts_with("Uid:"))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|uid| uid.parse::<u32>().ok())
-                .is_some_and(|uid| (200_000..300_000).contains(&uid))
+                .is_some_and(|uid| grading_uids.contains(&uid))
         })
         .collect()
 }
@@ -87,7 +88,19 @@ async fn every_example_job_end_to_end_in_the_sandbox() {
     if !root_or_skip("every_example_job_end_to_end_in_the_sandbox") {
         return;
     }
-    every_example_job("sandbox", "host").await;
+    every_example_job("sandbox", "host", None).await;
+}
+
+/// The same, tangod running as an unprivileged user: every job in a user
+/// namespace, grading users among the user's subordinate uids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_example_job_end_to_end_in_the_rootless_sandbox() {
+    let test = "every_example_job_end_to_end_in_the_rootless_sandbox";
+    let Some(user) = RootlessUser::from_env(test) else {
+        return;
+    };
+    every_example_job("sandbox", "host", Some(user.clone())).await;
+    user.remove_cgroups();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,17 +108,39 @@ async fn every_example_job_end_to_end_in_docker() {
     if !docker_or_skip("every_example_job_end_to_end_in_docker") {
         return;
     }
-    every_example_job("docker", DOCKER_TEST_IMAGE).await;
+    every_example_job("docker", DOCKER_TEST_IMAGE, None).await;
 }
 
-async fn every_example_job(vmms: &str, image: &str) {
+async fn every_example_job(vmms: &str, image: &str, run_as: Option<RootlessUser>) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Tangod::start(
+    let grading_uids = match &run_as {
+        Some(user) => {
+            user.own(dir.path());
+            let subuid = std::fs::read_to_string("/etc/subuid").unwrap();
+            let uid = user.uid.to_string();
+            let name = unsafe { std::ffi::CStr::from_ptr((*libc::getpwuid(user.uid)).pw_name) }
+                .to_string_lossy()
+                .into_owned();
+            let (start, count) = subuid
+                .lines()
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split(':').collect();
+                    (f.len() == 3 && (f[0] == name || f[0] == uid))
+                        .then(|| (f[1].parse::<u32>().unwrap(), f[2].parse::<u32>().unwrap()))
+                })
+                .next()
+                .expect("the user's /etc/subuid range");
+            start..start + count
+        }
+        None => 200_000..300_000,
+    };
+    let server = Tangod::start_as(
         &dir.path().join("data"),
         &format!(
             "vmms = \"{vmms}\"\n[engine]\nmax_file_bytes = 67108864\n\
              [sandbox]\nmemory_mb = 256\nmax_pids = 64\n[docker]\nmemory_mb = 256\nmax_pids = 64\n"
         ),
+        run_as,
     );
     let c = server.client();
     let prefix = server.prefix.clone();
@@ -274,7 +309,11 @@ async fn every_example_job(vmms: &str, image: &str) {
     assert_eq!(leftover_vms(vmms, &prefix, &data_dir), Vec::<String>::new());
     // Every process of the hostile jobs is gone.
     if vmms == "sandbox" {
-        assert_eq!(job_processes(), Vec::<u32>::new(), "job processes left");
+        assert_eq!(
+            job_processes(grading_uids),
+            Vec::<u32>::new(),
+            "job processes left"
+        );
     }
     drop(listener);
 }

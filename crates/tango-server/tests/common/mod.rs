@@ -136,11 +136,105 @@ pub struct Tangod {
     pub config: Option<PathBuf>,
     pub prefix: String,
     port: u16,
+    run_as: Option<RootlessUser>,
+}
+
+/// An unprivileged user to run tangod as (rootless sandbox), with
+/// subordinate ids in /etc/subuid and a cgroup delegated to it for the
+/// test; `.ci/run` creates the user and names it in
+/// TANGO_TEST_ROOTLESS_USER.
+#[derive(Clone)]
+pub struct RootlessUser {
+    pub uid: u32,
+    pub gid: u32,
+    /// The delegated cgroup, one directory per hierarchy (v1) or one (v2).
+    pub cgroups: Vec<PathBuf>,
+}
+
+impl RootlessUser {
+    /// The user of TANGO_TEST_ROOTLESS_USER with a fresh delegated cgroup;
+    /// None (saying why) where that cannot be had.
+    pub fn from_env(test: &str) -> Option<RootlessUser> {
+        let Some(name) = std::env::var_os("TANGO_TEST_ROOTLESS_USER") else {
+            eprintln!(
+                "SKIPPED {test}: TANGO_TEST_ROOTLESS_USER names no user with /etc/subuid ids"
+            );
+            return None;
+        };
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED {test}: delegating a cgroup to the test user needs root");
+            return None;
+        }
+        let cname = std::ffi::CString::new(name.to_string_lossy().as_bytes()).unwrap();
+        let pw = unsafe { libc::getpwnam(cname.as_ptr()) };
+        assert!(!pw.is_null(), "no user {name:?}");
+        let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+        let leaf = format!("tango-rootless-test-{}", std::process::id());
+        let root = Path::new("/sys/fs/cgroup");
+        let mut cgroups = Vec::new();
+        if root.join("cgroup.controllers").exists() {
+            // v2: the delegation systemd's Delegate=yes does.
+            let dir = root.join(&leaf);
+            std::fs::create_dir_all(&dir).unwrap();
+            for file in [
+                "",
+                "cgroup.procs",
+                "cgroup.subtree_control",
+                "cgroup.threads",
+            ] {
+                chown(&dir.join(file), uid, gid);
+            }
+            cgroups.push(dir);
+        } else {
+            for controller in ["memory", "pids", "cpu"] {
+                let dir = root.join(controller).join(&leaf);
+                std::fs::create_dir_all(&dir).unwrap();
+                for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                    chown(&entry.path(), uid, gid);
+                }
+                chown(&dir, uid, gid);
+                cgroups.push(dir);
+            }
+        }
+        Some(RootlessUser { uid, gid, cgroups })
+    }
+
+    /// Gives `path` to the user.
+    pub fn own(&self, path: &Path) {
+        chown(path, self.uid, self.gid);
+    }
+
+    /// Removes the delegated cgroups (tangod made subgroups in them), once
+    /// tangod is gone.
+    pub fn remove_cgroups(&self) {
+        fn remove(dir: &Path) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    remove(&entry.path());
+                }
+            }
+            let _ = std::fs::remove_dir(dir);
+        }
+        for dir in &self.cgroups {
+            remove(dir);
+        }
+    }
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+        .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
 }
 
 impl Tangod {
     /// Starts tangod on `data_dir` with an optional TOML config snippet.
     pub fn start(data_dir: &Path, config_toml: &str) -> Tangod {
+        Tangod::start_as(data_dir, config_toml, None)
+    }
+
+    /// As [`Tangod::start`], as `run_as` (rootless) when given. The data
+    /// directory's parent must be one the user may enter.
+    pub fn start_as(data_dir: &Path, config_toml: &str, run_as: Option<RootlessUser>) -> Tangod {
         // A distinct VM prefix per server keeps parallel tests' orphan
         // sweeps from destroying each other's sandboxes.
         let prefix = format!(
@@ -159,10 +253,16 @@ impl Tangod {
             child: None,
             url: String::new(),
             data_dir: data_dir.to_path_buf(),
-            config: Some(config),
+            config: Some(config.clone()),
             prefix,
             port: free_port(),
+            run_as,
         };
+        if let Some(user) = &t.run_as {
+            std::fs::create_dir_all(data_dir).unwrap();
+            user.own(data_dir);
+            user.own(&config);
+        }
         t.spawn();
         t
     }
@@ -187,6 +287,39 @@ impl Tangod {
             );
         if let Some(config) = &self.config {
             cmd.arg("--config").arg(config);
+        }
+        if let Some(user) = &self.run_as {
+            // Joins the delegated cgroup as root (v2 checks the common
+            // ancestor's permissions), then drops to the user.
+            let procs: Vec<std::fs::File> = user
+                .cgroups
+                .iter()
+                .map(|d| {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(d.join("cgroup.procs"))
+                        .unwrap()
+                })
+                .collect();
+            let (uid, gid) = (user.uid, user.gid);
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            unsafe {
+                cmd.pre_exec(move || {
+                    for file in &procs {
+                        if libc::write(file.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    if libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(gid) != 0
+                        || libc::setuid(uid) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         self.child = Some(cmd.spawn().expect("start tangod"));
         let start = Instant::now();

@@ -592,6 +592,7 @@ mod tests {
         let mount = MountEntry {
             root: "/docker/abc".into(),
             mount_point: PathBuf::from("/sys/fs/cgroup/memory"),
+            mount_options: "rw,nosuid".into(),
             fs_type: "cgroup".into(),
             super_options: "rw,memory".into(),
         };

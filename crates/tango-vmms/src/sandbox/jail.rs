@@ -20,9 +20,11 @@
 //!   autodriver in C2. When C2 exits the kernel kills everything else in its
 //!   PID namespace, so a finished or killed job leaves no process behind.
 
+use super::userns::{self, ChildSide};
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
+use std::os::fd::RawFd;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -48,6 +50,13 @@ pub struct JailSpec<'a> {
     pub args: &'a [String],
     /// Receives the autodriver's stdout and stderr.
     pub output: File,
+    /// The job's memory limit: sizes rootless mode's tmpfs mounts.
+    pub memory_mb: u64,
+    /// The grading user's home inside the VM.
+    pub grader_home: &'a str,
+    /// Rootless mode: the child creates a user namespace first and waits
+    /// for tangod to map it (see [`super::userns`]).
+    pub userns: Option<ChildSide>,
 }
 
 fn cstring(path: &Path) -> Result<CString, VmmsError> {
@@ -60,6 +69,13 @@ fn cstr(s: &str) -> CString {
     CString::new(s.replace('\0', "")).unwrap_or_default()
 }
 
+/// Rootless mode's tmpfs mounts (see [`mount_scratch`]).
+struct Scratch {
+    grader_home: CString,
+    home_options: CString,
+    tmp_options: CString,
+}
+
 /// A device node to create in the sandbox's /dev.
 struct DevNode {
     path: CString,
@@ -70,6 +86,22 @@ struct DevNode {
 /// Paths and fds prepared in the parent for the child's setup.
 struct Plan {
     cgroup_procs: Vec<OwnedFd>,
+    userns: Option<ChildSide>,
+    /// MS_BIND, plus MS_REC for the host's / in a user namespace: there the
+    /// kernel refuses a non-recursive bind that would uncover what the
+    /// host's mounts cover.
+    image_bind_flags: libc::c_ulong,
+    /// Flags a user namespace may not clear on a bind's remount (the
+    /// source mount's read-only, nosuid, nodev, noexec), per bind source.
+    image_locked: libc::c_ulong,
+    home_locked: libc::c_ulong,
+    autodriver_locked: libc::c_ulong,
+    /// Rootless with the host's / (bound recursively): every mount below it,
+    /// to be made read-only too, with its locked flags.
+    submounts: Vec<(CString, libc::c_ulong)>,
+    /// Rootless mode cannot mknod: device nodes are binds of the host's.
+    dev_binds: Vec<(CString, CString)>,
+    scratch: Option<Scratch>,
     unshare_flags: libc::c_int,
     new_net: bool,
     slash: CString,
@@ -114,7 +146,7 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(spec: &JailSpec<'_>) -> Result<Plan, VmmsError> {
+    fn new(spec: &mut JailSpec<'_>) -> Result<Plan, VmmsError> {
         let root = spec.vm_dir.join("root");
         let inside = |p: &str| root.join(p.trim_start_matches('/'));
         let mut cgroup_procs = Vec::new();
@@ -178,8 +210,63 @@ impl Plan {
         .iter()
         .map(|(target, name)| Ok((cstr(target), cstring(&inside("dev").join(name))?)))
         .collect::<Result<Vec<_>, VmmsError>>()?;
+        let rootless = spec.userns.is_some();
+        let locked = |path: &Path| if rootless { locked_flags(path) } else { Ok(0) };
+        let image_locked = locked(spec.image_root)?;
+        let home_locked = locked(spec.vm_dir)?;
+        let autodriver_locked = locked(spec.autodriver)?;
+        let mut image_bind_flags = libc::MS_BIND;
+        if rootless && spec.image_root == Path::new("/") {
+            image_bind_flags |= libc::MS_REC;
+        }
+        let mut submounts = Vec::new();
+        if image_bind_flags & libc::MS_REC != 0 {
+            for entry in super::mounts::read_mountinfo()? {
+                if entry.mount_point == Path::new("/") {
+                    continue;
+                }
+                let inside_root = root.join(
+                    entry
+                        .mount_point
+                        .strip_prefix("/")
+                        .unwrap_or(&entry.mount_point),
+                );
+                submounts.push((cstring(&inside_root)?, option_flags(&entry.mount_options)));
+            }
+        }
+        let dev_binds = if rootless {
+            dev_nodes
+                .iter()
+                .map(|node| {
+                    let name = node.path.as_bytes().rsplit(|b| *b == b'/').next();
+                    let host = format!("/dev/{}", String::from_utf8_lossy(name.unwrap_or(b"")));
+                    (cstr(&host), node.path.clone())
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(Plan {
             cgroup_procs,
+            userns: spec.userns.take(),
+            image_bind_flags,
+            image_locked,
+            home_locked,
+            autodriver_locked,
+            dev_binds,
+            submounts,
+            scratch: match rootless {
+                // As the Docker backend's: half the memory for the home, an
+                // eighth for each temporary directory, so that a disk filler
+                // meets ENOSPC before its memory cgroup thrashes over tmpfs
+                // pages it cannot reclaim.
+                true => Some(Scratch {
+                    grader_home: cstring(&inside(spec.grader_home))?,
+                    home_options: cstr(&format!("mode=755,size={}m", (spec.memory_mb / 2).max(1))),
+                    tmp_options: cstr(&format!("mode=1777,size={}m", (spec.memory_mb / 8).max(1))),
+                }),
+                false => None,
+            },
             unshare_flags,
             new_net: spec.new_net,
             slash: cstr("/"),
@@ -227,8 +314,8 @@ impl Plan {
 /// Starts the autodriver in a new sandbox. The returned child is C1; killing
 /// it kills the whole job (C2 has PR_SET_PDEATHSIG, and everything else is
 /// in C2's PID namespace).
-pub fn spawn(spec: JailSpec<'_>) -> Result<tokio::process::Child, VmmsError> {
-    let plan = Plan::new(&spec)?;
+pub fn spawn(mut spec: JailSpec<'_>) -> Result<tokio::process::Child, VmmsError> {
+    let plan = Plan::new(&mut spec)?;
     let stderr = spec
         .output
         .try_clone()
@@ -336,7 +423,16 @@ fn in_child(plan: &Plan) -> io::Result<()> {
                 b"joining the VM's cgroup",
             )?;
         }
-        close_inherited_fds();
+        match &plan.userns {
+            Some(side) => {
+                close_inherited_fds_except(&[side.ready.as_raw_fd(), side.go.as_raw_fd()]);
+                if let Err(step) = userns::enter_in_child(side) {
+                    report(step);
+                    libc::_exit(SETUP_FAILED_EXIT);
+                }
+            }
+            None => close_inherited_fds_except(&[]),
+        }
         if check(
             libc::unshare(plan.unshare_flags) as libc::c_long,
             b"unshare (creating namespaces)",
@@ -360,15 +456,68 @@ fn in_child(plan: &Plan) -> io::Result<()> {
     }
 }
 
-/// Closes every fd but stdin, stdout and stderr.
-unsafe fn close_inherited_fds() {
-    if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
+/// Closes every fd but stdin, stdout, stderr and `keep` (at most a few).
+/// Async-signal-safe.
+pub(super) unsafe fn close_inherited_fds_except(keep: &[RawFd]) {
+    let mut sorted = [RawFd::MAX; 4];
+    for (slot, fd) in sorted.iter_mut().zip(keep) {
+        *slot = *fd;
+    }
+    sorted.sort_unstable();
+    let mut first: RawFd = 3;
+    for fd in sorted {
+        let last = if fd == RawFd::MAX { RawFd::MAX } else { fd - 1 };
+        if last >= first {
+            close_range(first, last);
+        }
+        if fd == RawFd::MAX {
+            break;
+        }
+        first = first.max(fd + 1);
+    }
+}
+
+unsafe fn close_range(first: RawFd, last: RawFd) {
+    if libc::syscall(libc::SYS_close_range, first as u32, last as u32, 0u32) != 0 {
         // Kernels before 5.9.
-        let max = libc::sysconf(libc::_SC_OPEN_MAX).clamp(256, 65536) as libc::c_int;
-        for fd in 3..max {
+        let max = libc::sysconf(libc::_SC_OPEN_MAX).clamp(256, 65536) as RawFd;
+        for fd in first..=last.min(max) {
             libc::close(fd);
         }
     }
+}
+
+/// The flags in a mountinfo options field that a user namespace cannot
+/// clear on a remount.
+fn option_flags(options: &str) -> libc::c_ulong {
+    options
+        .split(',')
+        .map(|o| match o {
+            "ro" => libc::MS_RDONLY,
+            "nosuid" => libc::MS_NOSUID,
+            "nodev" => libc::MS_NODEV,
+            "noexec" => libc::MS_NOEXEC,
+            _ => 0,
+        })
+        .fold(0, |all, flag| all | flag)
+}
+
+/// The flags of the mount holding `path` that a user namespace cannot clear
+/// on a remount (MS_* and ST_* share these values).
+fn locked_flags(path: &Path) -> Result<libc::c_ulong, VmmsError> {
+    let c = cstring(path)?;
+    // SAFETY: statvfs fills the zeroed struct from a valid path.
+    let flags = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return Err(VmmsError::io(
+                format!("statvfs {}", path.display()),
+                io::Error::last_os_error(),
+            ));
+        }
+        st.f_flag
+    };
+    Ok(flags & (libc::ST_RDONLY | libc::ST_NOSUID | libc::ST_NODEV | libc::ST_NOEXEC))
 }
 
 /// C1 after the fork: wait for C2, exit with its status.
@@ -415,7 +564,13 @@ unsafe fn set_up_c2(p: &Plan) -> io::Result<()> {
     // /proc, /sys, /dev and every other mount, including any holding
     // tangod's data.
     check(
-        mount(p.image_root.as_ptr(), &p.root, null, libc::MS_BIND, NO_DATA),
+        mount(
+            p.image_root.as_ptr(),
+            &p.root,
+            null,
+            p.image_bind_flags,
+            NO_DATA,
+        ),
         b"binding the image",
     )?;
     let mask_flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
@@ -450,13 +605,30 @@ unsafe fn set_up_c2(p: &Plan) -> io::Result<()> {
             null,
             &p.root,
             null,
-            libc::MS_REMOUNT | libc::MS_BIND | read_only,
+            libc::MS_REMOUNT | libc::MS_BIND | read_only | p.image_locked,
             NO_DATA,
         ),
         b"making the image read-only",
     )?;
+    for (mount_point, locked) in &p.submounts {
+        let rc = mount(
+            null,
+            mount_point,
+            null,
+            libc::MS_REMOUNT | libc::MS_BIND | read_only | locked,
+            NO_DATA,
+        );
+        // ENOENT, EINVAL: under a mask, or not there any more. EACCES: below
+        // a directory the namespace's root may not enter, nor may the job.
+        if rc == -1 {
+            let errno = *libc::__errno_location();
+            if ![libc::ENOENT, libc::EINVAL, libc::EACCES].contains(&errno) {
+                check(rc, b"making a mount of the host read-only")?;
+            }
+        }
+    }
 
-    let writable = libc::MS_NOSUID | libc::MS_NODEV;
+    let writable = libc::MS_NOSUID | libc::MS_NODEV | p.home_locked;
     bind(
         &p.home_src,
         &p.home_dst,
@@ -471,14 +643,14 @@ unsafe fn set_up_c2(p: &Plan) -> io::Result<()> {
     )?;
     // /var/tmp is optional in an image, but programs (and the autodriver's
     // cleanup) expect it writable when it is there.
-    if mount(
+    let has_var_tmp = mount(
         p.var_tmp_src.as_ptr(),
         &p.var_tmp_dst,
         null,
         libc::MS_BIND,
         NO_DATA,
-    ) == 0
-    {
+    ) == 0;
+    if has_var_tmp {
         check(
             mount(
                 null,
@@ -491,6 +663,9 @@ unsafe fn set_up_c2(p: &Plan) -> io::Result<()> {
         )?;
     } else if *libc::__errno_location() != libc::ENOENT {
         check(-1, b"mounting /var/tmp")?;
+    }
+    if let Some(scratch) = &p.scratch {
+        mount_scratch(p, scratch, has_var_tmp)?;
     }
 
     check(
@@ -521,11 +696,26 @@ unsafe fn set_up_c2(p: &Plan) -> io::Result<()> {
         b"mounting /dev (does the image have /dev?)",
     )?;
     let old_umask = libc::umask(0);
-    for node in &p.dev_nodes {
-        let dev = libc::makedev(node.major, node.minor);
+    if p.dev_binds.is_empty() {
+        for node in &p.dev_nodes {
+            let dev = libc::makedev(node.major, node.minor);
+            check(
+                libc::mknod(node.path.as_ptr(), libc::S_IFCHR | 0o666, dev) as libc::c_long,
+                b"creating a device node",
+            )?;
+        }
+    }
+    for (host, node) in &p.dev_binds {
+        let fd = libc::open(
+            node.as_ptr(),
+            libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+            0o666,
+        );
+        check(fd as libc::c_long, b"creating a device mount point")?;
+        libc::close(fd);
         check(
-            libc::mknod(node.path.as_ptr(), libc::S_IFCHR | 0o666, dev) as libc::c_long,
-            b"creating a device node",
+            mount(host.as_ptr(), node, null, libc::MS_BIND, NO_DATA),
+            b"binding a host device node",
         )?;
     }
     check(
@@ -588,7 +778,7 @@ unsafe fn set_up_c2(p: &Plan) -> io::Result<()> {
     bind(
         &p.autodriver_src,
         &p.autodriver_dst,
-        read_only,
+        read_only | p.autodriver_locked,
         b"mounting the autodriver",
     )?;
     check(
@@ -598,7 +788,7 @@ unsafe fn set_up_c2(p: &Plan) -> io::Result<()> {
     bind(
         &p.ctl_src,
         &p.ctl_dst,
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | p.home_locked,
         b"mounting /run/tango/ctl",
     )?;
 
@@ -631,6 +821,42 @@ unsafe fn set_up_c2(p: &Plan) -> io::Result<()> {
         libc::access(p.autodriver_in_vm.as_ptr(), libc::X_OK) as libc::c_long,
         b"finding the autodriver in the VM",
     )?;
+    Ok(())
+}
+
+/// Rootless: the places the grading user can write become tmpfs mounts of
+/// the job's own mount namespace, so its files are charged to its memory
+/// cgroup and bounded in size (tangod cannot mount a tmpfs for the whole VM
+/// on the host), and vanish with the job.
+unsafe fn mount_scratch(p: &Plan, s: &Scratch, has_var_tmp: bool) -> io::Result<()> {
+    if libc::mkdir(s.grader_home.as_ptr(), 0o755) == -1 && *libc::__errno_location() != libc::EEXIST
+    {
+        check(-1, b"creating the grading user's home")?;
+    }
+    let flags = libc::MS_NOSUID | libc::MS_NODEV;
+    check(
+        mount(
+            p.tmpfs.as_ptr(),
+            &s.grader_home,
+            p.tmpfs.as_ptr(),
+            flags,
+            s.home_options.as_ptr().cast(),
+        ),
+        b"mounting a tmpfs on the grading user's home",
+    )?;
+    let tmp_dirs = [Some(&p.tmp_dst), has_var_tmp.then_some(&p.var_tmp_dst)];
+    for dir in tmp_dirs.into_iter().flatten() {
+        check(
+            mount(
+                p.tmpfs.as_ptr(),
+                dir,
+                p.tmpfs.as_ptr(),
+                flags,
+                s.tmp_options.as_ptr().cast(),
+            ),
+            b"mounting a tmpfs on /tmp or /var/tmp",
+        )?;
+    }
     Ok(())
 }
 

@@ -15,6 +15,7 @@
 mod cgroup;
 mod jail;
 mod mounts;
+mod userns;
 
 use async_trait::async_trait;
 use cgroup::{CgroupTree, Counters, CpuPriority, Limits};
@@ -55,6 +56,10 @@ impl Drop for AbortOnDrop {
 
 const UID_BASE: u64 = 200_000;
 const UID_SPAN: u64 = 100_000;
+
+/// A VM directory's subdirectories that jobs write to (directly or through
+/// the autodriver): emptied between jobs.
+const VM_SUBDIRS: [&str; 4] = ["home", "tmp", "vartmp", "ctl"];
 
 /// Paths inside the sandbox.
 const JOB_DIR_IN_VM: &str = "/home/job";
@@ -105,6 +110,8 @@ pub struct Sandbox {
     autodriver: PathBuf,
     /// Canonical host paths masked inside images that contain them.
     hidden: Vec<PathBuf>,
+    /// Set when tangod is not root: jobs run in user namespaces.
+    rootless: Option<userns::IdMap>,
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> VmmsError {
@@ -122,6 +129,14 @@ fn make_dir(path: &Path, mode: u32) -> Result<(), VmmsError> {
     // The umask may have narrowed the mode; these modes matter (tmp is 1777).
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
         .map_err(io_err(format!("setting the mode of {}", path.display())))
+}
+
+/// Creates [`VM_SUBDIRS`] with their modes (ctl is tangod's alone).
+fn make_vm_subdirs(dir: &Path) -> Result<(), VmmsError> {
+    for (sub, mode) in VM_SUBDIRS.iter().zip([0o755, 0o1777, 0o1777, 0o700]) {
+        make_dir(&dir.join(sub), mode)?;
+    }
+    Ok(())
 }
 
 /// Deletes a directory's contents, keeping the directory.
@@ -159,14 +174,11 @@ impl Sandbox {
     /// directories and the cgroup tree.
     pub fn new(config: SandboxConfig) -> Result<Sandbox, VmmsError> {
         // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err(VmmsError::Backend(
-                "the sandbox backend must run as root: it creates namespaces, mounts and cgroups \
-                 for every job. Run tangod as root (e.g. a systemd service, or sudo), or use \
-                 --vmms docker"
-                    .into(),
-            ));
-        }
+        let rootless = if unsafe { libc::geteuid() } == 0 {
+            None
+        } else {
+            Some(userns::IdMap::for_current_user()?)
+        };
         let autodriver = config.autodriver.canonicalize().map_err(|e| {
             VmmsError::io(
                 format!(
@@ -196,7 +208,17 @@ impl Sandbox {
             .map_err(io_err(format!("creating {}", images_dir.display())))?;
         check_component("cgroup root name", &config.cgroup_root_name)
             .map_err(|e| VmmsError::Backend(e.to_string()))?;
-        let cgroups = CgroupTree::detect(&config.cgroup_root_name)?;
+        let cgroups = CgroupTree::detect(&config.cgroup_root_name).map_err(|e| {
+            if rootless.is_some() {
+                VmmsError::Backend(format!(
+                    "{e}. Not being root, tangod needs a cgroup delegated to its user: on \
+                     systemd, start it with `systemd-run --user -p Delegate=yes tangod ...` or in \
+                     a unit with Delegate=yes"
+                ))
+            } else {
+                e
+            }
+        })?;
         let mut hidden = vec![data_dir];
         for path in &config.hidden_paths {
             if let Ok(p) = path.canonicalize() {
@@ -210,7 +232,39 @@ impl Sandbox {
             images_dir,
             autodriver,
             hidden,
+            rootless,
         })
+    }
+
+    /// Whether jobs run in user namespaces (tangod is not root).
+    pub fn is_rootless(&self) -> bool {
+        self.rootless.is_some()
+    }
+
+    /// Runs `delete` on a VM directory off the async threads. Rootless,
+    /// when it fails (files of a job's subordinate uids, which tangod may not
+    /// delete; normally a job writes only to tmpfs mounts of its own), the
+    /// VM's subdirectories are removed from inside a mapped user namespace
+    /// and `delete` runs once more.
+    async fn delete_vm_files(
+        &self,
+        dir: &Path,
+        delete: fn(&Path) -> Result<(), VmmsError>,
+    ) -> Result<(), VmmsError> {
+        let attempt = |dir: PathBuf| async move {
+            tokio::task::spawn_blocking(move || delete(&dir))
+                .await
+                .map_err(blocking_error)?
+        };
+        match (attempt(dir.to_path_buf()).await, &self.rootless) {
+            (Err(e), Some(map)) => {
+                tracing::debug!("{e}; removing {} as the namespace's root", dir.display());
+                let paths: Vec<PathBuf> = VM_SUBDIRS.iter().map(|s| dir.join(s)).collect();
+                userns::remove_as_mapped_root(map, &paths).await?;
+                attempt(dir.to_path_buf()).await
+            }
+            (result, _) => result,
+        }
     }
 
     /// The cgroup layout in use.
@@ -284,10 +338,10 @@ impl Sandbox {
     async fn destroy_by_name(&self, name: &str) -> Result<(), VmmsError> {
         self.cgroups.remove(name).await?;
         let dir = self.vms_dir.join(name);
-        tokio::task::spawn_blocking(move || {
+        self.delete_vm_files(&dir, |dir| {
             // Deleting through a live bind mount would delete the image.
-            mounts::unmount_all_under(&dir)?;
-            match fs::remove_dir_all(&dir) {
+            mounts::unmount_all_under(dir)?;
+            match fs::remove_dir_all(dir) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
                     Err(VmmsError::io(format!("removing {}", dir.display()), e))
                 }
@@ -295,7 +349,6 @@ impl Sandbox {
             }
         })
         .await
-        .map_err(blocking_error)?
     }
 
     fn require_vm(&self, vm: &Machine) -> Result<PathBuf, VmmsError> {
@@ -309,7 +362,10 @@ impl Sandbox {
 
     /// The autodriver's arguments: tango-core's plus the sandbox's paths.
     fn autodriver_args(&self, vm: &Machine, req: &RunRequest) -> Vec<String> {
-        let uid = UID_BASE + vm.id % UID_SPAN;
+        let uid = match &self.rootless {
+            Some(map) => map.grading_id(vm.id),
+            None => UID_BASE + vm.id % UID_SPAN,
+        };
         let summary = format!("{}/summary.json", jail::CTL_IN_VM);
         let mut args = req.autodriver_args(&format!("{uid}:{uid}"), &summary, JOB_DIR_IN_VM);
         let dir = args.pop().unwrap_or_else(|| JOB_DIR_IN_VM.to_string());
@@ -399,16 +455,16 @@ impl Vmms for Sandbox {
         // The VM's files live on a tmpfs as large as its memory limit: the
         // job's writes are charged to its memory cgroup (no job can fill the
         // host's disk) and destroying the VM is an unmount, not a recursive
-        // delete on a busy disk.
-        let mounted = mounts::mount_tmpfs(&dir, self.memory_mb(vm));
-        if let Err(e) = mounted {
-            let _ = fs::remove_dir(&dir);
-            return Err(e);
+        // delete on a busy disk. Rootless, tangod cannot mount on the host:
+        // a plain directory, bounded only by the autodriver's file size limit.
+        if self.rootless.is_none() {
+            let mounted = mounts::mount_tmpfs(&dir, self.memory_mb(vm));
+            if let Err(e) = mounted {
+                let _ = fs::remove_dir(&dir);
+                return Err(e);
+            }
         }
-        make_dir(&dir.join("home"), 0o755)?;
-        make_dir(&dir.join("tmp"), 0o1777)?;
-        make_dir(&dir.join("vartmp"), 0o1777)?;
-        make_dir(&dir.join("ctl"), 0o700)?;
+        make_vm_subdirs(&dir)?;
         make_dir(&dir.join("root"), 0o755)?;
         self.cgroups.create(&vm.name, &self.limits(vm))?;
         let mut record = vm.clone();
@@ -481,6 +537,13 @@ impl Vmms for Sandbox {
         });
         let args = self.autodriver_args(vm, req);
         let cgroup_procs = self.cgroups.procs_files(&vm.name);
+        let (child_side, handshake) = match self.rootless {
+            Some(_) => {
+                let (child, parent) = userns::handshake_pipes()?;
+                (Some(child), Some(parent))
+            }
+            None => (None, None),
+        };
         let spec = jail::JailSpec {
             image_root: &image_root,
             vm_dir: &dir,
@@ -491,6 +554,9 @@ impl Vmms for Sandbox {
             cgroup_procs: &cgroup_procs,
             args: &args,
             output,
+            memory_mb: self.memory_mb(vm),
+            grader_home: GRADER_HOME_IN_VM,
+            userns: child_side,
         };
         let mut child = jail::spawn(spec).map_err(|e| match jail::setup_failure(&output_path) {
             Some(step) => VmmsError::Backend(format!(
@@ -509,6 +575,18 @@ impl Vmms for Sandbox {
             vm: &vm.name,
             armed: true,
         };
+        if let (Some(handshake), Some(map)) = (handshake, &self.rootless) {
+            let pid = child.id().unwrap_or(0);
+            if let Err(e) = handshake.complete(pid, map).await {
+                return Err(match jail::setup_failure(&output_path) {
+                    Some(step) => VmmsError::Backend(format!(
+                        "setting up the sandbox of {} failed at {step}: {e}",
+                        vm.name
+                    )),
+                    None => e,
+                });
+            }
+        }
         let status = child
             .wait()
             .await
@@ -623,13 +701,13 @@ impl Vmms for Sandbox {
     async fn reset_vm(&self, vm: &Machine) -> Result<(), VmmsError> {
         let dir = self.require_vm(vm)?;
         self.cgroups.kill_all(&vm.name).await?;
-        tokio::task::spawn_blocking(move || {
-            for sub in ["home", "tmp", "vartmp", "ctl"] {
+        self.delete_vm_files(&dir, |dir| {
+            for sub in VM_SUBDIRS {
                 empty_dir(&dir.join(sub))?;
             }
-            Ok(())
+            // Again, after a removal in the user namespace.
+            make_vm_subdirs(dir)
         })
         .await
-        .map_err(blocking_error)?
     }
 }

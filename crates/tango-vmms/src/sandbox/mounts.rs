@@ -18,6 +18,8 @@ pub struct MountEntry {
     /// The mounted sub-tree of the filesystem (field 4).
     pub root: String,
     pub mount_point: PathBuf,
+    /// Per-mount options (field 6: `ro,nosuid,...`).
+    pub mount_options: String,
     pub fs_type: String,
     pub super_options: String,
 }
@@ -56,6 +58,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
             Some(MountEntry {
                 root: unescape(fields.get(3)?),
                 mount_point: PathBuf::from(unescape(fields.get(4)?)),
+                mount_options: fields.get(5)?.to_string(),
                 fs_type: after.first()?.to_string(),
                 super_options: after.get(2).copied().unwrap_or("").to_string(),
             })
@@ -150,6 +153,7 @@ mod tests {
         assert_eq!(m.len(), 3);
         assert_eq!(m[0].mount_point, PathBuf::from("/sys/fs/cgroup/memory"));
         assert_eq!(m[0].fs_type, "cgroup");
+        assert_eq!(m[0].mount_options, "rw,relatime");
         assert_eq!(m[0].super_options, "rw,memory");
         assert_eq!(m[1].fs_type, "cgroup2");
         assert_eq!(m[2].root, "/a b");

@@ -12,7 +12,7 @@
 //! at /run/tango/ctl), `root/` (the mount point the image is bound to inside
 //! the job's mount namespace) and `machine.json`.
 //!
-//! When tangod is not root ("rootless", see [`userns`]), each job also gets a
+//! When tangod is not root ("rootless", see the `userns` module), each job also gets a
 //! user namespace; the VM directory is then a plain directory, and the
 //! grading user's home, /tmp and /var/tmp are tmpfs mounts of the job's own
 //! mount namespace instead.

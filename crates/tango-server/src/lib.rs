@@ -30,7 +30,10 @@ pub fn app(state: AppState) -> axum::Router {
         .merge(v2::routes(state.clone()))
         .merge(dashboard::routes());
     metrics::instrument(routes)
-        .layer(axum::extract::DefaultBodyLimit::max(4 << 20))
+        // For any extractor that buffers a body. The v1 routes read theirs
+        // as streams under their own limits, to answer statusId -1 when
+        // one is too large.
+        .layer(axum::extract::DefaultBodyLimit::max(v1::MAX_BODY_BYTES))
         .with_state(state)
 }
 

@@ -1,12 +1,17 @@
 //! The Tango v1 routes, exactly as `shared/spec/tango-v1-contract.md` says:
 //! HTTP 200 for every outcome with `statusId`/`statusMsg`, JSON answers as
 //! `application/json`, request bodies read raw whatever their Content-Type,
-//! and a trailing slash optional on every route.
+//! and a trailing slash optional on every route. A wrong method, a path
+//! segment that does not decode, or a body over the limit get a v1 answer
+//! too (statusId -1), never axum's bare 405, 400 or 413.
 
 use crate::AppState;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::path::ErrorKind;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, MethodRouter};
 use axum::Router;
@@ -16,30 +21,111 @@ use subtle::ConstantTimeEq;
 use tango_core::files::{DataDir, FilesError};
 use tango_core::{ctime, EngineError, Job, NewJob};
 
+/// Largest body of the routes that read theirs whole (addJob, prealloc).
+/// Uploads and builds stream theirs under `max_upload_bytes` instead.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+
 pub fn routes() -> Router<AppState> {
-    let mut router = Router::new().route("/", get(hello));
-    let routes: Vec<(&str, MethodRouter<AppState>)> = vec![
-        ("/open/{key}/{courselab}", get(open)),
-        ("/upload/{key}/{courselab}", axum::routing::post(upload)),
-        ("/addJob/{key}/{courselab}", axum::routing::post(add_job)),
-        ("/poll/{key}/{courselab}/{output_file}", get(poll)),
-        ("/getPartialOutput/{key}/{job_id}", get(partial_output)),
-        ("/info/{key}", get(info)),
-        ("/jobs/{key}/{deadjobs}", get(jobs)),
-        ("/pool/{key}", get(pool_all)),
-        ("/pool/{key}/{image}", get(pool_one)),
+    use axum::routing::post;
+    let mut router = Router::new().route("/", with_wrong_method(get(hello), "/", "GET"));
+    let routes: Vec<(&'static str, &'static str, MethodRouter<AppState>)> = vec![
+        ("/open/{key}/{courselab}", "GET", get(open)),
+        ("/upload/{key}/{courselab}", "POST", post(upload)),
+        ("/addJob/{key}/{courselab}", "POST", post(add_job)),
+        ("/poll/{key}/{courselab}/{output_file}", "GET", get(poll)),
+        (
+            "/getPartialOutput/{key}/{job_id}",
+            "GET",
+            get(partial_output),
+        ),
+        ("/info/{key}", "GET", get(info)),
+        ("/jobs/{key}/{deadjobs}", "GET", get(jobs)),
+        ("/pool/{key}", "GET", get(pool_all)),
+        ("/pool/{key}/{image}", "GET", get(pool_one)),
         (
             "/prealloc/{key}/{image}/{num}",
+            "GET or POST",
             get(prealloc).post(prealloc),
         ),
-        ("/build/{key}", axum::routing::post(build)),
+        ("/build/{key}", "POST", post(build)),
     ];
-    for (path, handler) in routes {
+    for (path, methods, handler) in routes {
+        let handler = with_wrong_method(handler, path, methods);
         router = router
             .route(path, handler.clone())
             .route(&format!("{path}/"), handler);
     }
     router.fallback(unknown_route)
+}
+
+/// Answers a method the route does not take with a v1 failure instead of
+/// axum's empty 405, which clients would take for "Tango is down".
+fn with_wrong_method(
+    handler: MethodRouter<AppState>,
+    path: &'static str,
+    methods: &'static str,
+) -> MethodRouter<AppState> {
+    handler.fallback(move |method: Method| async move {
+        fail(format!(
+            "method {method} is not allowed on {path}: it takes {methods}"
+        ))
+    })
+}
+
+/// [`Path`] whose rejection (a segment that does not percent-decode to
+/// UTF-8) is a v1 failure instead of a 400 in plain text.
+pub struct V1Path<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for V1Path<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = V1;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, V1> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(V1Path(value)),
+            Err(rejection) => Err(fail(path_problem(&rejection))),
+        }
+    }
+}
+
+fn path_problem(rejection: &PathRejection) -> String {
+    if let PathRejection::FailedToDeserializePathParams(e) = rejection {
+        if let ErrorKind::InvalidUtf8InPathParam { key } = e.kind() {
+            return format!("invalid URL: the {key} in the path is not valid UTF-8");
+        }
+    }
+    format!("invalid URL: {}", rejection.body_text())
+}
+
+/// How much of a body over [`MAX_BODY_BYTES`] is read and dropped before
+/// answering. Answering while the client still sends makes the kernel reset
+/// the connection, and the client would see that instead of the answer.
+const MAX_DISCARDED_BYTES: usize = 64 << 20;
+
+/// The whole body of addJob or prealloc, or why it could not be read (over
+/// [`MAX_BODY_BYTES`] above all).
+async fn whole_body(body: Body, what: &str) -> Result<Bytes, String> {
+    let mut kept = Vec::new();
+    let mut size = 0usize;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| format!("cannot read the {what}: {e}"))?;
+        size = size.saturating_add(chunk.len());
+        if size <= MAX_BODY_BYTES {
+            kept.extend_from_slice(&chunk);
+        } else if size > MAX_DISCARDED_BYTES {
+            break;
+        }
+    }
+    if size > MAX_BODY_BYTES {
+        return Err(format!(
+            "the {what} is larger than the server's limit of {MAX_BODY_BYTES} bytes"
+        ));
+    }
+    Ok(Bytes::from(kept))
 }
 
 /// Clients treat any non-200 answer as "Tango is down", so even a request
@@ -143,7 +229,7 @@ macro_rules! checked_courselab_dir {
 
 async fn open(
     State(state): State<AppState>,
-    Path((key, courselab)): Path<(String, String)>,
+    V1Path((key, courselab)): V1Path<(String, String)>,
 ) -> Response {
     let dir = checked_courselab_dir!(state, key, courselab);
     let engine = &state.engine;
@@ -171,7 +257,7 @@ async fn open(
 
 async fn upload(
     State(state): State<AppState>,
-    Path((key, courselab)): Path<(String, String)>,
+    V1Path((key, courselab)): V1Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -324,11 +410,18 @@ pub fn parse_job(
 
 async fn add_job(
     State(state): State<AppState>,
-    Path((key, courselab)): Path<(String, String)>,
-    body: Bytes,
+    V1Path((key, courselab)): V1Path<(String, String)>,
+    body: Body,
 ) -> Response {
     let dir = checked_courselab_dir!(state, key, courselab);
     let engine = &state.engine;
+    let body = match whole_body(body, "job body").await {
+        Ok(body) => body,
+        Err(reason) => {
+            engine.record_rejected("", &dir, &reason);
+            return fail(reason).into_response();
+        }
+    };
     let new = match parse_job(&body, &dir, &courselab) {
         Ok(new) => new,
         Err((name, reason)) => {
@@ -348,7 +441,7 @@ async fn add_job(
 
 async fn poll(
     State(state): State<AppState>,
-    Path((key, courselab, output_file)): Path<(String, String, String)>,
+    V1Path((key, courselab, output_file)): V1Path<(String, String, String)>,
 ) -> Response {
     let dir = checked_courselab_dir!(state, key, courselab);
     if tango_core::names::check_component("output file", &output_file).is_err() {
@@ -369,7 +462,7 @@ async fn poll(
 
 async fn partial_output(
     State(state): State<AppState>,
-    Path((key, job_id)): Path<(String, String)>,
+    V1Path((key, job_id)): V1Path<(String, String)>,
 ) -> Response {
     check_key!(state, key);
     let Ok(id) = job_id.parse::<u64>() else {
@@ -385,7 +478,7 @@ async fn partial_output(
     }
 }
 
-async fn info(State(state): State<AppState>, Path(key): Path<String>) -> Response {
+async fn info(State(state): State<AppState>, V1Path(key): V1Path<String>) -> Response {
     check_key!(state, key);
     ok(
         "Found info successfully",
@@ -430,7 +523,7 @@ pub fn job_json(job: &Job) -> Value {
 
 async fn jobs(
     State(state): State<AppState>,
-    Path((key, dead)): Path<(String, String)>,
+    V1Path((key, dead)): V1Path<(String, String)>,
 ) -> Response {
     check_key!(state, key);
     let jobs = match dead.as_str() {
@@ -449,7 +542,7 @@ fn pool_json(view: &tango_core::engine::PoolView) -> Value {
     json!({"total": view.total, "free": view.free})
 }
 
-async fn pool_all(State(state): State<AppState>, Path(key): Path<String>) -> Response {
+async fn pool_all(State(state): State<AppState>, V1Path(key): V1Path<String>) -> Response {
     check_key!(state, key);
     let pools: Map<String, Value> = state
         .engine
@@ -462,7 +555,7 @@ async fn pool_all(State(state): State<AppState>, Path(key): Path<String>) -> Res
 
 async fn pool_one(
     State(state): State<AppState>,
-    Path((key, image)): Path<(String, String)>,
+    V1Path((key, image)): V1Path<(String, String)>,
 ) -> Response {
     check_key!(state, key);
     match state.engine.pools().get(&image) {
@@ -477,10 +570,14 @@ async fn pool_one(
 
 async fn prealloc(
     State(state): State<AppState>,
-    Path((key, image, num)): Path<(String, String, String)>,
-    body: Bytes,
+    V1Path((key, image, num)): V1Path<(String, String, String)>,
+    body: Body,
 ) -> Response {
     check_key!(state, key);
+    let body = match whole_body(body, "prealloc body").await {
+        Ok(body) => body,
+        Err(reason) => return fail(reason).into_response(),
+    };
     let Ok(num) = num.parse::<i64>() else {
         return fail("Invalid prealloc size").into_response();
     };
@@ -529,7 +626,7 @@ async fn prealloc(
 
 async fn build(
     State(state): State<AppState>,
-    Path(key): Path<String>,
+    V1Path(key): V1Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {

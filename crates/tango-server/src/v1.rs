@@ -19,6 +19,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Map, Value};
 use subtle::ConstantTimeEq;
 use tango_core::files::{DataDir, FilesError};
+use tango_core::names::MAX_NAME_BYTES;
 use tango_core::{ctime, EngineError, Job, NewJob};
 
 /// Largest body of the routes that read theirs whole (addJob, prealloc).
@@ -212,7 +213,22 @@ async fn hello() -> &'static str {
 }
 
 fn courselab_dir(key: &str, courselab: &str) -> Result<String, V1> {
-    DataDir::courselab_dir_name(key, courselab).map_err(|e| fail(e.to_string()))
+    DataDir::courselab_dir_name(key, courselab).map_err(|e| {
+        let dir_len = key.len() + 1 + courselab.len();
+        if tango_core::names::check_component("courselab name", courselab).is_ok()
+            && dir_len > MAX_NAME_BYTES
+        {
+            // The name is fine alone; its directory `<key>-<courselab>` is not.
+            fail(format!(
+                "invalid courselab name: its directory, the key, '-' and the name, would be \
+                 {dir_len} bytes, longer than {MAX_NAME_BYTES}; with this key the name may be \
+                 at most {} bytes",
+                MAX_NAME_BYTES.saturating_sub(key.len() + 1)
+            ))
+        } else {
+            fail(e.to_string())
+        }
+    })
 }
 
 /// Checks the key, then yields the courselab's directory name or answers

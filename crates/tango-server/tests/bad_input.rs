@@ -265,6 +265,12 @@ fn cases() -> Vec<Case> {
             format!("/open/{KEY}/{}/", "c".repeat(300)),
             "invalid courselab name",
         ),
+        // 250 bytes is a fine name, but `testkey-<name>` is 258.
+        get(
+            "courselab too long with the key",
+            format!("/open/{KEY}/{}/", "c".repeat(250)),
+            "with this key the name may be at most 247 bytes",
+        ),
         get(
             "key traversal",
             "/open/..%2F..%2Fx/lab/".to_string(),

@@ -226,6 +226,32 @@ async fn every_route_and_status_string() {
     let (when, msg) = last.split_once('|').unwrap();
     assert_eq!(when.split_whitespace().count(), 5, "{when}");
     assert!(msg.contains("Autodriver returned normally"), "{msg}");
+    // Beside Tango's fields: the job's state and its 8 phase timestamps,
+    // all set and in order once the callback was delivered.
+    let rec = record_once_delivered(&c, id).await;
+    assert_eq!(rec["state"], "done", "{rec}");
+    assert_eq!(rec["assigned"], false, "{rec}");
+    assert_eq!(rec["retries"], 0, "{rec}");
+    assert_eq!(rec["timeout"], 20, "{rec}");
+    assert_eq!(rec["maxOutputFileSize"], 256 * 1024, "{rec}");
+    assert_eq!(rec["name"], "course_lab_1_a@b.c", "{rec}");
+    let times = phase_times(&rec, &PHASES);
+    assert!(
+        times[0] <= now_ms() && now_ms() - times[0] < 5 * 60 * 1000,
+        "added {} is not a recent unix time in ms",
+        times[0]
+    );
+    // A job without a callback has every phase but the last.
+    let v = c.get(&format!("/jobs/{KEY}/1/")).await;
+    let enc = v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["name"] == "enc")
+        .expect("job enc listed")
+        .clone();
+    phase_times(&enc, &PHASES[..7]);
+    assert!(enc["phases"]["callback_delivered"].is_null(), "{enc}");
     let v = c.get(&format!("/jobs/{KEY}/0")).await;
     assert_eq!(v["statusMsg"], "Found list of jobs");
     assert!(v["jobs"].is_array());
@@ -285,6 +311,22 @@ async fn every_route_and_status_string() {
     let v = c.get(&format!("/pool/{KEY}")).await;
     assert_eq!(v["statusMsg"], "Found all pools");
     assert!(v["pools"]["host"]["total"].as_array().unwrap().len() >= 2);
+    // A backend this server does not run cannot make VMs.
+    let v = c
+        .post(
+            &format!("/prealloc/{KEY}/host/1/"),
+            r#"{"vmms": "docker"}"#,
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (v["statusId"].clone(), v["statusMsg"].clone()),
+        (json!(-1), json!("Preallocate VM failed")),
+        "{v}"
+    );
+    assert!(v["detail"].as_str().unwrap().contains("docker"), "{v}");
+    let v = c.get(&format!("/pool/{KEY}/host/")).await;
+    assert!(v["pools"]["host"]["total"].as_array().unwrap().len() >= 2);
 
     // getPartialOutput of an unknown job.
     let v = c.get(&format!("/getPartialOutput/{KEY}/999999/")).await;
@@ -313,6 +355,164 @@ async fn every_route_and_status_string() {
 
     let v: Value = c.get(&format!("/info/{KEY}")).await;
     assert!(v["info"]["job_requests"].as_u64().unwrap() >= 2);
+}
+
+/// The phases of `/jobs` records, in the order a job goes through them.
+const PHASES: [&str; 8] = [
+    "added",
+    "assigned",
+    "vm_ready",
+    "copied_in",
+    "ran",
+    "copied_out",
+    "finished",
+    "callback_delivered",
+];
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// The timestamps of `phases` in a job record, asserting that the record
+/// has exactly the 8 phases and that these are set and non-decreasing.
+fn phase_times(rec: &Value, phases: &[&str]) -> Vec<i64> {
+    let all = rec["phases"].as_object().expect("phases object");
+    let mut names: Vec<&str> = all.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    let mut expected = PHASES.to_vec();
+    expected.sort_unstable();
+    assert_eq!(names, expected, "{rec}");
+    let times: Vec<i64> = phases
+        .iter()
+        .map(|p| {
+            all[*p]
+                .as_i64()
+                .unwrap_or_else(|| panic!("phase {p} not set: {rec}"))
+        })
+        .collect();
+    for (pair, t) in phases.windows(2).zip(times.windows(2)) {
+        assert!(t[0] <= t[1], "{} after {}: {rec}", pair[0], pair[1]);
+    }
+    times
+}
+
+/// The finished job's `/jobs` record once its callback delivery is stored
+/// (the receiver sees the callback a moment before tangod records it).
+async fn record_once_delivered(c: &Client, id: &str) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        let v = c.get(&format!("/jobs/{KEY}/1/")).await;
+        let rec = v["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["id"].as_u64().map(|n| n.to_string()).as_deref() == Some(id))
+            .expect("job listed")
+            .clone();
+        if !rec["phases"]["callback_delivered"].is_null() {
+            return rec;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "callback_delivered never set: {rec}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Removes a Docker image a test made, however the test ends.
+struct RemoveImage(String);
+
+impl Drop for RemoveImage {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("docker")
+            .args(["image", "rm", "-f", &self.0])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+fn docker_image_id(image: &str) -> Option<String> {
+    let out = std::process::Command::new("docker")
+        .args(["image", "inspect", "--format", "{{.Id}}", image])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// `/build` on the docker backend: a `docker save` tar is loaded and tagged
+/// `<imageName>:latest`, and jobs and pools may then name it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn build_loads_a_docker_image() {
+    const TEST: &str = "build_loads_a_docker_image";
+    const SOURCE: &str = "tango-test-busybox";
+    if !docker_or_skip(TEST) {
+        return;
+    }
+    let Some(source_id) = docker_image_id(SOURCE) else {
+        eprintln!("SKIPPED {TEST}: no image {SOURCE} (run scripts/build-docker-test-image.sh)");
+        return;
+    };
+    let tar = std::process::Command::new("docker")
+        .args(["save", SOURCE])
+        .output()
+        .unwrap();
+    assert!(
+        tar.status.success(),
+        "docker save: {}",
+        String::from_utf8_lossy(&tar.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let server = Tangod::start(&dir.path().join("data"), "vmms = \"docker\"\n");
+    let c = server.client();
+    let name = format!("{}-built", server.prefix);
+    let _cleanup = RemoveImage(format!("{name}:latest"));
+    assert_eq!(docker_image_id(&name), None, "{name} exists already");
+
+    let v = c.get(&format!("/prealloc/{KEY}/{name}/0/")).await;
+    assert_eq!(
+        v["statusMsg"], "Invalid image name",
+        "before the build: {v}"
+    );
+    let v = c
+        .post(
+            &format!("/build/{KEY}/"),
+            tar.stdout,
+            &[("imageName", &name)],
+        )
+        .await;
+    assert_eq!(
+        (v["statusId"].clone(), v["statusMsg"].clone()),
+        (json!(0), json!("Docker image built")),
+        "{v}"
+    );
+    assert_eq!(
+        docker_image_id(&format!("{name}:latest")),
+        Some(source_id),
+        "{name}:latest is not the image that was sent"
+    );
+    let v = c.get(&format!("/prealloc/{KEY}/{name}/0/")).await;
+    assert_eq!(v["statusMsg"], "VMs preallocated", "after the build: {v}");
+
+    // Not a docker save tar: the contract's failure string.
+    let v = c
+        .post(
+            &format!("/build/{KEY}/"),
+            b"not a tar".to_vec(),
+            &[("imageName", &name)],
+        )
+        .await;
+    assert_eq!(
+        (v["statusId"].clone(), v["statusMsg"].clone()),
+        (json!(-1), json!("Image build failed")),
+        "{v}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

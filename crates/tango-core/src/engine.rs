@@ -339,6 +339,7 @@ impl Engine {
             }) {
                 info!(
                     job = existing.id,
+                    courselab = %existing.courselab,
                     "duplicate addJob answered with the live job"
                 );
                 return Ok(existing.id);
@@ -782,7 +783,12 @@ impl Inner {
                 // orphan sweep (which lists with the server's keys): it is
                 // destroyed here, with the keys the job brought.
                 if let Some(vm) = job.vm.take().filter(|vm| vm.credentials.is_some()) {
-                    info!(vm = %vm.name, "destroying the VM an interrupted job had in its own account");
+                    info!(
+                        job = job.id,
+                        courselab = %job.courselab,
+                        vm = %vm.name,
+                        "destroying the VM an interrupted job had in its own account"
+                    );
                     self.destroy(&vm).await;
                 }
                 if job.retries > self.config.max_retries {
@@ -792,7 +798,9 @@ impl Inner {
                         message: "the server stopped while the job was running".into(),
                         vm: None,
                     };
-                    self.fail_job(job, failure).await;
+                    // Its lines say which job, as a worker's do.
+                    let span = tracing::info_span!("job", job = job.id, courselab = %job.courselab);
+                    self.fail_job(job, failure).instrument(span).await;
                     continue;
                 }
                 job.state = JobState::Queued;
@@ -1553,20 +1561,24 @@ impl Inner {
                 }
             };
             for mut entry in due {
+                let span = self.callback_span(entry.job_id);
                 // Claim it: a crash mid-delivery retries it after this.
                 entry.next_attempt_ms = now + 90_000;
                 if let Err(e) = self.store.outbox_update(&entry) {
-                    warn!(job = entry.job_id, "cannot claim callback: {e}");
+                    span.in_scope(|| warn!(job = entry.job_id, "cannot claim callback: {e}"));
                     continue;
                 }
                 let Ok(permit) = in_flight.clone().acquire_owned().await else {
                     return;
                 };
                 let inner = self.clone();
-                tokio::spawn(async move {
-                    inner.deliver(entry).await;
-                    drop(permit);
-                });
+                tokio::spawn(
+                    async move {
+                        inner.deliver(entry).await;
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
             }
             let next = match self.store.outbox_next_due() {
                 Ok(next) => next,
@@ -1582,6 +1594,21 @@ impl Inner {
                 _ = self.stop.cancelled() => return,
             }
         }
+    }
+
+    /// The span a job's callback delivery logs in: the worker's `job`
+    /// span, with the courselab read from the job's record (the outbox
+    /// keeps only the job id).
+    fn callback_span(&self, id: JobId) -> tracing::Span {
+        let span = tracing::info_span!("job", job = id, courselab = tracing::field::Empty);
+        match self.store.get_job(id) {
+            Ok(Some(job)) => {
+                span.record("courselab", job.courselab.as_str());
+            }
+            Ok(None) => {}
+            Err(e) => warn!(job = id, "cannot read job record: {e}"),
+        }
+        span
     }
 
     async fn deliver(self: Arc<Self>, mut entry: OutboxEntry) {

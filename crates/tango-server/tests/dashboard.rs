@@ -494,3 +494,222 @@ async fn metrics_can_require_the_key() {
     assert_eq!(r.status(), 200);
     Exposition::parse(&r.text().await.unwrap());
 }
+
+/// A tangod run with `--log-format json` whose standard output and error
+/// both go to one file: tangod logs to standard output, which the common
+/// harness does not keep.
+struct JsonLoggedTangod {
+    child: std::process::Child,
+    url: String,
+    log: std::path::PathBuf,
+}
+
+impl JsonLoggedTangod {
+    async fn start(data_dir: &std::path::Path, engine_toml: &str) -> JsonLoggedTangod {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        // Its own VM prefix, so other tests' orphan sweeps leave it alone.
+        let prefix = format!("tjson{}x{port}", std::process::id());
+        let config = data_dir.with_extension("toml");
+        std::fs::write(
+            &config,
+            format!("[engine]\nprefix = \"{prefix}\"\n{engine_toml}"),
+        )
+        .unwrap();
+        let log = data_dir.with_extension("log");
+        let out = std::fs::File::create(&log).unwrap();
+        let err = out.try_clone().unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tangod"))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--key")
+            .arg(KEY)
+            .arg("--autodriver")
+            .arg(autodriver())
+            .arg("--config")
+            .arg(&config)
+            .args(["--log-format", "json"])
+            .env("RUST_LOG", "info,tango_core=debug")
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start tangod");
+        let start = Instant::now();
+        loop {
+            if let Ok(r) = reqwest::get(format!("{url}/")).await {
+                if r.status() == 200 {
+                    break;
+                }
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "tangod exited with {status}: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "tangod did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        JsonLoggedTangod { child, url, log }
+    }
+
+    fn client(&self) -> Client {
+        Client {
+            http: reqwest::Client::new(),
+            url: self.url.clone(),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for JsonLoggedTangod {
+    fn drop(&mut self) {
+        // SIGTERM so the server removes its sandboxes.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The job id a JSON log line is about: its own `job` field or that of a
+/// span it was logged in.
+fn logged_job(line: &Value) -> Option<u64> {
+    std::iter::once(&line["fields"])
+        .chain(std::iter::once(&line["span"]))
+        .chain(line["spans"].as_array().into_iter().flatten())
+        .find_map(|fields| fields["job"].as_u64())
+}
+
+/// The courselab a JSON log line names, in its fields or a span's.
+fn logged_courselab(line: &Value) -> Option<&str> {
+    std::iter::once(&line["fields"])
+        .chain(std::iter::once(&line["span"]))
+        .chain(line["spans"].as_array().into_iter().flatten())
+        .find_map(|fields| fields["courselab"].as_str())
+}
+
+/// Makes `data_dir/images/broken`: a "root filesystem" with only `bin/`,
+/// which the sandbox lists as an image but cannot start a VM of (it lacks
+/// the directories it mounts over): a real backend error at initialize.
+fn make_broken_image(data_dir: &std::path::Path) {
+    std::fs::create_dir_all(data_dir.join("images/broken/bin")).unwrap();
+}
+
+/// Sleeps a second: still queued or running when the same addJob comes again.
+const SLEEPY_MAKEFILE: &[u8] = b"all:\n\t@sleep 1\n\t@echo slept\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_lines_about_a_job_name_its_courselab() {
+    if !root_or_skip("json_log_lines_about_a_job_name_its_courselab") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    make_broken_image(&data);
+    let server = JsonLoggedTangod::start(
+        &data,
+        "callback_deadline_secs = 2\ncallback_initial_backoff_ms = 100\n",
+    )
+    .await;
+    let c = server.client();
+
+    // A job whose callback goes nowhere: retried, then abandoned.
+    c.open("deadlab").await;
+    c.upload("deadlab", "Makefile", HELLO_MAKEFILE).await;
+    let v = c
+        .add_job(
+            "deadlab",
+            &job("log-deadcb", "deadout", Some("http://127.0.0.1:1/cb"), 20),
+        )
+        .await;
+    let dead_id: u64 = v["jobId"].as_str().unwrap().parse().unwrap();
+
+    // The same addJob twice while the first is live: one job.
+    c.open("duplab").await;
+    c.upload("duplab", "Makefile", SLEEPY_MAKEFILE).await;
+    let sleepy = job("log-dup", "dupout", None, 20);
+    let first = c.add_job("duplab", &sleepy).await;
+    let again = c.add_job("duplab", &sleepy).await;
+    assert_eq!(first["jobId"], again["jobId"], "{first} {again}");
+    let dup_id: u64 = first["jobId"].as_str().unwrap().parse().unwrap();
+
+    // A job on an image the backend cannot start: retried, then failed.
+    c.open("brokenlab").await;
+    c.upload("brokenlab", "Makefile", HELLO_MAKEFILE).await;
+    let mut broken = job("log-broken", "brokenout", None, 20);
+    broken["image"] = "broken".into();
+    let v = c.add_job("brokenlab", &broken).await;
+    let broken_id: u64 = v["jobId"].as_str().unwrap().parse().unwrap();
+
+    for (lab, out) in [
+        ("deadlab", "deadout"),
+        ("duplab", "dupout"),
+        ("brokenlab", "brokenout"),
+    ] {
+        c.wait_output(lab, out, Duration::from_secs(30)).await;
+    }
+    wait_metrics(&c, "the dead callback abandoned", |m| {
+        m.value("tango_callbacks_abandoned_total", &[]) == 1.0
+    })
+    .await;
+
+    let log = server.log();
+    let expected = [
+        (dead_id, "deadlab"),
+        (dup_id, "duplab"),
+        (broken_id, "brokenlab"),
+    ];
+    let mut messages: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for text in log.lines() {
+        let line: Value = serde_json::from_str(text)
+            .unwrap_or_else(|e| panic!("a log line is not JSON ({e}): {text}"));
+        let Some(id) = logged_job(&line) else {
+            continue;
+        };
+        let Some((_, lab)) = expected.iter().find(|(job, _)| *job == id) else {
+            panic!("a log line about a job this test never added: {text}");
+        };
+        assert_eq!(
+            logged_courselab(&line),
+            Some(*lab),
+            "a log line about job {id} does not name its courselab: {text}"
+        );
+        let message = line["fields"]["message"].as_str().unwrap_or_default();
+        messages.entry(id).or_default().push(message.to_string());
+    }
+    // The lines the test is about were logged at all.
+    for (id, wanted) in [
+        (dead_id, "job added"),
+        (dead_id, "job finished"),
+        (dead_id, "callback failed"),
+        (dead_id, "callback abandoned"),
+        (dup_id, "duplicate addJob"),
+        (broken_id, "system error"),
+        (broken_id, "job finished"),
+    ] {
+        let said = messages.get(&id).cloned().unwrap_or_default();
+        assert!(
+            said.iter().any(|m| m.starts_with(wanted)),
+            "no {wanted:?} line about job {id}: {said:?}\n{log}"
+        );
+    }
+}

@@ -548,3 +548,128 @@ async fn partial_output_of_a_running_job() {
     let out = c.wait_output("lab", "p.out", Duration::from_secs(30)).await;
     assert!(String::from_utf8_lossy(&out).contains("done"));
 }
+
+/// `tangod --help` documents every option of the command line, with the
+/// defaults and environment variables the issue names.
+#[test]
+fn help_documents_every_option() {
+    use clap::CommandFactory;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tangod"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let help = String::from_utf8(out.stdout).unwrap();
+    let mut cli = tango_server::config::Cli::command();
+    cli.build();
+    let mut options = 0;
+    for arg in cli.get_arguments() {
+        let Some(long) = arg.get_long() else {
+            continue;
+        };
+        options += 1;
+        let line = help
+            .lines()
+            .find(|l| l.contains(&format!("--{long}")))
+            .unwrap_or_else(|| panic!("--{long} is not in --help:\n{help}"));
+        assert!(
+            arg.get_help()
+                .is_some_and(|h| !h.to_string().trim().is_empty()),
+            "--{long} has no description: {line}"
+        );
+    }
+    assert!(options >= 10, "{options} options");
+    for must in [
+        "--listen",
+        "127.0.0.1:3000",
+        "--data-dir",
+        "./tango-data",
+        "--vmms",
+        "sandbox",
+        "--key",
+        "RESTFUL_KEY",
+        "--config",
+        "TOML",
+        "--print-config",
+    ] {
+        assert!(help.contains(must), "{must:?} is not in --help:\n{help}");
+    }
+}
+
+/// The key may come from RESTFUL_KEY alone, as with Tango.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restful_key_is_read() {
+    let printed = std::process::Command::new(env!("CARGO_BIN_EXE_tangod"))
+        .arg("--print-config")
+        .env("RESTFUL_KEY", "envkey")
+        .output()
+        .unwrap();
+    assert!(printed.status.success(), "{printed:?}");
+    let config: toml::Value = toml::from_str(&String::from_utf8_lossy(&printed.stdout)).unwrap();
+    assert_eq!(config["keys"], toml::Value::Array(vec!["envkey".into()]));
+    let printed = std::process::Command::new(env!("CARGO_BIN_EXE_tangod"))
+        .arg("--print-config")
+        .env_remove("RESTFUL_KEY")
+        .output()
+        .unwrap();
+    let config: toml::Value = toml::from_str(&String::from_utf8_lossy(&printed.stdout)).unwrap();
+    assert_eq!(config["keys"], toml::Value::Array(vec![]));
+
+    // And a server started that way answers that key, and only it.
+    if !root_or_skip("restful_key_is_read (serving)") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tangod.toml");
+    std::fs::write(
+        &config,
+        format!("[engine]\nprefix = \"t{}envkey\"\n", std::process::id()),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tangod"))
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--autodriver")
+        .arg(autodriver())
+        .env("RESTFUL_KEY", "envkey")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Stop<'a>(&'a mut std::process::Child);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let _ = self.0.wait();
+        }
+    }
+    let stop = Stop(&mut child);
+    let c = Client {
+        http: reqwest::Client::new(),
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    let start = std::time::Instant::now();
+    while reqwest::get(format!("{}/", c.url)).await.is_err() {
+        if let Some(status) = stop.0.try_wait().unwrap() {
+            panic!("tangod exited with {status}");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "tangod did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let v = c.get("/info/envkey/").await;
+    assert_eq!(v["statusMsg"], "Found info successfully", "{v}");
+    let v = c.get(&format!("/info/{KEY}/")).await;
+    assert_eq!(v["statusMsg"], "Key not recognized", "{v}");
+}

@@ -205,13 +205,38 @@ async fn chromium(url: &str, extra: &[String]) -> Option<String> {
     Some(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The text of the element with this id in a dumped DOM (no nested tags).
+fn element_text(dom: &str, id: &str) -> Option<String> {
+    let at = dom.find(&format!("id=\"{id}\""))?;
+    let start = at + dom[at..].find('>')? + 1;
+    let end = start + dom[start..].find('<')?;
+    Some(dom[start..end].to_string())
+}
+
+/// The `<tbody>` of the table with this id in a dumped DOM.
+fn table_body<'a>(dom: &'a str, id: &str) -> &'a str {
+    let at = dom
+        .find(&format!("<table id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no table {id}:\n{dom}"));
+    let table = &dom[at..at + dom[at..].find("</table>").expect("</table>")];
+    let body = table.find("<tbody>").expect("<tbody>");
+    &table[body..]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_v2_and_dashboard_show_the_jobs() {
     if !root_or_skip("metrics_v2_and_dashboard_show_the_jobs") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let server = Tangod::start(&dir.path().join("data"), "");
+    let data = dir.path().join("data");
+    make_broken_image(&data);
+    // Short callback deadlines, so the dead callback below is abandoned
+    // within the test.
+    let server = Tangod::start(
+        &data,
+        "[engine]\ncallback_deadline_secs = 2\ncallback_initial_backoff_ms = 100\n",
+    );
     let c = server.client();
     let receiver = Receiver::start().await;
 
@@ -236,6 +261,33 @@ async fn metrics_v2_and_dashboard_show_the_jobs() {
     }
     receiver.wait_for(1, Duration::from_secs(20)).await;
 
+    // A job done whose callback goes nowhere (retried, then abandoned), and
+    // one on an image the backend cannot start (a backend error on every
+    // try, then failed).
+    let v = c
+        .add_job(
+            "dashlab",
+            &job("dash-deadcb", "outdead", Some("http://127.0.0.1:1/cb"), 20),
+        )
+        .await;
+    let deadcb_id = v["jobId"].as_str().unwrap().to_string();
+    c.open("brokenlab").await;
+    c.upload("brokenlab", "Makefile", HELLO_MAKEFILE).await;
+    let mut broken = job("dash-broken", "brokenout", None, 20);
+    broken["image"] = "broken".into();
+    let v = c.add_job("brokenlab", &broken).await;
+    assert_eq!(v["statusId"], 0, "{v}");
+    c.wait_output("dashlab", "outdead", Duration::from_secs(30))
+        .await;
+    let out = c
+        .wait_output("brokenlab", "brokenout", Duration::from_secs(30))
+        .await;
+    assert!(
+        String::from_utf8_lossy(&out).contains("Internal error"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+
     // A job that is still running (and printing) while we look.
     c.open("ticking").await;
     c.upload("ticking", "Makefile", TICKING_MAKEFILE).await;
@@ -259,8 +311,9 @@ async fn metrics_v2_and_dashboard_show_the_jobs() {
     }
 
     // /metrics: every line parses, the families exist, counts match.
-    let m = wait_metrics(&c, "the callback counted", |m| {
+    let m = wait_metrics(&c, "the callbacks counted", |m| {
         m.value("tango_callbacks_delivered_total", &[]) == 1.0
+            && m.value("tango_callbacks_abandoned_total", &[]) == 1.0
     })
     .await;
     for (family, kind) in [
@@ -287,15 +340,16 @@ async fn metrics_v2_and_dashboard_show_the_jobs() {
     assert_eq!(m.value("tango_queue_depth", &[]), 0.0);
     assert_eq!(
         m.value("tango_jobs_finished_total", &[("outcome", "done")]),
-        3.0
+        4.0
     );
     assert_eq!(
         m.value("tango_jobs_finished_total", &[("outcome", "failed")]),
-        0.0
+        1.0
     );
+    // Only the jobs that ran to an outcome (the 4 done) are timed.
     for phase in ["waiting_for_vm", "copy_in", "run", "copy_out", "total"] {
         let count = m.value("tango_phase_seconds_count", &[("phase", phase)]);
-        assert_eq!(count, 3.0, "{phase}");
+        assert_eq!(count, 4.0, "{phase}");
         let inf = m.value(
             "tango_phase_seconds_bucket",
             &[("phase", phase), ("le", "+Inf")],
@@ -310,7 +364,16 @@ async fn metrics_v2_and_dashboard_show_the_jobs() {
         1.0
     );
     assert!(m.value("tango_pool_vms", &[("image", "host"), ("state", "total")]) >= 1.0);
-    assert_eq!(m.value("tango_callback_retries_total", &[]), 0.0);
+    // The broken image failed at initialize on the first try and on each of
+    // the default 2 retries.
+    assert_eq!(
+        m.value(
+            "tango_backend_errors_total",
+            &[("backend", "sandbox"), ("step", "initialize")]
+        ),
+        3.0
+    );
+    assert!(m.value("tango_callback_retries_total", &[]) >= 1.0);
     let add_jobs = m.value(
         "tango_http_request_duration_seconds_count",
         &[
@@ -319,7 +382,7 @@ async fn metrics_v2_and_dashboard_show_the_jobs() {
             ("status", "200"),
         ],
     );
-    assert_eq!(add_jobs, 4.0);
+    assert_eq!(add_jobs, 6.0);
     let routes: BTreeSet<&str> = m
         .samples
         .iter()
@@ -352,31 +415,48 @@ async fn metrics_v2_and_dashboard_show_the_jobs() {
         .iter()
         .map(|j| j["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["dash-job-3", "dash-job-2", "dash-job-1"]);
+    assert_eq!(
+        names,
+        ["dash-deadcb", "dash-job-3", "dash-job-2", "dash-job-1"]
+    );
     assert_eq!(v["jobs"][0]["courselab"], "dashlab");
-    let (_, page) = v2(&c, "/v2/jobs?limit=2", Some(KEY)).await;
-    assert_eq!(page["jobs"].as_array().unwrap().len(), 2);
-    assert_eq!(page["jobs"][0]["name"], "dash-ticking");
-    let before = page["next_before_id"].as_u64().expect("a next page");
-    let (_, rest) = v2(
-        &c,
-        &format!("/v2/jobs?limit=2&before_id={before}"),
-        Some(KEY),
-    )
-    .await;
-    let rest_names: Vec<&str> = rest["jobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|j| j["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(rest_names, ["dash-job-2", "dash-job-1"]);
-    assert!(rest["next_before_id"].is_null());
+    let (_, failed) = v2(&c, "/v2/jobs?state=failed", Some(KEY)).await;
+    assert_eq!(failed["jobs"].as_array().unwrap().len(), 1, "{failed}");
+    assert_eq!(failed["jobs"][0]["name"], "dash-broken");
+    assert_eq!(failed["jobs"][0]["courselab"], "brokenlab");
+    // Pages of two, newest first, until there is no next page.
+    let mut pages: Vec<Vec<String>> = Vec::new();
+    let mut query = "/v2/jobs?limit=2".to_string();
+    loop {
+        let (status, page) = v2(&c, &query, Some(KEY)).await;
+        assert_eq!(status, 200, "{page}");
+        pages.push(
+            page["jobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|j| j["name"].as_str().unwrap().to_string())
+                .collect(),
+        );
+        let Some(before) = page["next_before_id"].as_u64() else {
+            break;
+        };
+        assert!(pages.len() < 10, "paging does not end: {pages:?}");
+        query = format!("/v2/jobs?limit=2&before_id={before}");
+    }
+    assert_eq!(
+        pages,
+        [
+            ["dash-ticking", "dash-broken"],
+            ["dash-deadcb", "dash-job-3"],
+            ["dash-job-2", "dash-job-1"],
+        ]
+    );
     let (_, v) = v2(&c, "/v2/jobs?courselab=ticking", Some(KEY)).await;
     assert_eq!(v["jobs"].as_array().unwrap().len(), 1);
 
     // Newest first: dash-job-1 is the last one listed.
-    let id = v2(&c, "/v2/jobs?state=done", Some(KEY)).await.1["jobs"][2]["id"]
+    let id = v2(&c, "/v2/jobs?state=done", Some(KEY)).await.1["jobs"][3]["id"]
         .as_u64()
         .unwrap();
     let (status, one) = v2(&c, &format!("/v2/jobs/{id}"), Some(KEY)).await;
@@ -389,21 +469,49 @@ async fn metrics_v2_and_dashboard_show_the_jobs() {
         .contains("Hello, dashboard!"));
     assert!(one["phases"]["callback_delivered"].is_i64(), "{one}");
     assert!(one["trace"].as_array().unwrap().len() >= 2);
+    // The engine counts the abandoned callback a moment before it notes
+    // it in the job's trace.
+    let start = Instant::now();
+    loop {
+        let (_, dead) = v2(&c, &format!("/v2/jobs/{deadcb_id}"), Some(KEY)).await;
+        assert!(dead["phases"]["callback_delivered"].is_null(), "{dead}");
+        let noted = dead["trace"].as_array().unwrap().iter().any(|t| {
+            t["message"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("Callback abandoned after")
+        });
+        if noted {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the abandoned callback is not in the trace: {dead}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (status, _) = v2(&c, "/v2/jobs/999999", Some(KEY)).await;
     assert_eq!(status, 404);
 
     let (_, pools) = v2(&c, "/v2/pools", Some(KEY)).await;
-    assert_eq!(pools["pools"][0]["image"], "host");
+    let images: BTreeSet<&str> = pools["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["image"].as_str().unwrap())
+        .collect();
+    assert!(images.contains("host"), "{pools}");
     let (_, summary) = v2(&c, "/v2/summary", Some(KEY)).await;
     assert_eq!(summary["jobs"]["running"], 1);
-    assert_eq!(summary["finished_total"]["done"], 3);
+    assert_eq!(summary["finished_total"]["done"], 4);
+    assert_eq!(summary["finished_total"]["failed"], 1);
     let done_last_hour: u64 = summary["throughput"]["done"]
         .as_array()
         .unwrap()
         .iter()
         .map(|n| n.as_u64().unwrap())
         .sum();
-    assert_eq!(done_last_hour, 3);
+    assert_eq!(done_last_hour, 4);
 
     // The page and its assets, embedded, with a content security policy.
     for path in [
@@ -433,9 +541,38 @@ async fn metrics_v2_and_dashboard_show_the_jobs() {
         );
         return;
     };
-    for name in ["dash-job-1", "dash-job-2", "dash-job-3", "dash-ticking"] {
+    for name in [
+        "dash-job-1",
+        "dash-job-2",
+        "dash-job-3",
+        "dash-ticking",
+        "dash-deadcb",
+        "dash-broken",
+    ] {
         assert!(dom.contains(name), "{name} is not in the dashboard:\n{dom}");
     }
+    // The tiles count the failure and the callback that gave up.
+    assert_eq!(element_text(&dom, "t-done").as_deref(), Some("4"), "{dom}");
+    assert_eq!(
+        element_text(&dom, "t-failed").as_deref(),
+        Some("1"),
+        "{dom}"
+    );
+    let callbacks = element_text(&dom, "t-callbacks-sub").unwrap_or_default();
+    let retries: u32 = callbacks
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("callbacks tile: {callbacks:?}"));
+    assert!(retries >= 1, "callbacks tile: {callbacks:?}");
+    assert!(callbacks.ends_with("1 abandoned"), "{callbacks:?}");
+    // "Recent failures" lists the broken job, and it alone.
+    let failures = table_body(&dom, "failures");
+    assert_eq!(failures.matches("<tr").count(), 1, "{failures}");
+    assert!(
+        failures.contains("dash-broken") && failures.contains("brokenlab"),
+        "the broken job is not among the recent failures:\n{failures}"
+    );
     assert!(
         dom.contains("tick 2"),
         "no live output in the dashboard:\n{dom}"
@@ -446,7 +583,8 @@ async fn metrics_v2_and_dashboard_show_the_jobs() {
             &format!("{}/dashboard#key={KEY}", c.url),
             &[
                 format!("--screenshot={}", std::path::Path::new(&path).display()),
-                "--window-size=1280,900".into(),
+                // Tall enough for everything down to "Recent jobs".
+                "--window-size=1280,1150".into(),
             ],
         )
         .await;
@@ -464,8 +602,8 @@ async fn metrics_v2_and_dashboard_show_the_jobs() {
     // The running job finishes and is counted.
     c.wait_output("ticking", "tickout", Duration::from_secs(60))
         .await;
-    wait_metrics(&c, "4 jobs done", |m| {
-        m.value("tango_jobs_finished_total", &[("outcome", "done")]) == 4.0
+    wait_metrics(&c, "5 jobs done", |m| {
+        m.value("tango_jobs_finished_total", &[("outcome", "done")]) == 5.0
             && m.value("tango_jobs", &[("state", "running")]) == 0.0
     })
     .await;

@@ -22,8 +22,9 @@ pub struct Cli {
     /// Default backend: sandbox (Linux namespaces, no daemon), docker, or ec2 (builds with the `ec2` feature) [default: sandbox]
     #[arg(long)]
     pub vmms: Option<String>,
-    /// A client key (repeatable). RESTFUL_KEY is also read, as Tango does.
-    #[arg(long = "key", env = "RESTFUL_KEY", value_delimiter = ',')]
+    /// A client key (repeatable). The key in RESTFUL_KEY, Tango's variable,
+    /// is accepted too.
+    #[arg(long = "key")]
     pub keys: Vec<String>,
     /// TOML configuration file
     #[arg(long)]
@@ -243,10 +244,18 @@ impl Config {
         if let Some(vmms) = &cli.vmms {
             config.vmms = vmms.clone();
         }
-        if !cli.keys.is_empty() {
-            config
-                .keys
-                .extend(cli.keys.iter().filter(|k| !k.is_empty()).cloned());
+        config
+            .keys
+            .extend(cli.keys.iter().filter(|k| !k.is_empty()).cloned());
+        // Beside --key, not instead of it: a site moving from Tango keeps
+        // its environment and may add keys.
+        if let Some(key) = std::env::var_os("RESTFUL_KEY") {
+            let key = key
+                .into_string()
+                .map_err(|_| anyhow::anyhow!("RESTFUL_KEY is not valid UTF-8"))?;
+            if !key.is_empty() {
+                config.keys.push(key);
+            }
         }
         if let Some(path) = &cli.autodriver {
             config.autodriver = Some(path.clone());

@@ -614,6 +614,18 @@ async fn restful_key_is_read() {
         .unwrap();
     let config: toml::Value = toml::from_str(&String::from_utf8_lossy(&printed.stdout)).unwrap();
     assert_eq!(config["keys"], toml::Value::Array(vec![]));
+    // Beside --key, not instead of it.
+    let printed = std::process::Command::new(env!("CARGO_BIN_EXE_tangod"))
+        .args(["--print-config", "--key", "cli,key"])
+        .env("RESTFUL_KEY", "envkey")
+        .output()
+        .unwrap();
+    assert!(printed.status.success(), "{printed:?}");
+    let config: toml::Value = toml::from_str(&String::from_utf8_lossy(&printed.stdout)).unwrap();
+    assert_eq!(
+        config["keys"],
+        toml::Value::Array(vec!["cli,key".into(), "envkey".into()])
+    );
 
     // And a server started that way answers that key, and only it.
     if !root_or_skip("restful_key_is_read (serving)") {

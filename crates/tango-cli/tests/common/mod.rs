@@ -163,17 +163,17 @@ impl Tangod {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start tangod");
-        // tangod logs "tangod serving" (to stdout) once it listens: wait
-        // for that line, or for its output to close, which means it died.
-        // Errors before logging starts go to stderr: keep both.
+        // tangod logs "tangod serving" (to stderr) once it listens: wait
+        // for that line, or for its stderr to close, which means it died.
+        // Keep stdout too (--print-config and the like write there).
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
         let log = Arc::new(Mutex::new(String::new()));
         let (ready_tx, ready_rx) = mpsc::channel();
-        let stderr_log = log.clone();
+        let stdout_log = log.clone();
         std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(mut log) = stderr_log.lock() {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(mut log) = stdout_log.lock() {
                     log.push_str(&line);
                     log.push('\n');
                 }
@@ -182,7 +182,7 @@ impl Tangod {
         let log_writer = log.clone();
         std::thread::spawn(move || {
             let mut ready = Some(ready_tx);
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("tangod serving") {
                     if let Some(tx) = ready.take() {
                         let _ = tx.send(true);

@@ -909,7 +909,9 @@ impl Inner {
             job.retries + 1
         ));
         if let Err(e) = self.store.save_job(&job) {
-            // Not durable: put it back and let a later dispatch try again.
+            // The job runs anyway: its record still says queued, so a crash
+            // before the next write re-runs it after the restart (a lost
+            // retry count at worst), and nothing is lost.
             warn!("cannot record job dispatch: {e}");
         }
         self.update_live(&job);

@@ -1209,3 +1209,76 @@ async fn a_reused_container_keeps_no_lock_files_or_ipc_objects() {
     assert!(output.contains("ipc: 0\n"), "{output}");
     docker.safe_destroy_vm(&vm).await.unwrap();
 }
+
+/// A job that has run longer than a second gets a tenth of the default CPU
+/// shares (so short jobs beside it keep their latency, as in the sandbox);
+/// the container's next job starts at the default again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_job_gets_lower_cpu_shares_and_the_next_job_starts_normal() {
+    require_docker!();
+    let work = tempfile::tempdir().unwrap();
+    let docker = std::sync::Arc::new(common::backend(work.path()).await);
+    let prefix = common::prefix("cpuw");
+    common::clean(&docker, &prefix).await;
+    let vm = machine(&prefix, 1, BOOKWORM);
+    docker.initialize_vm(&vm).await.unwrap();
+    docker.wait_vm(&vm, Duration::from_secs(10)).await.unwrap();
+    // The job reads its own container's weight (cgroup v1, then v2).
+    let weight =
+        "$$(cat /sys/fs/cgroup/cpu/cpu.shares 2>/dev/null || cat /sys/fs/cgroup/cpu.weight)";
+    let long = format!("all:\n\t@echo start {weight}\n\t@sleep 3\n\t@echo end {weight}\n");
+    docker
+        .copy_in(&vm, &common::inputs(work.path(), &[("Makefile", &long)]))
+        .await
+        .unwrap();
+    let running = {
+        let (docker, vm) = (docker.clone(), vm.clone());
+        tokio::spawn(async move { docker.run_job(&vm, &request(61, 20)).await })
+    };
+    let name = container_name(&vm);
+    let mut shares_seen = Vec::new();
+    let watched = std::time::Instant::now();
+    while !running.is_finished() && watched.elapsed() < Duration::from_secs(10) {
+        let inspect = docker.api().inspect_container(&name, None).await.unwrap();
+        shares_seen.push(inspect.host_config.and_then(|h| h.cpu_shares));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let outcome = running.await.unwrap().unwrap();
+    let dest = work.path().join("long");
+    docker.copy_out(&vm, &dest).await.unwrap();
+    let output = std::fs::read_to_string(&dest).unwrap();
+    assert_eq!(outcome.status, RunStatus::Completed, "{output}");
+    assert!(
+        shares_seen.contains(&Some(102)),
+        "CpuShares seen while the job ran: {shares_seen:?}"
+    );
+    let value = |output: &str, key: &str| -> String {
+        output
+            .lines()
+            .find_map(|line| line.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key:?} line in {output:?}"))
+            .trim()
+            .to_string()
+    };
+    let (normal, lowered) = (value(&output, "start "), value(&output, "end "));
+    assert_ne!(normal, lowered, "{output}");
+
+    docker.reset_vm(&vm).await.unwrap();
+    let short = format!("all:\n\t@echo start {weight}\n");
+    docker
+        .copy_in(&vm, &common::inputs(work.path(), &[("Makefile", &short)]))
+        .await
+        .unwrap();
+    let outcome = docker.run_job(&vm, &request(62, 20)).await.unwrap();
+    let dest = work.path().join("short");
+    docker.copy_out(&vm, &dest).await.unwrap();
+    let output = std::fs::read_to_string(&dest).unwrap();
+    assert_eq!(outcome.status, RunStatus::Completed, "{output}");
+    let next = value(&output, "start ");
+    assert_ne!(next, lowered, "the next job started at the lowered weight");
+    if std::path::Path::new("/sys/fs/cgroup/cpu/cpu.shares").exists() {
+        // cgroup v1: the default is exactly restored.
+        assert_eq!(next, normal, "{output}");
+    }
+    docker.safe_destroy_vm(&vm).await.unwrap();
+}

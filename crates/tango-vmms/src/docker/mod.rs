@@ -33,8 +33,8 @@ use bollard::container::LogOutput;
 use bollard::errors::Error as ApiError;
 use bollard::exec::{CreateExecOptions, StartExecResults};
 use bollard::models::{
-    ContainerConfig, ContainerCreateBody, ContainerStateStatusEnum, HostConfig,
-    HostConfigCgroupnsModeEnum, HostConfigLogConfig, NetworkConnectRequest,
+    ContainerConfig, ContainerCreateBody, ContainerStateStatusEnum, ContainerUpdateBody,
+    HostConfig, HostConfigCgroupnsModeEnum, HostConfigLogConfig, NetworkConnectRequest,
     NetworkDisconnectRequest,
 };
 use bollard::query_parameters::{
@@ -47,7 +47,8 @@ use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tango_core::model::{InputFile, Machine};
 use tango_core::vmms::{RunOutcome, RunRequest, RunStatus, Vmms, VmmsError};
@@ -110,6 +111,22 @@ const STDIN_INPUT_MAX_BYTES: u64 = 8 << 20;
 /// Tar header name field: longer names would need an extension header,
 /// which the autodriver's tar reader refuses.
 const STDIN_INPUT_MAX_NAME: usize = 99;
+/// CPU shares of a container whose job has run longer than
+/// [`DockerConfig::cpu_background_after`]: a tenth of the default, as the
+/// sandbox does (cgroup v1 `cpu.shares`; Docker converts it for v2).
+const BACKGROUND_CPU_SHARES: i64 = 102;
+/// The default CPU shares, restored when a reused container's next job
+/// starts. (Containers are created without a value, which means the same.)
+const NORMAL_CPU_SHARES: i64 = 1024;
+
+/// Aborts a background task when the job it watches ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// Settings of the docker backend.
 #[derive(Debug, Clone)]
@@ -150,12 +167,17 @@ pub struct DockerConfig {
     /// image's own `/home` content is hidden (the autodriver empties the
     /// grading user's home after every job anyway).
     pub scratch_tmpfs: bool,
+    /// A job that has run this long gets a tenth of the default CPU shares,
+    /// so that short jobs beside endless loops and fork bombs keep their
+    /// latency (shares only matter under contention); its container's next
+    /// job starts at the default again. `None`: never lowered.
+    pub cpu_background_after: Option<Duration>,
 }
 
 impl DockerConfig {
     /// The defaults: 1024 MiB, no CPU limit, 256 processes, no network,
     /// user `autograde` or else `1000:1000`, 30 s per API request, no
-    /// summary, tmpfs scratch directories.
+    /// summary, tmpfs scratch directories, CPU shares lowered after 1 s.
     pub fn new(autodriver: PathBuf, work_dir: PathBuf) -> Self {
         DockerConfig {
             autodriver,
@@ -169,6 +191,7 @@ impl DockerConfig {
             api_timeout: Duration::from_secs(30),
             read_summary: false,
             scratch_tmpfs: true,
+            cpu_background_after: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -195,6 +218,10 @@ struct VmState {
     running_after_job: bool,
     /// Host file with the output of the last run.
     output: Option<PathBuf>,
+    /// The container's CPU shares may have been lowered (set before the
+    /// request is sent, so a lowering cut short counts too): the next job
+    /// restores them.
+    cpu_lowered: Arc<AtomicBool>,
 }
 
 /// The docker VMMS. One instance serves every container of the server.
@@ -253,6 +280,14 @@ fn vm_error(vm: &str, context: &str, error: ApiError) -> VmmsError {
     } else {
         api_error(format_args!("{context} {vm}"), error)
     }
+}
+
+async fn set_cpu_shares(api: &bollard::Docker, name: &str, shares: i64) -> Result<(), ApiError> {
+    let update = ContainerUpdateBody {
+        cpu_shares: Some(shares),
+        ..Default::default()
+    };
+    api.update_container(name, update).await
 }
 
 fn unix_seconds(at: SystemTime) -> String {
@@ -1009,6 +1044,24 @@ impl Vmms for Docker {
         })?;
         let user = self.grading_user(&name, &vm.image).await?;
         self.apply_network(&name, req.disable_network).await?;
+        // A long job yields contended CPU to short ones; a reused
+        // container starts every job at the default weight.
+        let cpu_lowered = self.with_state(&name, |state| state.cpu_lowered.clone());
+        if cpu_lowered.swap(false, Ordering::SeqCst) {
+            set_cpu_shares(&self.api, &name, NORMAL_CPU_SHARES)
+                .await
+                .map_err(|e| vm_error(&name, "cannot restore the CPU shares of", e))?;
+        }
+        let _lower_cpu = self.config.cpu_background_after.map(|after| {
+            let (api, name) = (self.api.clone(), name.clone());
+            AbortOnDrop(tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                cpu_lowered.store(true, Ordering::SeqCst);
+                if let Err(e) = set_cpu_shares(&api, &name, BACKGROUND_CPU_SHARES).await {
+                    tracing::debug!("docker: cannot lower the CPU shares of {name}: {e}");
+                }
+            }))
+        });
 
         let summary_path = SUMMARY_PATH.to_string();
         let stream_path = STREAM_PATH.to_string();

@@ -43,7 +43,10 @@ const CPU_PERIOD_US: u64 = 100_000;
 /// A VM's claim on contended CPU time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CpuPriority {
+    /// A job's first moments: ten times the default weight.
+    Fresh,
     Normal,
+    /// A tenth of the default weight.
     Background,
 }
 
@@ -402,6 +405,7 @@ impl CgroupTree {
             CgroupVersion::V1 => write_file(
                 &dir.join("cpu.shares"),
                 match priority {
+                    CpuPriority::Fresh => "10240",
                     CpuPriority::Normal => "1024",
                     CpuPriority::Background => "102",
                 },
@@ -409,6 +413,7 @@ impl CgroupTree {
             CgroupVersion::V2 => write_file(
                 &dir.join("cpu.weight"),
                 match priority {
+                    CpuPriority::Fresh => "1000",
                     CpuPriority::Normal => "100",
                     CpuPriority::Background => "10",
                 },

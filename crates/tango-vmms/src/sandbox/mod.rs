@@ -43,11 +43,14 @@ pub const HOST_IMAGE: &str = "host";
 /// Directories every image must have: they are mount points in the sandbox.
 const REQUIRED_IMAGE_DIRS: [&str; 5] = ["home", "tmp", "proc", "dev", "run"];
 
-/// Grading uids are `UID_BASE + id % UID_SPAN`: distinct per VM because
-/// RLIMIT_NPROC counts a uid's processes across the whole system.
-/// After this long a job's VM gets a tenth of the default CPU weight, so
-/// that jobs that take a second or less (most grading runs) keep their
-/// latency beside endless loops and fork bombs.
+/// A job's CPU weight falls with its age, so that a short job (most
+/// grading runs take well under a second) keeps its latency beside endless
+/// loops and fork bombs, even while those are just starting: ten times the
+/// default weight for its first [`FRESH_FOR`], the default until
+/// [`BACKGROUND_AFTER`], then a tenth of it. A burst of new hostile jobs
+/// outweighs a short job only for their first moments, and only those that
+/// started after it.
+const FRESH_FOR: Duration = Duration::from_millis(50);
 const BACKGROUND_AFTER: Duration = Duration::from_secs(1);
 
 /// Aborts a background task when the job it watches ends, however it ends.
@@ -59,6 +62,8 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Grading uids are `UID_BASE + id % UID_SPAN`: distinct per VM because
+/// RLIMIT_NPROC counts a uid's processes across the whole system.
 const UID_BASE: u64 = 200_000;
 const UID_SPAN: u64 = 100_000;
 
@@ -527,16 +532,21 @@ impl Vmms for Sandbox {
             .map_err(io_err(format!("creating {}", output_path.display())))?;
         let before = self.cgroups.counters(&vm.name);
         // A job that runs long yields contended CPU to the short ones
-        // beside it (a reused VM starts every job at normal priority).
+        // beside it (a reused VM starts every job fresh again).
         self.cgroups
-            .set_cpu_priority(&vm.name, CpuPriority::Normal)?;
-        let _demote = AbortOnDrop({
+            .set_cpu_priority(&vm.name, CpuPriority::Fresh)?;
+        let demote = AbortOnDrop({
             let cgroups = self.cgroups.clone();
             let name = vm.name.clone();
             tokio::spawn(async move {
-                tokio::time::sleep(BACKGROUND_AFTER).await;
-                if let Err(e) = cgroups.set_cpu_priority(&name, CpuPriority::Background) {
-                    tracing::debug!("cannot lower the CPU priority of {name}: {e}");
+                for (at, priority) in [
+                    (FRESH_FOR, CpuPriority::Normal),
+                    (BACKGROUND_AFTER - FRESH_FOR, CpuPriority::Background),
+                ] {
+                    tokio::time::sleep(at).await;
+                    if let Err(e) = cgroups.set_cpu_priority(&name, priority) {
+                        tracing::debug!("cannot lower the CPU priority of {name}: {e}");
+                    }
                 }
             })
         });
@@ -597,6 +607,12 @@ impl Vmms for Sandbox {
             .await
             .map_err(io_err(format!("waiting for the job in {}", vm.name)))?;
         guard.armed = false;
+        drop(demote);
+        // Between jobs the VM rests at the default: a job's weight is only
+        // ever raised for the job itself.
+        if let Err(e) = self.cgroups.set_cpu_priority(&vm.name, CpuPriority::Normal) {
+            tracing::debug!("cannot reset the CPU priority of {}: {e}", vm.name);
+        }
         // The job's PID namespace is gone; this only catches the impossible.
         self.cgroups.kill_all(&vm.name).await?;
         let after = self.cgroups.counters(&vm.name);

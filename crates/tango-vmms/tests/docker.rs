@@ -1282,3 +1282,63 @@ async fn a_long_job_gets_lower_cpu_shares_and_the_next_job_starts_normal() {
     }
     docker.safe_destroy_vm(&vm).await.unwrap();
 }
+
+/// With `single_use` (the engine's `reuse_vms = false`) a container makes
+/// no list of the image's writable directories (its start walks no file
+/// system), its job runs as usual, and a second job in it is refused.
+#[tokio::test]
+async fn single_use_containers_skip_the_writable_dirs_scan_and_run_one_job() {
+    require_docker!();
+    let work = tempfile::tempdir().unwrap();
+    common::ensure_test_images();
+    let mut config = common::config(work.path());
+    config.single_use = true;
+    let docker = Docker::connect(config).await.unwrap();
+    let prefix = common::prefix("single");
+    common::clean(&docker, &prefix).await;
+    let vm = machine(&prefix, 1, BOOKWORM);
+    let (outcome, output) = common::run_once(
+        &docker,
+        &vm,
+        work.path(),
+        &[("Makefile", TRIVIAL_MAKEFILE)],
+        &request(71, 20),
+    )
+    .await;
+    assert_eq!(outcome.status, RunStatus::Completed, "{output}");
+    assert!(output.contains("hello from 1000"), "{output}");
+    let name = container_name(&vm);
+    let inspect = docker.api().inspect_container(&name, None).await.unwrap();
+    let entrypoint = inspect.config.unwrap().entrypoint.unwrap();
+    assert!(
+        !entrypoint.iter().any(|a| a == "--purge-writable"),
+        "{entrypoint:?}"
+    );
+    let list = docker
+        .api()
+        .download_from_container(
+            &name,
+            Some(
+                bollard::query_parameters::DownloadFromContainerOptionsBuilder::default()
+                    .path("/.tango/writable-dirs")
+                    .build(),
+            ),
+        )
+        .try_collect::<Vec<_>>()
+        .await;
+    assert!(list.is_err(), "a writable-dirs list was made");
+
+    docker
+        .copy_in(
+            &vm,
+            &common::inputs(work.path(), &[("Makefile", TRIVIAL_MAKEFILE)]),
+        )
+        .await
+        .unwrap();
+    let second = docker.run_job(&vm, &request(72, 20)).await;
+    assert!(
+        matches!(&second, Err(VmmsError::Backend(m)) if m.contains("single_use")),
+        "{second:?}"
+    );
+    docker.safe_destroy_vm(&vm).await.unwrap();
+}

@@ -172,6 +172,13 @@ pub struct DockerConfig {
     /// latency (shares only matter under contention); its container's next
     /// job starts at the default again. `None`: never lowered.
     pub cpu_background_after: Option<Duration>,
+    /// Every container runs one job and is then removed (the engine's
+    /// `reuse_vms = false`). Then no list of the image's writable
+    /// directories is made (a container start walks the whole image for
+    /// it, 20-30 ms of CPU) and jobs do not purge them afterwards, as no
+    /// later job sees the container; a second job in a container is
+    /// refused. Default `false`.
+    pub single_use: bool,
 }
 
 impl DockerConfig {
@@ -192,6 +199,7 @@ impl DockerConfig {
             read_summary: false,
             scratch_tmpfs: true,
             cpu_background_after: Some(Duration::from_secs(1)),
+            single_use: false,
         }
     }
 }
@@ -218,6 +226,8 @@ struct VmState {
     running_after_job: bool,
     /// Host file with the output of the last run.
     output: Option<PathBuf>,
+    /// A job has been started in the container (by this instance).
+    ran_a_job: bool,
     /// The container's CPU shares may have been lowered (set before the
     /// request is sent, so a lowering cut short counts too): the next job
     /// restores them.
@@ -843,14 +853,14 @@ impl Vmms for Docker {
                 None
             }
         };
+        let mut entrypoint = vec![AUTODRIVER_PATH.to_string(), "--idle".to_string()];
+        if !self.config.single_use {
+            // The list the reused container's jobs purge, made at start.
+            entrypoint.extend(["--purge-writable".into(), WRITABLE_DIRS_PATH.into()]);
+        }
         let mut body = ContainerCreateBody {
             image: Some(derived.clone().unwrap_or_else(|| vm.image.clone())),
-            entrypoint: Some(vec![
-                AUTODRIVER_PATH.into(),
-                "--idle".into(),
-                "--purge-writable".into(),
-                WRITABLE_DIRS_PATH.into(),
-            ]),
+            entrypoint: Some(entrypoint),
             cmd: Some(vec![]),
             user: Some("0:0".into()),
             working_dir: Some("/".into()),
@@ -1035,10 +1045,21 @@ impl Vmms for Docker {
 
     async fn run_job(&self, vm: &Machine, req: &RunRequest) -> Result<RunOutcome, VmmsError> {
         let name = container_name(vm);
-        let (job_dir, input) = self.with_state(&name, |state| {
+        let (job_dir, input, ran_before) = self.with_state(&name, |state| {
             state.running_after_job = false;
-            (state.pending_job_dir.take(), state.pending_input.take())
+            let ran_before = std::mem::replace(&mut state.ran_a_job, true);
+            (
+                state.pending_job_dir.take(),
+                state.pending_input.take(),
+                ran_before,
+            )
         });
+        if self.config.single_use && ran_before {
+            // Nothing of the last job was purged for a next one.
+            return Err(VmmsError::Backend(format!(
+                "{name} has run a job; with single_use a container runs one only"
+            )));
+        }
         let job_dir = job_dir.ok_or_else(|| {
             VmmsError::Backend(format!("run_job on {name} without copy_in before it"))
         })?;
@@ -1078,10 +1099,12 @@ impl Vmms for Docker {
         args.extend(["--stream".to_string(), stream_path.clone()]);
         // A reused container must not carry one job's files in /run/lock
         // or its IPC objects over to the next job.
-        args.extend([
-            "--purge-writable".to_string(),
-            WRITABLE_DIRS_PATH.to_string(),
-        ]);
+        if !self.config.single_use {
+            args.extend([
+                "--purge-writable".to_string(),
+                WRITABLE_DIRS_PATH.to_string(),
+            ]);
+        }
         if input.is_some() {
             args.extend(["--input-tar".to_string(), "-".to_string()]);
         }

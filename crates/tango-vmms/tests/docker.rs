@@ -1342,3 +1342,36 @@ async fn single_use_containers_skip_the_writable_dirs_scan_and_run_one_job() {
     );
     docker.safe_destroy_vm(&vm).await.unwrap();
 }
+
+/// A container without network has no network sandbox from Docker
+/// (`NetworkDisabled`, which saves two runs of the dockerd binary per
+/// container), yet its jobs keep a working loopback and `localhost`.
+#[tokio::test]
+async fn without_network_localhost_still_works() {
+    require_docker!();
+    let work = tempfile::tempdir().unwrap();
+    let docker = common::backend(work.path()).await;
+    let prefix = common::prefix("lo");
+    common::clean(&docker, &prefix).await;
+    let vm = machine(&prefix, 1, BOOKWORM);
+    let probe = "all:\n\t@python3 -c 'import socket; s = socket.socket(); \
+                 s.bind((\"localhost\", 0)); s.listen(); \
+                 c = socket.create_connection(s.getsockname()); print(\"loopback\", len(socket.if_nameindex()))'\n";
+    let (outcome, output) = common::run_once(
+        &docker,
+        &vm,
+        work.path(),
+        &[("Makefile", probe)],
+        &request(81, 20),
+    )
+    .await;
+    assert_eq!(outcome.status, RunStatus::Completed, "{output}");
+    assert!(output.contains("loopback 1\n"), "{output}");
+    let inspect = docker
+        .api()
+        .inspect_container(&container_name(&vm), None)
+        .await
+        .unwrap();
+    assert_eq!(inspect.config.unwrap().network_disabled, Some(true));
+    docker.safe_destroy_vm(&vm).await.unwrap();
+}

@@ -67,6 +67,21 @@ const STREAM_PATH: &str = "/.tango/stream";
 /// The autodriver's list of the image's writable directories, made when
 /// the container starts and read by every job's cleanup.
 const WRITABLE_DIRS_PATH: &str = "/.tango/writable-dirs";
+/// The `/etc/hosts` the backend writes into each container without
+/// network: what Docker mounts over it with `network_mode none`. Such
+/// containers are created with `NetworkDisabled`, so that Docker sets up
+/// no network sandbox for them (no `libnetwork-setkey` hook nor
+/// `set-ipv6`: two runs of the dockerd binary, ~80 ms of CPU per container
+/// here, against one for this upload); their loopback is still up (runc),
+/// but Docker then leaves `/etc/hosts` empty (its init layer hides the
+/// image's too), and `localhost` must resolve. Networked containers get
+/// Docker's own as before.
+const ETC_HOSTS: &str = "127.0.0.1\tlocalhost\n\
+                         ::1\tlocalhost ip6-localhost ip6-loopback\n\
+                         fe00::0\tip6-localnet\n\
+                         ff00::0\tip6-mcastprefix\n\
+                         ff02::1\tip6-allnodes\n\
+                         ff02::2\tip6-allrouters\n";
 /// Repository of the images derived from job images with the autodriver
 /// added (see `Docker::derived_image`); hidden from `get_images`.
 pub const DERIVED_REPO: &str = "tango-autodriver";
@@ -240,6 +255,8 @@ pub struct Docker {
     config: DockerConfig,
     /// The tar that installs the autodriver, built once.
     autodriver_tar: Bytes,
+    /// The tar with [`ETC_HOSTS`], built once.
+    hosts_tar: Bytes,
     /// Hash of the autodriver binary, part of the derived images' tags.
     autodriver_hash: String,
     /// Serialises making derived images (rare, and racing makes no sense).
@@ -371,6 +388,8 @@ impl Docker {
         }
         let autodriver_tar = archive::autodriver_tar(DRIVER_DIR_REL, "autodriver", &binary)
             .map_err(|e| VmmsError::io("cannot pack the autodriver", e))?;
+        let hosts_tar = archive::file_tar("etc/hosts", 0o644, ETC_HOSTS.as_bytes())
+            .map_err(|e| VmmsError::io("cannot pack /etc/hosts", e))?;
         tokio::fs::create_dir_all(&config.work_dir)
             .await
             .map_err(|e| {
@@ -402,6 +421,7 @@ impl Docker {
             api,
             config,
             autodriver_tar: Bytes::from(autodriver_tar),
+            hosts_tar: Bytes::from(hosts_tar),
             autodriver_hash: format!("{:016x}", fnv1a(&binary)),
             deriving: tokio::sync::Mutex::new(()),
             vms: Mutex::new(HashMap::new()),
@@ -656,6 +676,11 @@ impl Docker {
                 .await
                 .map_err(|e| api_error(format_args!("cannot put the autodriver into {name}"), e))?;
         }
+        if !self.config.allow_network {
+            self.upload(name, self.hosts_tar.clone())
+                .await
+                .map_err(|e| api_error(format_args!("cannot write /etc/hosts of {name}"), e))?;
+        }
         self.grading_user(name, &vm.image).await?;
         self.api
             .start_container(name, None)
@@ -865,6 +890,9 @@ impl Vmms for Docker {
             user: Some("0:0".into()),
             working_dir: Some("/".into()),
             labels: Some(naming::labels(vm, prefix)),
+            // No network sandbox at all (see ETC_HOSTS); with networking
+            // allowed, the bridge is connected and disconnected per job.
+            network_disabled: Some(!self.config.allow_network),
             host_config: Some(host_config),
             ..Default::default()
         };

@@ -61,6 +61,9 @@ async fn docker(config: &Config) -> anyhow::Result<tango_vmms::docker::Docker> {
     docker_config.default_cores = settings.cores;
     docker_config.default_max_pids = settings.max_pids;
     docker_config.allow_network = settings.allow_network;
+    // Without reuse the engine runs one job per container: skip what only
+    // a later job would need.
+    docker_config.single_use = !config.engine.reuse_vms;
     let docker = Docker::connect(docker_config)
         .await
         .context("cannot start the docker backend (is dockerd running? is DOCKER_HOST right?)")?;

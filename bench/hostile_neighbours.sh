@@ -10,6 +10,10 @@
 #   RUNS (25), CONCURRENCY (5): normal jobs measured, and how many at once
 #   CORES: the jobs' CPU limit (default: the server's)
 #   SETTLE_SECS (2): wait between starting the hostile jobs and measuring
+#   PORT (3981): tangod's port, also naming its VM prefix (hn<PORT>), so
+#     that two runs side by side do not collide
+#   TANGOD: the tangod binary to measure (default: the release build), for
+#     A/B runs of two builds in one sitting
 set -euo pipefail
 cd "$(dirname "$0")/.."
 vmms=${1:-sandbox}
@@ -26,7 +30,7 @@ musl=x86_64-unknown-linux-musl
 
 cargo build --release -q -p autodriver --target "$musl"
 cargo build --release -q -p tango-server -p tango-cli
-tangod=$target_dir/release/tangod
+tangod=${TANGOD:-$target_dir/release/tangod}
 tango=$target_dir/release/tango
 
 work=$(mktemp -d)
@@ -46,6 +50,7 @@ cat >"$work/tangod.toml" <<TOML
 vmms = "$vmms"
 [engine]
 max_vms = 32
+prefix = "hn${PORT:-3981}"
 [sandbox]
 memory_mb = 256
 max_pids = 64
@@ -55,7 +60,7 @@ memory_mb = 256
 max_pids = 64
 $cores
 TOML
-port=3981
+port=${PORT:-3981}
 "$tangod" --listen 127.0.0.1:$port --data-dir "$work/data" --key bench \
   --config "$work/tangod.toml" --autodriver "$target_dir/$musl/release/autodriver" \
   >"$work/tangod.log" 2>&1 &

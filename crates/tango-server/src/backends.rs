@@ -39,7 +39,12 @@ async fn sandbox(config: &Config) -> anyhow::Result<tango_vmms::sandbox::Sandbox
         default_cores: settings.cores,
         allow_network: settings.allow_network,
         cgroup_root_name: settings.cgroup_name.clone(),
-        hidden_paths: settings.hidden_paths.clone(),
+        hidden_paths: settings
+            .hidden_paths
+            .iter()
+            .chain(&config.config_file)
+            .cloned()
+            .collect(),
     })
     .context("cannot start the sandbox backend")?;
     let removed = sandbox

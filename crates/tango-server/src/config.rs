@@ -59,6 +59,10 @@ pub struct Config {
     pub keys: Vec<String>,
     pub autodriver: Option<PathBuf>,
     pub log_format: LogFormat,
+    /// The file these settings were read from (`--config`); it holds the
+    /// keys, so sandbox jobs never see it.
+    #[serde(skip)]
+    pub config_file: Option<PathBuf>,
     /// Largest upload (and /build tar) accepted, in bytes.
     pub max_upload_bytes: u64,
     /// `synchronous=FULL` for SQLite: survive power loss, slower.
@@ -85,6 +89,7 @@ impl Default for Config {
             keys: vec![],
             autodriver: None,
             log_format: LogFormat::Text,
+            config_file: None,
             max_upload_bytes: 1 << 30,
             full_sync: false,
             metrics_require_key: false,
@@ -235,6 +240,7 @@ impl Config {
             }
             None => Config::default(),
         };
+        config.config_file = cli.config.clone();
         if let Some(listen) = cli.listen {
             config.listen = listen;
         }

@@ -17,6 +17,9 @@ use std::time::Duration;
 use tango_core::VmmsError;
 use tokio::io::AsyncReadExt;
 
+/// The fewest subordinate ids a job's namespace works with: gids up to 5.
+const MIN_SUBORDINATE_IDS: u64 = 6;
+
 /// How long newuidmap/newgidmap may take.
 const MAP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -77,6 +80,28 @@ fn user_name(uid: u32) -> Option<String> {
     }
 }
 
+/// Every process of every job counts against tangod's own uid's
+/// RLIMIT_NPROC too (the kernel charges a user namespace's processes to its
+/// creator in the parent namespace; the pids cgroups bound each VM): give
+/// the jobs all of it that tangod may take.
+fn raise_nproc_limit() {
+    // SAFETY: getrlimit/setrlimit on a valid struct.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NPROC, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NPROC, &limit);
+        }
+        if limit.rlim_max != libc::RLIM_INFINITY {
+            tracing::info!(
+                "rootless sandbox: all jobs together may run at most {} processes \
+                 (tangod's RLIMIT_NPROC; raise LimitNPROC= or ulimit -u for more)",
+                limit.rlim_max
+            );
+        }
+    }
+}
+
 fn find_helper(name: &str) -> Option<PathBuf> {
     ["/usr/bin", "/bin", "/usr/sbin", "/sbin", "/usr/local/bin"]
         .iter()
@@ -114,15 +139,18 @@ impl IdMap {
                      `usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {name}`"
                 ))
             })?;
-            if range.count < 2 {
+            // The job's /dev/pts is mounted with gid 5 (tty), which must be
+            // mapped.
+            if range.count < MIN_SUBORDINATE_IDS {
                 return Err(VmmsError::Backend(format!(
-                    "rootless sandbox: {file} gives user {name} only {} id; give at least 2 \
-                     (65536 is usual)",
+                    "rootless sandbox: {file} gives user {name} only {} ids; give at least \
+                     {MIN_SUBORDINATE_IDS} (65536 is usual)",
                     range.count
                 )));
             }
             Ok(range)
         };
+        raise_nproc_limit();
         Ok(IdMap {
             host_uid: uid,
             host_gid: gid,

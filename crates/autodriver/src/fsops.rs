@@ -470,6 +470,7 @@ mod tests {
     /// with a second link, and another user's file. `None` unless root.
     fn mixed_tree(name: &str, caller: u32) -> Option<std::path::PathBuf> {
         if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED {name}: needs root (files of several owners)");
             return None;
         }
         let base = scratch(name);

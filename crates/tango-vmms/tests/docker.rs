@@ -98,10 +98,7 @@ async fn lifecycle_of_a_trivial_job_with_reuse() {
 #[tokio::test]
 async fn container_is_confined() {
     require_docker!();
-    let work = tempfile::tempdir().unwrap();
-    let docker = common::backend(work.path()).await;
-    let prefix = common::prefix("conf");
-    common::clean(&docker, &prefix).await;
+    let (_work, docker, prefix) = common::fresh_backend("conf").await;
     let mut vm = machine(&prefix, 1, BOOKWORM);
     vm.cores = Some(1);
     vm.memory_mb = Some(200);
@@ -139,10 +136,7 @@ async fn container_is_confined() {
 #[tokio::test]
 async fn memory_hog_gets_the_oom_note() {
     require_docker!();
-    let work = tempfile::tempdir().unwrap();
-    let docker = common::backend(work.path()).await;
-    let prefix = common::prefix("oom");
-    common::clean(&docker, &prefix).await;
+    let (work, docker, prefix) = common::fresh_backend("oom").await;
     let mut vm = machine(&prefix, 1, BOOKWORM);
     vm.memory_mb = Some(64);
     let hog = "all:\n\tpython3 -c 'exec(\"a = []\\nwhile True: a.append(bytearray(16 << 20))\")'\n";
@@ -207,10 +201,7 @@ const NET_PROBE: &str = "all:\n\t@python3 -c 'import socket; print(\"IFACES\", s
 #[tokio::test]
 async fn no_network_unless_allowed() {
     require_docker!();
-    let work = tempfile::tempdir().unwrap();
-    let docker = common::backend(work.path()).await;
-    let prefix = common::prefix("net");
-    common::clean(&docker, &prefix).await;
+    let (work, docker, prefix) = common::fresh_backend("net").await;
     let mut req = request(31, 20);
     req.disable_network = false;
     let vm = machine(&prefix, 1, BOOKWORM);
@@ -266,10 +257,7 @@ async fn no_network_unless_allowed() {
 #[tokio::test]
 async fn minimal_image_without_make_or_users() {
     require_docker!();
-    let work = tempfile::tempdir().unwrap();
-    let docker = common::backend(work.path()).await;
-    let prefix = common::prefix("bbox");
-    common::clean(&docker, &prefix).await;
+    let (work, docker, prefix) = common::fresh_backend("bbox").await;
     let vm = machine(&prefix, 1, BUSYBOX);
     let (outcome, output) = common::run_once(
         &docker,
@@ -300,10 +288,7 @@ const BUSYBOX_MAKE: &str = "#!/bin/sh\n\
 #[tokio::test]
 async fn busybox_image_runs_a_job_and_the_next_sees_nothing_of_it() {
     require_docker!();
-    let work = tempfile::tempdir().unwrap();
-    let docker = common::backend(work.path()).await;
-    let prefix = common::prefix("bbjob");
-    common::clean(&docker, &prefix).await;
+    let (work, docker, prefix) = common::fresh_backend("bbjob").await;
     let image = busybox_with_make(&docker).await;
     let vm = machine(&prefix, 1, &image);
     let first = "all:\n\
@@ -381,10 +366,8 @@ async fn busybox_image_runs_a_job_and_the_next_sees_nothing_of_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_timeout_is_reported_and_partial_output_is_live() {
     require_docker!();
-    let work = tempfile::tempdir().unwrap();
-    let docker = std::sync::Arc::new(common::backend(work.path()).await);
-    let prefix = common::prefix("tmo");
-    common::clean(&docker, &prefix).await;
+    let (work, docker, prefix) = common::fresh_backend("tmo").await;
+    let docker = std::sync::Arc::new(docker);
     let vm = machine(&prefix, 1, BOOKWORM);
     docker.initialize_vm(&vm).await.unwrap();
     docker.wait_vm(&vm, Duration::from_secs(10)).await.unwrap();
@@ -694,10 +677,8 @@ async fn build_image_from_docker_save() {
 #[tokio::test]
 async fn concurrent_jobs_on_separate_vms() {
     require_docker!();
-    let work = tempfile::tempdir().unwrap();
-    let docker = std::sync::Arc::new(common::backend(work.path()).await);
-    let prefix = common::prefix("conc");
-    common::clean(&docker, &prefix).await;
+    let (work, docker, prefix) = common::fresh_backend("conc").await;
+    let docker = std::sync::Arc::new(docker);
     let mut tasks = Vec::new();
     for id in 1..=4u64 {
         let docker = docker.clone();
@@ -857,10 +838,7 @@ async fn timings() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_and_bad_inputs() {
     require_docker!();
-    let work = tempfile::tempdir().unwrap();
-    let docker = common::backend(work.path()).await;
-    let prefix = common::prefix("inputs");
-    common::clean(&docker, &prefix).await;
+    let (work, docker, prefix) = common::fresh_backend("inputs").await;
     let vm = machine(&prefix, 1, BOOKWORM);
     docker.initialize_vm(&vm).await.unwrap();
 
@@ -968,10 +946,7 @@ async fn large_and_bad_inputs() {
 #[tokio::test]
 async fn tango_style_image_runs_jobs_as_autograde() {
     require_docker!();
-    let work = tempfile::tempdir().unwrap();
-    let docker = common::backend(work.path()).await;
-    let prefix = common::prefix("tango");
-    common::clean(&docker, &prefix).await;
+    let (work, docker, prefix) = common::fresh_backend("tango").await;
     let vm = machine(&prefix, 1, common::AUTOGRADE);
     let (outcome, output) = common::run_once(
         &docker,
@@ -1039,10 +1014,7 @@ async fn oom_note_is_per_container() {
 #[tokio::test]
 async fn stale_derived_images_are_removed() {
     require_docker!();
-    let work = tempfile::tempdir().unwrap();
-    let docker = common::backend(work.path()).await;
-    let prefix = common::prefix("stale");
-    common::clean(&docker, &prefix).await;
+    let (_work, docker, prefix) = common::fresh_backend("stale").await;
     // A derived image of this autodriver, in use by a VM.
     let vm = machine(&prefix, 1, BUSYBOX);
     docker.initialize_vm(&vm).await.unwrap();
@@ -1082,10 +1054,8 @@ async fn stale_derived_images_are_removed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_containers_processes_do_not_count_against_another() {
     require_docker!();
-    let work = tempfile::tempdir().unwrap();
-    let docker = std::sync::Arc::new(common::backend(work.path()).await);
-    let prefix = common::prefix("nproc");
-    common::clean(&docker, &prefix).await;
+    let (work, docker, prefix) = common::fresh_backend("nproc").await;
+    let docker = std::sync::Arc::new(docker);
     let busy = machine(&prefix, 1, BOOKWORM);
     let forker = machine(&prefix, 2, BOOKWORM);
     for vm in [&busy, &forker] {
@@ -1167,10 +1137,7 @@ async fn one_containers_processes_do_not_count_against_another() {
 #[tokio::test]
 async fn a_reused_container_keeps_no_lock_files_or_ipc_objects() {
     require_docker!();
-    let work = tempfile::tempdir().unwrap();
-    let docker = common::backend(work.path()).await;
-    let prefix = common::prefix("leftover");
-    common::clean(&docker, &prefix).await;
+    let (work, docker, prefix) = common::fresh_backend("leftover").await;
     let vm = machine(&prefix, 1, BOOKWORM);
     let plant = "all:\n\
                  \t@touch /run/lock/planted && mkdir /run/lock/dir && touch /run/lock/dir/inner\n\
@@ -1216,10 +1183,8 @@ async fn a_reused_container_keeps_no_lock_files_or_ipc_objects() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_job_gets_lower_cpu_shares_and_the_next_job_starts_normal() {
     require_docker!();
-    let work = tempfile::tempdir().unwrap();
-    let docker = std::sync::Arc::new(common::backend(work.path()).await);
-    let prefix = common::prefix("cpuw");
-    common::clean(&docker, &prefix).await;
+    let (work, docker, prefix) = common::fresh_backend("cpuw").await;
+    let docker = std::sync::Arc::new(docker);
     let vm = machine(&prefix, 1, BOOKWORM);
     docker.initialize_vm(&vm).await.unwrap();
     docker.wait_vm(&vm, Duration::from_secs(10)).await.unwrap();
@@ -1349,10 +1314,7 @@ async fn single_use_containers_skip_the_writable_dirs_scan_and_run_one_job() {
 #[tokio::test]
 async fn without_network_localhost_still_works() {
     require_docker!();
-    let work = tempfile::tempdir().unwrap();
-    let docker = common::backend(work.path()).await;
-    let prefix = common::prefix("lo");
-    common::clean(&docker, &prefix).await;
+    let (work, docker, prefix) = common::fresh_backend("lo").await;
     let vm = machine(&prefix, 1, BOOKWORM);
     let probe = "all:\n\t@python3 -c 'import socket; s = socket.socket(); \
                  s.bind((\"localhost\", 0)); s.listen(); \

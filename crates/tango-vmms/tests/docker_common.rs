@@ -77,6 +77,16 @@ pub async fn clean(docker: &Docker, prefix: &str) {
     }
 }
 
+/// One test's work dir, backend and prefix, with whatever an earlier run
+/// left under the prefix removed.
+pub async fn fresh_backend(test: &str) -> (tempfile::TempDir, Docker, String) {
+    let work = tempfile::tempdir().expect("tempdir");
+    let docker = backend(work.path()).await;
+    let prefix = prefix(test);
+    clean(&docker, &prefix).await;
+    (work, docker, prefix)
+}
+
 pub fn request(job_id: u64, timeout_secs: u64) -> RunRequest {
     RunRequest {
         job_id,

@@ -8,7 +8,6 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::time::Duration;
 use tango_core::{InputFile, Machine, RunOutcome, RunRequest, RunStatus, Vmms};
 use tango_vmms::sandbox::{Sandbox, SandboxConfig};
@@ -30,43 +29,10 @@ macro_rules! require_root {
     };
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The static autodriver: `TANGO_AUTODRIVER`, else built once.
-fn autodriver() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        if let Ok(path) = std::env::var("TANGO_AUTODRIVER") {
-            return PathBuf::from(path);
-        }
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join("target"))
-            .join("sandbox-test-autodriver");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "autodriver",
-                "--target",
-                "x86_64-unknown-linux-musl",
-            ])
-            .env("CARGO_TARGET_DIR", &target)
-            .current_dir(workspace_root())
-            .status()
-            .expect("running cargo to build the autodriver");
-        assert!(
-            status.success(),
-            "building the autodriver failed (or set TANGO_AUTODRIVER)"
-        );
-        target.join("x86_64-unknown-linux-musl/release/autodriver")
-    })
-    .clone()
-}
+// The same static autodriver the docker and ec2 tests use.
+#[path = "support/autodriver.rs"]
+mod autodriver_build;
+use autodriver_build::autodriver;
 
 struct TestEnv {
     /// In /var/lib, not /tmp or /var/tmp: those are replaced inside a sandbox,

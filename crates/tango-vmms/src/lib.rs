@@ -1,6 +1,8 @@
 //! VMMS backends for tango-rs, one module per backend, each behind a cargo
 //! feature. Backends know nothing of HTTP or of the engine's internals: they
 //! implement [`tango_core::Vmms`].
+#[cfg(any(feature = "sandbox", feature = "docker"))]
+mod cgroupfs;
 #[cfg(feature = "docker")]
 pub mod docker;
 #[cfg(feature = "ec2")]

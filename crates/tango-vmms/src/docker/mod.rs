@@ -28,14 +28,15 @@ pub use naming::container_name;
 #[doc(hidden)]
 pub use archive::first_file;
 
+use crate::cgroupfs;
 use async_trait::async_trait;
 use bollard::container::LogOutput;
 use bollard::errors::Error as ApiError;
 use bollard::exec::{CreateExecOptions, StartExecResults};
 use bollard::models::{
-    ContainerConfig, ContainerCreateBody, ContainerStateStatusEnum, ContainerUpdateBody,
-    HostConfig, HostConfigCgroupnsModeEnum, HostConfigLogConfig, NetworkConnectRequest,
-    NetworkDisconnectRequest,
+    ContainerConfig, ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum,
+    ContainerUpdateBody, HostConfig, HostConfigCgroupnsModeEnum, HostConfigLogConfig,
+    NetworkConnectRequest, NetworkDisconnectRequest,
 };
 use bollard::query_parameters::{
     CommitContainerOptionsBuilder, CreateContainerOptionsBuilder,
@@ -239,6 +240,8 @@ struct VmState {
     /// The container was seen running after the last job (by the OOM
     /// check), so `reset_vm` need not ask again.
     running_after_job: bool,
+    /// Where the kernel counts the container's OOM kills.
+    oom_counter: OomCounter,
     /// Host file with the output of the last run.
     output: Option<PathBuf>,
     /// A job has been started in the container (by this instance).
@@ -247,6 +250,21 @@ struct VmState {
     /// request is sent, so a lowering cut short counts too): the next job
     /// restores them.
     cpu_lowered: Arc<AtomicBool>,
+}
+
+/// The OOM-kill counter of a container's memory cgroup, read on this host.
+/// The kernel counts a kill before its victim dies, so unlike Docker's `oom`
+/// event (which reaches the daemon some time later) it is never late.
+#[derive(Debug, Default)]
+enum OomCounter {
+    /// Not looked for yet.
+    #[default]
+    Unknown,
+    /// The daemon's cgroups are not visible here (a remote daemon, tangod in
+    /// a container of its own): Docker's events tell instead.
+    Unavailable,
+    /// The counter's file, and its value when the current job started.
+    File { path: PathBuf, at_start: u64 },
 }
 
 /// The docker VMMS. One instance serves every container of the server.
@@ -324,6 +342,15 @@ fn unix_seconds(at: SystemTime) -> String {
         since_epoch.as_secs(),
         since_epoch.subsec_nanos()
     )
+}
+
+/// The OOM-kill counter file of a container's memory cgroup, when the
+/// daemon runs on this host and tangod sees its processes and cgroups.
+fn container_oom_counter_file(inspect: &ContainerInspectResponse) -> Option<PathBuf> {
+    let id = inspect.id.as_deref().filter(|id| id.len() >= 12)?;
+    let pid = inspect.state.as_ref()?.pid.filter(|&pid| pid > 0)?;
+    let proc_cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    cgroupfs::oom_counter_file(&proc_cgroup, Path::new("/sys/fs/cgroup"), id)
 }
 
 /// FNV-1a, 64 bits: a stable fingerprint of the autodriver binary.
@@ -735,6 +762,89 @@ impl Docker {
     /// flag of a container that died. (Not the autodriver's `killed_by`:
     /// where it cannot find its cgroup it counts OOM kills host-wide.)
     async fn oom_killed(&self, name: &str, since: SystemTime) -> bool {
+        let inspect = tokio::time::timeout(
+            self.config.api_timeout,
+            self.api.inspect_container(name, None),
+        )
+        .await;
+        let state = match &inspect {
+            Ok(Ok(inspect)) => inspect.state.as_ref(),
+            _ => None,
+        };
+        let running = state.and_then(|s| s.running) == Some(true);
+        self.with_state(name, |state| state.running_after_job = running);
+        // Some Docker versions keep OOMKilled set for the rest of a
+        // container's life once anything in it was killed: trust the flag
+        // only when the container itself died, i.e. during this job.
+        let died_of_oom = state.is_some_and(|s| !running && s.oom_killed == Some(true));
+        if died_of_oom {
+            return true;
+        }
+        let counted = match &inspect {
+            Ok(Ok(inspect)) => self.oom_kills_during_job(name, inspect),
+            _ => None,
+        };
+        match counted {
+            Some(killed) => killed,
+            None => self.oom_event_since(name, since).await,
+        }
+    }
+
+    /// Whether the container's OOM-kill counter rose since the job started;
+    /// `None` when it cannot be read here.
+    fn oom_kills_during_job(&self, name: &str, inspect: &ContainerInspectResponse) -> Option<bool> {
+        let resolved = self.with_state(name, |state| match &state.oom_counter {
+            OomCounter::Unavailable => Some(None),
+            OomCounter::File { path, at_start } => Some(Some((path.clone(), *at_start))),
+            OomCounter::Unknown => None,
+        });
+        let (path, at_start) = match resolved {
+            Some(Some(known)) => known,
+            Some(None) => return None,
+            None => {
+                let path = container_oom_counter_file(inspect);
+                self.with_state(name, |state| {
+                    state.oom_counter = match &path {
+                        Some(path) => OomCounter::File {
+                            path: path.clone(),
+                            at_start: 0,
+                        },
+                        None => OomCounter::Unavailable,
+                    }
+                });
+                // A container this instance created had no job before the
+                // first check; of one found running, the count so far is
+                // not known to be this job's.
+                let created_here = self.with_state(name, |state| state.created_here);
+                match path {
+                    Some(path) if created_here => (path, 0),
+                    _ => return None,
+                }
+            }
+        };
+        let now = cgroupfs::read_oom_kills(&path)?;
+        self.with_state(name, |state| {
+            if let OomCounter::File { at_start, .. } = &mut state.oom_counter {
+                *at_start = now;
+            }
+        });
+        Some(now > at_start)
+    }
+
+    /// Records the container's OOM-kill count as the job starts, so kills
+    /// during the set-up since the last job are not blamed on it.
+    fn note_oom_kills_at_start(&self, name: &str) {
+        self.with_state(name, |state| {
+            if let OomCounter::File { path, at_start } = &mut state.oom_counter {
+                if let Some(now) = cgroupfs::read_oom_kills(path) {
+                    *at_start = now;
+                }
+            }
+        });
+    }
+
+    /// Docker's `oom` events of this container since `since`.
+    async fn oom_event_since(&self, name: &str, since: SystemTime) -> bool {
         let filters = HashMap::from([
             ("container", vec![name]),
             ("type", vec!["container"]),
@@ -746,42 +856,19 @@ impl Docker {
             .filters(&filters)
             .build();
         let events = self.api.events(Some(options)).try_collect::<Vec<_>>();
-        // Asked together: both are round trips to the daemon.
-        let (events, inspect) = futures_util::join!(
-            tokio::time::timeout(self.config.api_timeout, events),
-            self.api.inspect_container(name, None)
-        );
-        let running = inspect
-            .as_ref()
-            .ok()
-            .and_then(|i| i.state.as_ref())
-            .and_then(|s| s.running)
-            == Some(true);
-        self.with_state(name, |state| state.running_after_job = running);
-        if let Ok(Ok(events)) = events {
-            // Docker matches the container filter by name prefix: keep only
-            // events of this very container.
-            let ours = events.iter().any(|event| {
-                event
-                    .actor
-                    .as_ref()
-                    .and_then(|actor| actor.attributes.as_ref())
-                    .and_then(|attributes| attributes.get("name"))
-                    .is_some_and(|n| n == name)
-            });
-            if ours {
-                return true;
-            }
-        }
-        // Some Docker versions keep OOMKilled set for the rest of a
-        // container's life once anything in it was killed: trust the flag
-        // only when the container itself died, i.e. during this job.
-        match inspect {
-            Ok(inspect) => inspect
-                .state
-                .is_some_and(|s| s.running != Some(true) && s.oom_killed == Some(true)),
-            Err(_) => false,
-        }
+        let Ok(Ok(events)) = tokio::time::timeout(self.config.api_timeout, events).await else {
+            return false;
+        };
+        // Docker matches the container filter by name prefix: keep only
+        // events of this very container.
+        events.iter().any(|event| {
+            event
+                .actor
+                .as_ref()
+                .and_then(|actor| actor.attributes.as_ref())
+                .and_then(|attributes| attributes.get("name"))
+                .is_some_and(|n| n == name)
+        })
     }
 
     async fn remove(&self, name: &str) -> Result<(), VmmsError> {
@@ -1164,6 +1251,7 @@ impl Vmms for Docker {
             )
             .await
             .map_err(|e| vm_error(&name, "cannot create the job's exec in", e))?;
+        self.note_oom_kills_at_start(&name);
         let started_at = SystemTime::now();
         let attached = self
             .api

@@ -8,6 +8,7 @@
 //! `Delegate=yes` allows on v2.
 
 use super::mounts::{read_mountinfo, MountEntry};
+use crate::cgroupfs::{parse_key, parse_proc_cgroup, ProcCgroup};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -89,32 +90,6 @@ fn write_if_present(path: &Path, value: &str) -> Result<(), VmmsError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         other => other.map_err(io_err(format!("writing {value:?} to {}", path.display()))),
     }
-}
-
-/// One line of /proc/self/cgroup: `hierarchy-id:controllers:path`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProcCgroup {
-    pub controllers: Vec<String>,
-    pub path: String,
-}
-
-pub fn parse_proc_cgroup(text: &str) -> Vec<ProcCgroup> {
-    text.lines()
-        .filter_map(|line| {
-            let mut parts = line.splitn(3, ':');
-            let _id = parts.next()?;
-            let controllers = parts.next()?;
-            let path = parts.next()?;
-            Some(ProcCgroup {
-                controllers: controllers
-                    .split(',')
-                    .filter(|c| !c.is_empty())
-                    .map(str::to_string)
-                    .collect(),
-                path: path.to_string(),
-            })
-        })
-        .collect()
 }
 
 /// The directory of our own cgroup in a mounted hierarchy: the mount point
@@ -564,13 +539,6 @@ fn read_key(path: &Path, key: &str) -> u64 {
         .ok()
         .and_then(|text| parse_key(&text, key))
         .unwrap_or(0)
-}
-
-pub fn parse_key(text: &str, key: &str) -> Option<u64> {
-    text.lines().find_map(|line| {
-        let (k, v) = line.split_once(' ')?;
-        (k == key).then(|| v.trim().parse().ok()).flatten()
-    })
 }
 
 #[cfg(test)]

@@ -39,41 +39,112 @@ pub fn parse_key(text: &str, key: &str) -> Option<u64> {
     })
 }
 
-/// The file whose `oom_kill` counter counts the OOM kills in the memory
-/// cgroup of the process whose /proc/<pid>/cgroup reads `proc_cgroup`
-/// (v1: `memory.oom_control`, v2: `memory.events`), under the usual mount
-/// point `cgroup_root` (/sys/fs/cgroup). Only a cgroup whose path contains
-/// `must_contain` counts: a process seen through another pid namespace, or
-/// through a cgroup namespace, is not taken for the one meant.
-#[cfg(feature = "docker")]
-pub fn oom_counter_file(
-    proc_cgroup: &str,
-    cgroup_root: &Path,
-    must_contain: &str,
-) -> Option<PathBuf> {
-    let cgroups = parse_proc_cgroup(proc_cgroup);
-    let v1 = cgroups
-        .iter()
-        .find(|c| c.controllers.iter().any(|c| c == "memory"))
-        .map(|c| (c, cgroup_root.join("memory"), "memory.oom_control"));
-    let v2 = cgroups
-        .iter()
-        .find(|c| c.controllers.is_empty())
-        .map(|c| (c, cgroup_root.to_path_buf(), "memory.events"));
-    // On a hybrid host the memory controller is on v1: its line wins.
-    v1.into_iter().chain(v2).find_map(|(cgroup, base, file)| {
-        if must_contain.is_empty() || !cgroup.path.contains(must_contain) {
-            return None;
-        }
-        let relative = cgroup.path.trim_start_matches('/');
-        let path = base.join(relative).join(file);
-        let text = std::fs::read_to_string(&path).ok()?;
-        parse_key(&text, "oom_kill").map(|_| path)
-    })
+/// A job's claim on contended CPU time, as a cgroup's CPU weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuPriority {
+    /// A job's first moments: ten times the default weight.
+    Fresh,
+    Normal,
+    /// A tenth of the default weight.
+    Background,
 }
 
-/// The `oom_kill` counter in `file` (see [`oom_counter_file`]); `None` once
-/// the cgroup is gone.
+impl CpuPriority {
+    /// The value for v1's `cpu.shares` (default 1024).
+    pub fn v1_shares(self) -> &'static str {
+        match self {
+            CpuPriority::Fresh => "10240",
+            CpuPriority::Normal => "1024",
+            CpuPriority::Background => "102",
+        }
+    }
+
+    /// The value for v2's `cpu.weight` (default 100).
+    pub fn v2_weight(self) -> &'static str {
+        match self {
+            CpuPriority::Fresh => "1000",
+            CpuPriority::Normal => "100",
+            CpuPriority::Background => "10",
+        }
+    }
+}
+
+/// The cgroup files of another process's cgroups (a Docker container's)
+/// that tangod reads or writes.
+#[cfg(feature = "docker")]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignCgroup {
+    /// Counts the OOM kills in the memory cgroup: v1 `memory.oom_control`,
+    /// v2 `memory.events`.
+    pub oom_counter: PathBuf,
+    /// The CPU weight: v1 `cpu.shares` or v2 `cpu.weight`; `None` without
+    /// the cpu controller.
+    pub cpu_weight: Option<PathBuf>,
+}
+
+#[cfg(feature = "docker")]
+impl ForeignCgroup {
+    /// The cgroups of the process whose /proc/<pid>/cgroup reads
+    /// `proc_cgroup`, under the usual mount point `cgroup_root`
+    /// (/sys/fs/cgroup). Only cgroups whose path contains `must_contain`
+    /// count: a process seen through another pid namespace, or through a
+    /// cgroup namespace, is not taken for the one meant.
+    pub fn find(proc_cgroup: &str, cgroup_root: &Path, must_contain: &str) -> Option<Self> {
+        if must_contain.is_empty() {
+            return None;
+        }
+        let cgroups = parse_proc_cgroup(proc_cgroup);
+        let ours = |c: &&ProcCgroup| c.path.contains(must_contain);
+        // On a hybrid host the v1 controllers win over the unified line.
+        let v1_file = |controller: &str, file: &str| {
+            let cgroup = cgroups
+                .iter()
+                .filter(ours)
+                .find(|c| c.controllers.iter().any(|c| c == controller))?;
+            let relative = cgroup.path.trim_start_matches('/');
+            // Mounted under the controller's name, or the names of all the
+            // controllers bound with it ("cpu,cpuacct").
+            [controller.to_string(), cgroup.controllers.join(",")]
+                .iter()
+                .map(|mount| cgroup_root.join(mount).join(relative).join(file))
+                .find(|path| path.exists())
+        };
+        let v2_file = |file: &str| {
+            let cgroup = cgroups
+                .iter()
+                .filter(ours)
+                .find(|c| c.controllers.is_empty())?;
+            let path = cgroup_root
+                .join(cgroup.path.trim_start_matches('/'))
+                .join(file);
+            path.exists().then_some(path)
+        };
+        let oom_counter = v1_file("memory", "memory.oom_control")
+            .or_else(|| v2_file("memory.events"))
+            .filter(|path| read_oom_kills(path).is_some())?;
+        let cpu_weight = v1_file("cpu", "cpu.shares").or_else(|| v2_file("cpu.weight"));
+        Some(ForeignCgroup {
+            oom_counter,
+            cpu_weight,
+        })
+    }
+
+    /// Sets the CPU weight; a no-op without the cpu controller.
+    pub fn set_cpu_priority(&self, priority: CpuPriority) -> std::io::Result<()> {
+        let Some(path) = &self.cpu_weight else {
+            return Ok(());
+        };
+        let value = if path.ends_with("cpu.shares") {
+            priority.v1_shares()
+        } else {
+            priority.v2_weight()
+        };
+        std::fs::write(path, value)
+    }
+}
+
+/// The `oom_kill` counter in a `memory.oom_control` or `memory.events`
+/// file; `None` once the cgroup is gone.
 #[cfg(feature = "docker")]
 pub fn read_oom_kills(file: &Path) -> Option<u64> {
     let text = std::fs::read_to_string(file).ok()?;
@@ -95,25 +166,40 @@ mod tests {
     }
 
     #[test]
-    fn finds_the_v1_memory_cgroup_of_a_container() {
-        let root = fake_root(&[(
-            "memory/docker/abc123/memory.oom_control",
-            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
-        )]);
-        let proc = "12:pids:/docker/abc123\n4:memory:/docker/abc123\n0::/docker/abc123\n";
-        let file = oom_counter_file(proc, root.path(), "abc123").unwrap();
-        assert_eq!(read_oom_kills(&file), Some(2));
+    fn finds_the_v1_cgroups_of_a_container() {
+        let root = fake_root(&[
+            (
+                "memory/docker/abc123/memory.oom_control",
+                "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+            ),
+            ("cpu,cpuacct/docker/abc123/cpu.shares", "1024\n"),
+        ]);
+        let proc = "12:pids:/docker/abc123\n5:cpu,cpuacct:/docker/abc123\n4:memory:/docker/abc123\n0::/docker/abc123\n";
+        let found = ForeignCgroup::find(proc, root.path(), "abc123").unwrap();
+        assert_eq!(read_oom_kills(&found.oom_counter), Some(2));
+        let shares = root.path().join("cpu,cpuacct/docker/abc123/cpu.shares");
+        assert_eq!(found.cpu_weight.as_ref(), Some(&shares));
+        found.set_cpu_priority(CpuPriority::Background).unwrap();
+        assert_eq!(std::fs::read_to_string(&shares).unwrap(), "102");
     }
 
     #[test]
     fn finds_the_v2_cgroup_of_a_container() {
-        let root = fake_root(&[(
-            "system.slice/docker-abc123.scope/memory.events",
-            "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n",
-        )]);
+        let root = fake_root(&[
+            (
+                "system.slice/docker-abc123.scope/memory.events",
+                "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n",
+            ),
+            ("system.slice/docker-abc123.scope/cpu.weight", "100\n"),
+        ]);
         let proc = "0::/system.slice/docker-abc123.scope\n";
-        let file = oom_counter_file(proc, root.path(), "abc123").unwrap();
-        assert_eq!(read_oom_kills(&file), Some(1));
+        let found = ForeignCgroup::find(proc, root.path(), "abc123").unwrap();
+        assert_eq!(read_oom_kills(&found.oom_counter), Some(1));
+        found.set_cpu_priority(CpuPriority::Fresh).unwrap();
+        let weight = root
+            .path()
+            .join("system.slice/docker-abc123.scope/cpu.weight");
+        assert_eq!(std::fs::read_to_string(weight).unwrap(), "1000");
     }
 
     #[test]
@@ -121,13 +207,13 @@ mod tests {
         let root = fake_root(&[("memory/memory.oom_control", "oom_kill 9\n")]);
         // Seen through a cgroup namespace: the path is "/".
         assert_eq!(
-            oom_counter_file("4:memory:/\n", root.path(), "abc123"),
+            ForeignCgroup::find("4:memory:/\n", root.path(), "abc123"),
             None
         );
-        assert_eq!(oom_counter_file("4:memory:/\n", root.path(), ""), None);
+        assert_eq!(ForeignCgroup::find("4:memory:/\n", root.path(), ""), None);
         // The right name, but no such cgroup here (another host's daemon).
         assert_eq!(
-            oom_counter_file("4:memory:/docker/abc123\n", root.path(), "abc123"),
+            ForeignCgroup::find("4:memory:/docker/abc123\n", root.path(), "abc123"),
             None
         );
     }

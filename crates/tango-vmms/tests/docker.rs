@@ -1183,8 +1183,12 @@ async fn a_reused_container_keeps_no_lock_files_or_ipc_objects() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_job_gets_lower_cpu_shares_and_the_next_job_starts_normal() {
     require_docker!();
-    let (work, docker, prefix) = common::fresh_backend("cpuw").await;
-    let docker = std::sync::Arc::new(docker);
+    // Through the Engine API, as for a daemon whose cgroups are not visible
+    // here (see the next test for the cgroups).
+    let (work, _, prefix) = common::fresh_backend("cpuw").await;
+    let mut config = common::config(work.path());
+    config.host_cgroups = false;
+    let docker = std::sync::Arc::new(Docker::connect(config).await.unwrap());
     let vm = machine(&prefix, 1, BOOKWORM);
     docker.initialize_vm(&vm).await.unwrap();
     docker.wait_vm(&vm, Duration::from_secs(10)).await.unwrap();
@@ -1245,6 +1249,63 @@ async fn a_long_job_gets_lower_cpu_shares_and_the_next_job_starts_normal() {
         // cgroup v1: the default is exactly restored.
         assert_eq!(next, normal, "{output}");
     }
+    docker.safe_destroy_vm(&vm).await.unwrap();
+}
+
+/// With the containers' cgroups visible here, a job's CPU weight is set
+/// there, without the daemon: ten times the default at first, the default
+/// after 50 ms, a tenth of it after a second, and the default again for
+/// whatever runs between jobs.
+#[tokio::test]
+async fn with_host_cgroups_a_jobs_cpu_weight_falls_with_its_age() {
+    require_docker!();
+    let (work, docker, prefix) = common::fresh_backend("cpuage").await;
+    let vm = machine(&prefix, 1, BOOKWORM);
+    // The job reads its own container's weight (cgroup v1, then v2).
+    let (v1, v2) = ("/sys/fs/cgroup/cpu/cpu.shares", "/sys/fs/cgroup/cpu.weight");
+    let weight = format!("$$(cat {v1} 2>/dev/null || cat {v2})");
+    let long = format!(
+        "all:\n\t@echo start {weight}\n\t@sleep 0.4\n\t@echo middle {weight}\n\t@sleep 1.2\n\t@echo end {weight}\n"
+    );
+    let (outcome, output) = common::run_once(
+        &docker,
+        &vm,
+        work.path(),
+        &[("Makefile", &long)],
+        &request(63, 20),
+    )
+    .await;
+    assert_eq!(outcome.status, RunStatus::Completed, "{output}");
+    let value = |key: &str| -> u64 {
+        output
+            .lines()
+            .find_map(|line| line.strip_prefix(key))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key:?} number in {output:?}"))
+    };
+    let (start, middle, end) = (value("start "), value("middle "), value("end "));
+    // (v1 cpu.shares / v2 cpu.weight.) The start may be read after the
+    // first 50 ms on a busy machine, so it is fresh or normal.
+    let (fresh, normal, background) = if std::path::Path::new(v1).exists() {
+        (10240, 1024, 102)
+    } else {
+        (1000, 100, 10)
+    };
+    assert!(start == fresh || start == normal, "{output}");
+    assert_eq!((middle, end), (normal, background), "{output}");
+    // Docker was not asked: its record keeps the default.
+    let name = container_name(&vm);
+    let inspect = docker.api().inspect_container(&name, None).await.unwrap();
+    let shares = inspect.host_config.and_then(|h| h.cpu_shares);
+    assert!(matches!(shares, None | Some(0)), "{shares:?}");
+    // Between jobs (a reset, the next copy-in) the weight is the default.
+    let between = std::process::Command::new("docker")
+        .args(["exec", &name, "sh", "-c"])
+        .arg(format!("cat {v1} 2>/dev/null || cat {v2}"))
+        .output()
+        .unwrap();
+    let between = String::from_utf8_lossy(&between.stdout);
+    assert_eq!(between.trim(), normal.to_string());
     docker.safe_destroy_vm(&vm).await.unwrap();
 }
 

@@ -28,7 +28,7 @@ pub use naming::container_name;
 #[doc(hidden)]
 pub use archive::first_file;
 
-use crate::cgroupfs;
+use crate::cgroupfs::{self, CpuPriority};
 use async_trait::async_trait;
 use bollard::container::LogOutput;
 use bollard::errors::Error as ApiError;
@@ -134,6 +134,9 @@ const BACKGROUND_CPU_SHARES: i64 = 102;
 /// The default CPU shares, restored when a reused container's next job
 /// starts. (Containers are created without a value, which means the same.)
 const NORMAL_CPU_SHARES: i64 = 1024;
+/// How long a job's container keeps ten times the default CPU weight (when
+/// its cgroup is writable here; see `Docker::cpu_priority_by_age`).
+const FRESH_CPU_FOR: Duration = Duration::from_millis(50);
 
 /// Aborts a background task when the job it watches ends, however it ends.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -186,7 +189,9 @@ pub struct DockerConfig {
     /// A job that has run this long gets a tenth of the default CPU shares,
     /// so that short jobs beside endless loops and fork bombs keep their
     /// latency (shares only matter under contention); its container's next
-    /// job starts at the default again. `None`: never lowered.
+    /// job starts at the default again. With `host_cgroups`, every job also
+    /// gets ten times the default for its first 50 ms, so that a burst of
+    /// new jobs does not hold up the short ones. `None`: neither.
     pub cpu_background_after: Option<Duration>,
     /// Every container runs one job and is then removed (the engine's
     /// `reuse_vms = false`). Then no list of the image's writable
@@ -195,6 +200,10 @@ pub struct DockerConfig {
     /// later job sees the container; a second job in a container is
     /// refused. Default `false`.
     pub single_use: bool,
+    /// Read and write the containers' cgroups on this host, where the
+    /// daemon's are visible (OOM kills counted, CPU weights set without a
+    /// round trip to the daemon); `false`: only through the Engine API.
+    pub host_cgroups: bool,
 }
 
 impl DockerConfig {
@@ -216,6 +225,7 @@ impl DockerConfig {
             scratch_tmpfs: true,
             cpu_background_after: Some(Duration::from_secs(1)),
             single_use: false,
+            host_cgroups: true,
         }
     }
 }
@@ -240,8 +250,8 @@ struct VmState {
     /// The container was seen running after the last job (by the OOM
     /// check), so `reset_vm` need not ask again.
     running_after_job: bool,
-    /// Where the kernel counts the container's OOM kills.
-    oom_counter: OomCounter,
+    /// The container's cgroups, when they can be seen from here.
+    cgroup: HostCgroup,
     /// Host file with the output of the last run.
     output: Option<PathBuf>,
     /// A job has been started in the container (by this instance).
@@ -252,19 +262,23 @@ struct VmState {
     cpu_lowered: Arc<AtomicBool>,
 }
 
-/// The OOM-kill counter of a container's memory cgroup, read on this host.
-/// The kernel counts a kill before its victim dies, so unlike Docker's `oom`
-/// event (which reaches the daemon some time later) it is never late.
+/// A container's cgroups as seen on this host. Read and written there, they
+/// save Engine API round trips: the OOM-kill counter (which the kernel
+/// counts before the victim dies, so unlike Docker's `oom` event it is never
+/// late) and the CPU weight (set three times per job).
 #[derive(Debug, Default)]
-enum OomCounter {
+enum HostCgroup {
     /// Not looked for yet.
     #[default]
     Unknown,
     /// The daemon's cgroups are not visible here (a remote daemon, tangod in
-    /// a container of its own): Docker's events tell instead.
+    /// a container of its own): Docker's events and API instead.
     Unavailable,
-    /// The counter's file, and its value when the current job started.
-    File { path: PathBuf, at_start: u64 },
+    Found {
+        cgroup: cgroupfs::ForeignCgroup,
+        /// The OOM-kill count when the current job started, if known.
+        oom_kills_at_start: Option<u64>,
+    },
 }
 
 /// The docker VMMS. One instance serves every container of the server.
@@ -344,13 +358,13 @@ fn unix_seconds(at: SystemTime) -> String {
     )
 }
 
-/// The OOM-kill counter file of a container's memory cgroup, when the
-/// daemon runs on this host and tangod sees its processes and cgroups.
-fn container_oom_counter_file(inspect: &ContainerInspectResponse) -> Option<PathBuf> {
+/// The cgroups of a running container, when the daemon runs on this host
+/// and tangod sees its processes and cgroups.
+fn container_cgroup(inspect: &ContainerInspectResponse) -> Option<cgroupfs::ForeignCgroup> {
     let id = inspect.id.as_deref().filter(|id| id.len() >= 12)?;
     let pid = inspect.state.as_ref()?.pid.filter(|&pid| pid > 0)?;
     let proc_cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    cgroupfs::oom_counter_file(&proc_cgroup, Path::new("/sys/fs/cgroup"), id)
+    cgroupfs::ForeignCgroup::find(&proc_cgroup, Path::new("/sys/fs/cgroup"), id)
 }
 
 /// FNV-1a, 64 bits: a stable fingerprint of the autodriver binary.
@@ -790,57 +804,109 @@ impl Docker {
         }
     }
 
+    /// Looks for the cgroups of a running container, once. `fresh`: this
+    /// instance created it and no job has run there, so its OOM-kill count
+    /// so far is 0.
+    fn find_cgroup(&self, name: &str, inspect: &ContainerInspectResponse, fresh: bool) {
+        if !self.with_state(name, |state| matches!(state.cgroup, HostCgroup::Unknown)) {
+            return;
+        }
+        let found = container_cgroup(inspect).filter(|_| self.config.host_cgroups);
+        self.with_state(name, |state| {
+            state.cgroup = match found {
+                // Of a container found running, the count so far is not
+                // known to be this job's.
+                Some(cgroup) => HostCgroup::Found {
+                    oom_kills_at_start: fresh.then_some(0),
+                    cgroup,
+                },
+                None => HostCgroup::Unavailable,
+            }
+        });
+    }
+
     /// Whether the container's OOM-kill counter rose since the job started;
     /// `None` when it cannot be read here.
     fn oom_kills_during_job(&self, name: &str, inspect: &ContainerInspectResponse) -> Option<bool> {
-        let resolved = self.with_state(name, |state| match &state.oom_counter {
-            OomCounter::Unavailable => Some(None),
-            OomCounter::File { path, at_start } => Some(Some((path.clone(), *at_start))),
-            OomCounter::Unknown => None,
-        });
-        let (path, at_start) = match resolved {
-            Some(Some(known)) => known,
-            Some(None) => return None,
-            None => {
-                let path = container_oom_counter_file(inspect);
-                self.with_state(name, |state| {
-                    state.oom_counter = match &path {
-                        Some(path) => OomCounter::File {
-                            path: path.clone(),
-                            at_start: 0,
-                        },
-                        None => OomCounter::Unavailable,
-                    }
-                });
-                // A container this instance created had no job before the
-                // first check; of one found running, the count so far is
-                // not known to be this job's.
-                let created_here = self.with_state(name, |state| state.created_here);
-                match path {
-                    Some(path) if created_here => (path, 0),
-                    _ => return None,
-                }
+        let fresh = self.with_state(name, |state| state.created_here);
+        self.find_cgroup(name, inspect, fresh);
+        self.with_state(name, |state| match &mut state.cgroup {
+            HostCgroup::Found {
+                cgroup,
+                oom_kills_at_start,
+            } => {
+                let now = cgroupfs::read_oom_kills(&cgroup.oom_counter)?;
+                let at_start = oom_kills_at_start.replace(now)?;
+                Some(now > at_start)
             }
-        };
-        let now = cgroupfs::read_oom_kills(&path)?;
-        self.with_state(name, |state| {
-            if let OomCounter::File { at_start, .. } = &mut state.oom_counter {
-                *at_start = now;
-            }
-        });
-        Some(now > at_start)
+            _ => None,
+        })
     }
 
-    /// Records the container's OOM-kill count as the job starts, so kills
-    /// during the set-up since the last job are not blamed on it.
-    fn note_oom_kills_at_start(&self, name: &str) {
-        self.with_state(name, |state| {
-            if let OomCounter::File { path, at_start } = &mut state.oom_counter {
-                if let Some(now) = cgroupfs::read_oom_kills(path) {
-                    *at_start = now;
-                }
+    /// Records the container's OOM-kill count as the job starts (so that
+    /// kills during the set-up since the last job are not blamed on it) and
+    /// gives it the fresh job's CPU weight; the cgroup, when found.
+    fn start_job_in_cgroup(&self, name: &str) -> Option<cgroupfs::ForeignCgroup> {
+        self.with_state(name, |state| match &mut state.cgroup {
+            HostCgroup::Found {
+                cgroup,
+                oom_kills_at_start,
+            } => {
+                *oom_kills_at_start = cgroupfs::read_oom_kills(&cgroup.oom_counter);
+                Some(cgroup.clone())
             }
-        });
+            _ => None,
+        })
+    }
+
+    /// A long job yields contended CPU to short ones: its container's CPU
+    /// weight is ten times the default for the job's first
+    /// [`FRESH_CPU_FOR`] (so that a burst of new jobs does not hold up the
+    /// short ones), the default until `cpu_background_after`, then a tenth
+    /// of it. Written to the cgroup directly: no round trip to the daemon.
+    fn cpu_priority_by_age(
+        &self,
+        name: &str,
+        cgroup: &cgroupfs::ForeignCgroup,
+    ) -> Option<AbortOnDrop> {
+        let after = self.config.cpu_background_after?;
+        let set = |cgroup: &cgroupfs::ForeignCgroup, name: &str, priority| {
+            if let Err(e) = cgroup.set_cpu_priority(priority) {
+                tracing::debug!("docker: cannot set the CPU weight of {name}: {e}");
+            }
+        };
+        set(cgroup, name, CpuPriority::Fresh);
+        let (cgroup, name) = (cgroup.clone(), name.to_string());
+        Some(AbortOnDrop(tokio::spawn(async move {
+            let fresh_for = FRESH_CPU_FOR.min(after);
+            tokio::time::sleep(fresh_for).await;
+            set(&cgroup, &name, CpuPriority::Normal);
+            tokio::time::sleep(after - fresh_for).await;
+            set(&cgroup, &name, CpuPriority::Background);
+        })))
+    }
+
+    /// [`Self::cpu_priority_by_age`] through the Engine API, for a daemon
+    /// whose cgroups are not visible here: only the lowering after
+    /// `cpu_background_after`, since each change is a round trip.
+    async fn lower_cpu_shares_by_api(&self, name: &str) -> Result<Option<AbortOnDrop>, VmmsError> {
+        // A reused container starts every job at the default weight.
+        let cpu_lowered = self.with_state(name, |state| state.cpu_lowered.clone());
+        if cpu_lowered.swap(false, Ordering::SeqCst) {
+            set_cpu_shares(&self.api, name, NORMAL_CPU_SHARES)
+                .await
+                .map_err(|e| vm_error(name, "cannot restore the CPU shares of", e))?;
+        }
+        Ok(self.config.cpu_background_after.map(|after| {
+            let (api, name) = (self.api.clone(), name.to_string());
+            AbortOnDrop(tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                cpu_lowered.store(true, Ordering::SeqCst);
+                if let Err(e) = set_cpu_shares(&api, &name, BACKGROUND_CPU_SHARES).await {
+                    tracing::debug!("docker: cannot lower the CPU shares of {name}: {e}");
+                }
+            }))
+        }))
     }
 
     /// Docker's `oom` events of this container since `since`.
@@ -1027,10 +1093,12 @@ impl Vmms for Docker {
                 .inspect_container(&name, None)
                 .await
                 .map_err(|e| vm_error(&name, "cannot inspect", e))?;
-            let state = inspect.state.unwrap_or_default();
+            let state = inspect.state.clone().unwrap_or_default();
             match state.status {
                 Some(ContainerStateStatusEnum::RUNNING) if state.running == Some(true) => {
-                    return Ok(())
+                    let fresh = self.with_state(&name, |s| s.created_here && !s.ran_a_job);
+                    self.find_cgroup(&name, &inspect, fresh);
+                    return Ok(());
                 }
                 Some(
                     ContainerStateStatusEnum::CREATED
@@ -1180,24 +1248,11 @@ impl Vmms for Docker {
         })?;
         let user = self.grading_user(&name, &vm.image).await?;
         self.apply_network(&name, req.disable_network).await?;
-        // A long job yields contended CPU to short ones; a reused
-        // container starts every job at the default weight.
-        let cpu_lowered = self.with_state(&name, |state| state.cpu_lowered.clone());
-        if cpu_lowered.swap(false, Ordering::SeqCst) {
-            set_cpu_shares(&self.api, &name, NORMAL_CPU_SHARES)
-                .await
-                .map_err(|e| vm_error(&name, "cannot restore the CPU shares of", e))?;
-        }
-        let _lower_cpu = self.config.cpu_background_after.map(|after| {
-            let (api, name) = (self.api.clone(), name.clone());
-            AbortOnDrop(tokio::spawn(async move {
-                tokio::time::sleep(after).await;
-                cpu_lowered.store(true, Ordering::SeqCst);
-                if let Err(e) = set_cpu_shares(&api, &name, BACKGROUND_CPU_SHARES).await {
-                    tracing::debug!("docker: cannot lower the CPU shares of {name}: {e}");
-                }
-            }))
-        });
+        let host_cgroup = self.start_job_in_cgroup(&name);
+        let _cpu_priority = match &host_cgroup {
+            Some(cgroup) => self.cpu_priority_by_age(&name, cgroup),
+            None => self.lower_cpu_shares_by_api(&name).await?,
+        };
 
         let summary_path = SUMMARY_PATH.to_string();
         let stream_path = STREAM_PATH.to_string();
@@ -1251,7 +1306,6 @@ impl Vmms for Docker {
             )
             .await
             .map_err(|e| vm_error(&name, "cannot create the job's exec in", e))?;
-        self.note_oom_kills_at_start(&name);
         let started_at = SystemTime::now();
         let attached = self
             .api
@@ -1333,6 +1387,14 @@ impl Vmms for Docker {
         // The OOM check does not depend on the exit code: both at once.
         let (exit_code, oom_killed) =
             futures_util::join!(exit_code, self.oom_killed(&name, started_at));
+        if let Some(cgroup) = &host_cgroup {
+            // The resets and copy-ins before the next job run at the
+            // default weight.
+            drop(_cpu_priority);
+            if let Err(e) = cgroup.set_cpu_priority(CpuPriority::Normal) {
+                tracing::debug!("docker: cannot set the CPU weight of {name}: {e}");
+            }
+        }
         let exit_code = exit_code?;
         let status = RunStatus::from_exit_code(exit_code);
 

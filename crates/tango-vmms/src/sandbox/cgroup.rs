@@ -8,6 +8,7 @@
 //! `Delegate=yes` allows on v2.
 
 use super::mounts::{read_mountinfo, MountEntry};
+pub use crate::cgroupfs::CpuPriority;
 use crate::cgroupfs::{parse_key, parse_proc_cgroup, ProcCgroup};
 use std::fs;
 use std::io;
@@ -40,16 +41,6 @@ pub struct Counters {
 }
 
 const CPU_PERIOD_US: u64 = 100_000;
-
-/// A VM's claim on contended CPU time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CpuPriority {
-    /// A job's first moments: ten times the default weight.
-    Fresh,
-    Normal,
-    /// A tenth of the default weight.
-    Background,
-}
 
 /// The parent directories under which VM cgroups are created.
 #[derive(Debug, Clone)]
@@ -377,22 +368,8 @@ impl CgroupTree {
         };
         let dir = cpu.join(vm);
         match self.version {
-            CgroupVersion::V1 => write_file(
-                &dir.join("cpu.shares"),
-                match priority {
-                    CpuPriority::Fresh => "10240",
-                    CpuPriority::Normal => "1024",
-                    CpuPriority::Background => "102",
-                },
-            ),
-            CgroupVersion::V2 => write_file(
-                &dir.join("cpu.weight"),
-                match priority {
-                    CpuPriority::Fresh => "1000",
-                    CpuPriority::Normal => "100",
-                    CpuPriority::Background => "10",
-                },
-            ),
+            CgroupVersion::V1 => write_file(&dir.join("cpu.shares"), priority.v1_shares()),
+            CgroupVersion::V2 => write_file(&dir.join("cpu.weight"), priority.v2_weight()),
         }
     }
 

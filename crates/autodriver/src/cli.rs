@@ -19,7 +19,7 @@ usage:
              [--mem-bytes N] [--nofile N] [--stack-bytes N]
              [--summary FILE] [--stream FILE] [--input-tar FILE|-]
              [--purge-writable LIST] DIR
-  autodriver --idle [--purge-writable LIST]
+  autodriver --idle [--serve] [--purge-writable LIST]
   autodriver --help
 
 options (a value may also be given as --opt=VALUE):
@@ -46,6 +46,10 @@ options (a value may also be given as --opt=VALUE):
                        objects; the directories are found by one scan, kept
                        in LIST (with --idle: scan at once)
       --idle           be a container's PID 1: reap children, exit 0 on SIGTERM
+      --serve          with --idle: also run the jobs asked for on stdin, one
+                       at a time, each as `autodriver ARGS` with its output on
+                       stdout, followed by a line with the request's nonce and
+                       the exit code (the request format is in src/idle.rs)
 
 exit codes: 0 the job ran (whatever make returned), 1 usage error,
             2 timeout, 3 OS error (the machine should be replaced)
@@ -79,6 +83,7 @@ pub enum Command {
     /// `--idle`, scanning for writable directories into the list file first.
     Idle {
         purge_writable: Option<PathBuf>,
+        serve: bool,
     },
     Help,
 }
@@ -115,6 +120,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
     let mut purge_writable = None;
     let mut dir: Option<PathBuf> = None;
     let mut idle = false;
+    let mut serve = false;
     let mut options_done = false;
 
     let mut args = args.into_iter();
@@ -150,14 +156,14 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         };
 
         match name.as_str() {
-            "--idle" | "--help" | "-h" => {
+            "--idle" | "--serve" | "--help" | "-h" => {
                 if inline_value.is_some() {
                     return Err(format!("{name} takes no value"));
                 }
-                if name == "--idle" {
-                    idle = true;
-                } else {
-                    return Ok(Command::Help);
+                match name.as_str() {
+                    "--idle" => idle = true,
+                    "--serve" => serve = true,
+                    _ => return Ok(Command::Help),
                 }
                 continue;
             }
@@ -205,7 +211,13 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         if dir.is_some() {
             return Err("--idle takes no DIR".into());
         }
-        return Ok(Command::Idle { purge_writable });
+        return Ok(Command::Idle {
+            purge_writable,
+            serve,
+        });
+    }
+    if serve {
+        return Err("--serve goes with --idle".into());
     }
     let dir = dir.ok_or("missing DIR")?;
     if output_cap > usize::MAX as u64 / 4 {
@@ -325,13 +337,23 @@ mod tests {
         assert_eq!(
             run(&["--idle"]),
             Ok(Command::Idle {
-                purge_writable: None
+                purge_writable: None,
+                serve: false,
             })
         );
         assert_eq!(
+            run(&["--idle", "--serve"]),
+            Ok(Command::Idle {
+                purge_writable: None,
+                serve: true,
+            })
+        );
+        assert!(run(&["--serve", "/home/x"]).is_err());
+        assert_eq!(
             run(&["--idle", "--purge-writable", "/.tango/writable"]),
             Ok(Command::Idle {
-                purge_writable: Some(PathBuf::from("/.tango/writable"))
+                purge_writable: Some(PathBuf::from("/.tango/writable")),
+                serve: false,
             })
         );
         assert_eq!(run(&["--help"]), Ok(Command::Help));

@@ -2,11 +2,44 @@
 //! (orphans of `docker exec` sessions end up here), exits 0 on SIGTERM or
 //! SIGINT. With `--purge-writable LIST` it first lists the root file
 //! system's writable directories, so that no job waits for that scan.
+//!
+//! With `--serve` it also runs the jobs asked for on its stdin (a Docker
+//! attach stream), which spares each job a `docker exec` (tens of ms of
+//! daemon and runc work). A request is the line
+//! `run NONCE ARGS_LEN INPUT_LEN\n`, then ARGS_LEN bytes of arguments, each
+//! ended by a NUL, then INPUT_LEN bytes given to the job as its stdin (for
+//! `--input-tar -`); NONCE is 16 to 64 ASCII letters and digits. The job is
+//! `autodriver ARGS`, a child whose stdout and stderr are PID 1's; when it
+//! has ended PID 1 writes `\0autodriver-done NONCE CODE\n` to stdout, CODE
+//! being its exit code, or 128+N after signal N. The output before that
+//! passes through the child autodriver (never straight from the student's
+//! processes), and the nonce is in no file or argument they can read: they
+//! cannot forge the end.
 
-use std::io;
+use std::ffi::OsString;
+use std::io::{self, BufRead, Read, Write};
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Condvar, Mutex};
 
-pub fn run(purge_writable: Option<&Path>) -> io::Result<()> {
+/// The served job's process, and its wait status once reaped.
+struct ServedJob {
+    pid: libc::pid_t,
+    status: Option<libc::c_int>,
+}
+
+static SERVED_JOB: Mutex<ServedJob> = Mutex::new(ServedJob {
+    pid: 0,
+    status: None,
+});
+static SERVED_JOB_ENDED: Condvar = Condvar::new();
+
+/// Longest argument list a request may carry.
+const MAX_ARGS_LEN: usize = 1 << 20;
+
+pub fn run(purge_writable: Option<&Path>, serve: bool) -> io::Result<()> {
     if let Some(list) = purge_writable {
         scan_in_background(list);
     }
@@ -21,6 +54,11 @@ pub fn run(purge_writable: Option<&Path>) -> io::Result<()> {
         }
     }
     crate::sys::check(unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) })?;
+    // Started after the mask is set, so that the signals stay this
+    // thread's to take.
+    if serve {
+        std::thread::spawn(serve_requests);
+    }
     loop {
         reap_all();
         let signal = unsafe { libc::sigwaitinfo(&set, std::ptr::null_mut()) };
@@ -41,9 +79,155 @@ pub fn run(purge_writable: Option<&Path>) -> io::Result<()> {
 fn reap_all() {
     loop {
         let mut status = 0;
-        if unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } <= 0 {
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
             return;
         }
+        let mut job = SERVED_JOB.lock().unwrap_or_else(|e| e.into_inner());
+        if job.pid == pid {
+            job.status = Some(status);
+            SERVED_JOB_ENDED.notify_all();
+        }
+    }
+}
+
+/// A request's header line: `run NONCE ARGS_LEN INPUT_LEN`.
+#[derive(Debug, PartialEq, Eq)]
+struct Request {
+    nonce: String,
+    args_len: usize,
+    input_len: u64,
+}
+
+fn parse_request(line: &[u8]) -> Option<Request> {
+    let line = std::str::from_utf8(line).ok()?.strip_suffix('\n')?;
+    let mut words = line.split(' ');
+    let (Some("run"), Some(nonce), Some(args_len), Some(input_len), None) = (
+        words.next(),
+        words.next(),
+        words.next(),
+        words.next(),
+        words.next(),
+    ) else {
+        return None;
+    };
+    let nonce_ok =
+        (16..=64).contains(&nonce.len()) && nonce.bytes().all(|b| b.is_ascii_alphanumeric());
+    let args_len: usize = args_len.parse().ok()?;
+    let input_len: u64 = input_len.parse().ok()?;
+    (nonce_ok && args_len <= MAX_ARGS_LEN).then(|| Request {
+        nonce: nonce.to_string(),
+        args_len,
+        input_len,
+    })
+}
+
+/// Serves requests until stdin ends or one is malformed (after which the
+/// stream cannot be followed).
+fn serve_requests() {
+    let stdin = io::stdin();
+    let mut input = stdin.lock();
+    loop {
+        let mut line = Vec::new();
+        match (&mut input).take(256).read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let Some(request) = parse_request(&line) else {
+            eprintln!(
+                "autodriver: serve: a malformed request ({:?}); no more are served",
+                String::from_utf8_lossy(&line)
+            );
+            return;
+        };
+        let mut args = vec![0; request.args_len];
+        if input.read_exact(&mut args).is_err() {
+            return;
+        }
+        let args: Vec<OsString> = args
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| OsString::from_vec(a.to_vec()))
+            .collect();
+        let code = run_served_job(&args, &mut input, request.input_len);
+        let mut stdout = io::stdout().lock();
+        let end = format!("\0autodriver-done {} {code}\n", request.nonce);
+        if stdout
+            .write_all(end.as_bytes())
+            .and_then(|_| stdout.flush())
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Runs `autodriver ARGS` with the next `input_len` bytes of `input` as its
+/// stdin; its exit code (128+N after signal N, 3 when it cannot start).
+fn run_served_job(args: &[OsString], input: &mut impl Read, input_len: u64) -> i32 {
+    let mut command = Command::new("/proc/self/exe");
+    command
+        .args(args)
+        .stdin(if input_len > 0 {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    // The job's driver waits for SIGCHLD itself: it must not inherit this
+    // process's blocked signals.
+    unsafe {
+        command.pre_exec(|| {
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            crate::sys::check(libc::sigprocmask(
+                libc::SIG_SETMASK,
+                &empty,
+                std::ptr::null_mut(),
+            ))
+            .map(|_| ())
+        });
+    }
+    let mut input = input.take(input_len);
+    // Held across the spawn: the reaper (which may reap the child before
+    // spawn returns) then finds its pid.
+    let mut job = SERVED_JOB.lock().unwrap_or_else(|e| e.into_inner());
+    let child = command.spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) => {
+            drop(job);
+            eprintln!("autodriver: serve: cannot start the job: {e}");
+            let _ = io::copy(&mut input, &mut io::sink());
+            return crate::EXIT_OS_ERROR;
+        }
+    };
+    *job = ServedJob {
+        pid: child.id() as libc::pid_t,
+        status: None,
+    };
+    drop(job);
+    if let Some(mut stdin) = child.stdin.take() {
+        // A job that stops reading (a bad archive) leaves the rest to be
+        // skipped: the next request follows it.
+        let _ = io::copy(&mut input, &mut stdin);
+    }
+    let _ = io::copy(&mut input, &mut io::sink());
+    let mut job = SERVED_JOB.lock().unwrap_or_else(|e| e.into_inner());
+    let status = loop {
+        if let Some(status) = job.status {
+            break status;
+        }
+        job = SERVED_JOB_ENDED
+            .wait(job)
+            .unwrap_or_else(|e| e.into_inner());
+    };
+    job.pid = 0;
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        128 + libc::WTERMSIG(status)
     }
 }
 
@@ -70,5 +254,35 @@ fn scan_in_background(list: &Path) {
             io::Error::last_os_error()
         ),
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_parsed_strictly() {
+        let nonce = "0123456789abcdefABCDEF";
+        assert_eq!(
+            parse_request(format!("run {nonce} 12 345\n").as_bytes()),
+            Some(Request {
+                nonce: nonce.into(),
+                args_len: 12,
+                input_len: 345
+            })
+        );
+        for bad in [
+            format!("run {nonce} 12 345"),
+            format!("run {nonce} 12 345 6\n"),
+            format!("run {nonce} -1 345\n"),
+            format!("run {nonce} 12 x\n"),
+            format!("run {nonce} {} 0\n", MAX_ARGS_LEN + 1),
+            "run short 1 1\n".to_string(),
+            format!("run {nonce}/.. 1 1\n"),
+            format!("exec {nonce} 1 1\n"),
+        ] {
+            assert_eq!(parse_request(bad.as_bytes()), None, "{bad:?}");
+        }
     }
 }

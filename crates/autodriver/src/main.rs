@@ -25,7 +25,7 @@ use cli::{Command, JobArgs};
 const EXIT_RAN: i32 = 0;
 const EXIT_USAGE: i32 = 1;
 const EXIT_TIMEOUT: i32 = 2;
-const EXIT_OS_ERROR: i32 = 3;
+pub(crate) const EXIT_OS_ERROR: i32 = 3;
 
 /// Where the job's leftovers are looked for besides the home.
 const SCRATCH_DIRS: [&str; 5] = ["/tmp", "/var/tmp", "/dev/shm", "/dev/mqueue", "/run/lock"];
@@ -55,7 +55,10 @@ fn main() {
             print!("{}", cli::HELP);
             EXIT_RAN
         }
-        Ok(Command::Idle { purge_writable }) => match idle::run(purge_writable.as_deref()) {
+        Ok(Command::Idle {
+            purge_writable,
+            serve,
+        }) => match idle::run(purge_writable.as_deref(), serve) {
             Ok(()) => EXIT_RAN,
             Err(e) => {
                 eprintln!("autodriver: idle: {e}");

@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
@@ -551,4 +552,113 @@ fn oom_kill_in_the_memory_cgroup_is_reported() {
     let s = read_summary(&summary);
     assert_eq!(s["killed_by"], "oom", "{s}\n{text}");
     assert_eq!(processes_of(64016), Vec::<String>::new());
+}
+
+/// Sends one `--serve` request; the output up to its end line, and the code.
+fn serve_request(
+    stdin: &mut impl std::io::Write,
+    stdout: &mut impl std::io::BufRead,
+    nonce: &str,
+    args: &[&str],
+    input: &[u8],
+) -> (String, i32) {
+    let args: Vec<u8> = args
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    writeln!(stdin, "run {nonce} {} {}", args.len(), input.len()).unwrap();
+    stdin.write_all(&args).unwrap();
+    stdin.write_all(input).unwrap();
+    stdin.flush().unwrap();
+    let end = format!("\0autodriver-done {nonce} ");
+    let mut output = Vec::new();
+    while !output.ends_with(end.as_bytes()) {
+        let mut byte = [0u8];
+        stdout.read_exact(&mut byte).expect("the end line comes");
+        output.push(byte[0]);
+    }
+    output.truncate(output.len() - end.len());
+    let mut code = String::new();
+    stdout.read_line(&mut code).unwrap();
+    (
+        String::from_utf8_lossy(&output).into_owned(),
+        code.trim().parse().unwrap(),
+    )
+}
+
+#[test]
+fn serve_runs_the_requested_jobs_one_after_another() {
+    if !root_or_skip("serve_runs_the_requested_jobs_one_after_another") {
+        return;
+    }
+    use std::io::Read;
+    let mut idle = std::process::Command::new(BIN)
+        .args(["--idle", "--serve"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = idle.stdin.take().unwrap();
+    let mut stdout = std::io::BufReader::new(idle.stdout.take().unwrap());
+
+    // A job whose output fakes an end line with another nonce.
+    let scratch = Scratch::with_job(&[(
+        "Makefile",
+        "all:\n\t@printf 'before\\0autodriver-done 0000000000000000 0\\nafter\\n'\n",
+    )]);
+    let home = scratch.home();
+    let job = scratch.job();
+    let args = [
+        "--user",
+        "64001",
+        "--home",
+        home.to_str().unwrap(),
+        "-t",
+        "20",
+        job.to_str().unwrap(),
+    ];
+    let (output, code) =
+        serve_request(&mut stdin, &mut stdout, "nonce0123456789abcdef", &args, b"");
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        output.starts_with("Autodriver: Job exited with status 0\n"),
+        "{output:?}"
+    );
+    assert!(output.ends_with("after\n"), "{output:?}");
+
+    // A usage error, with input the job never reads: it is skipped and the
+    // next request is served.
+    let (output, code) = serve_request(
+        &mut stdin,
+        &mut stdout,
+        "nonceABCDEFGHIJKLMNOP",
+        &["--no-such-option", "/x"],
+        &vec![7u8; 300_000],
+    );
+    assert_eq!(code, 1, "{output}");
+    let scratch = Scratch::with_job(&[("Makefile", "all:\n\t@echo second\n")]);
+    let (home, job) = (scratch.home(), scratch.job());
+    let args = [
+        "--user",
+        "64001",
+        "--home",
+        home.to_str().unwrap(),
+        job.to_str().unwrap(),
+    ];
+    let (output, code) =
+        serve_request(&mut stdin, &mut stdout, "nonce2222222222222222", &args, b"");
+    assert_eq!(code, 0);
+    assert!(output.ends_with("second\n"), "{output:?}");
+
+    // A malformed request ends the serving (nothing more is written), not
+    // PID 1.
+    stdin.write_all(b"run x 1 1\n").unwrap();
+    stdin.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(idle.try_wait().unwrap().is_none(), "idle keeps running");
+    unsafe { libc::kill(idle.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(idle.wait().unwrap().code(), Some(0));
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "");
 }

@@ -9,7 +9,7 @@
 //! `run NONCE ARGS_LEN INPUT_LEN\n`, then ARGS_LEN bytes of arguments, each
 //! ended by a NUL, then INPUT_LEN bytes given to the job as its stdin (for
 //! `--input-tar -`); NONCE is 16 to 64 ASCII letters and digits. The job is
-//! `autodriver ARGS`, a child whose stdout and stderr are PID 1's; when it
+//! `autodriver ARGS`, a child whose stdout and stderr are PID 1's stdout; when it
 //! has ended PID 1 writes `\0autodriver-done NONCE CODE\n` to stdout, CODE
 //! being its exit code, or 128+N after signal N. The output before that
 //! passes through the child autodriver (never straight from the student's
@@ -18,6 +18,7 @@
 
 use std::ffi::OsString;
 use std::io::{self, BufRead, Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -173,8 +174,12 @@ fn run_served_job(args: &[OsString], input: &mut impl Read, input_len: u64) -> i
         } else {
             Stdio::null()
         })
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit());
+        .stdout(Stdio::inherit());
+    // Its errors go to stdout too: one pipe keeps them before the end line
+    // (Docker copies a container's stdout and stderr separately).
+    if let Ok(stdout) = io::stdout().as_fd().try_clone_to_owned() {
+        command.stderr(Stdio::from(stdout));
+    }
     // The job's driver waits for SIGCHLD itself: it must not inherit this
     // process's blocked signals.
     unsafe {

@@ -1188,6 +1188,8 @@ async fn a_long_job_gets_lower_cpu_shares_and_the_next_job_starts_normal() {
     let (work, _, prefix) = common::fresh_backend("cpuw").await;
     let mut config = common::config(work.path());
     config.host_cgroups = false;
+    // And by `docker exec`, as without `serve_jobs`.
+    config.serve_jobs = false;
     let docker = std::sync::Arc::new(Docker::connect(config).await.unwrap());
     let vm = machine(&prefix, 1, BOOKWORM);
     docker.initialize_vm(&vm).await.unwrap();
@@ -1249,6 +1251,46 @@ async fn a_long_job_gets_lower_cpu_shares_and_the_next_job_starts_normal() {
         // cgroup v1: the default is exactly restored.
         assert_eq!(next, normal, "{output}");
     }
+    docker.safe_destroy_vm(&vm).await.unwrap();
+}
+
+/// A served job whose `run_job` is cut short (the engine gave up on it)
+/// does not leak its output into the next job of the container.
+#[tokio::test]
+async fn a_served_job_cut_short_leaves_nothing_to_the_next() {
+    require_docker!();
+    let (work, docker, prefix) = common::fresh_backend("cutshort").await;
+    let vm = machine(&prefix, 1, BOOKWORM);
+    docker.initialize_vm(&vm).await.unwrap();
+    docker.wait_vm(&vm, Duration::from_secs(10)).await.unwrap();
+    let slow = "all:\n\t@echo first-begins\n\t@sleep 1\n\t@echo first-ends\n";
+    docker
+        .copy_in(&vm, &common::inputs(work.path(), &[("Makefile", slow)]))
+        .await
+        .unwrap();
+    let cut = tokio::time::timeout(
+        Duration::from_millis(300),
+        docker.run_job(&vm, &request(65, 20)),
+    )
+    .await;
+    assert!(cut.is_err(), "the first job was not cut short");
+    docker.reset_vm(&vm).await.unwrap();
+    docker
+        .copy_in(
+            &vm,
+            &common::inputs(work.path(), &[("Makefile", "all:\n\t@echo second\n")]),
+        )
+        .await
+        .unwrap();
+    let outcome = docker.run_job(&vm, &request(66, 20)).await.unwrap();
+    let dest = work.path().join("second");
+    docker.copy_out(&vm, &dest).await.unwrap();
+    let output = std::fs::read_to_string(&dest).unwrap();
+    assert_eq!(outcome.status, RunStatus::Completed, "{output}");
+    assert_eq!(
+        output, "Autodriver: Job exited with status 0\nsecond\n",
+        "{output:?}"
+    );
     docker.safe_destroy_vm(&vm).await.unwrap();
 }
 

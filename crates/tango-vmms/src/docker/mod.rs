@@ -21,6 +21,7 @@
 
 mod archive;
 mod naming;
+mod served;
 
 pub use naming::container_name;
 
@@ -39,7 +40,7 @@ use bollard::models::{
     NetworkConnectRequest, NetworkDisconnectRequest,
 };
 use bollard::query_parameters::{
-    CommitContainerOptionsBuilder, CreateContainerOptionsBuilder,
+    AttachContainerOptionsBuilder, CommitContainerOptionsBuilder, CreateContainerOptionsBuilder,
     DownloadFromContainerOptionsBuilder, EventsOptionsBuilder, ImportImageOptionsBuilder,
     ListContainersOptionsBuilder, ListImagesOptionsBuilder, RemoveContainerOptionsBuilder,
     TagImageOptionsBuilder, UploadToContainerOptionsBuilder, WaitContainerOptionsBuilder,
@@ -204,6 +205,10 @@ pub struct DockerConfig {
     /// daemon's are visible (OOM kills counted, CPU weights set without a
     /// round trip to the daemon); `false`: only through the Engine API.
     pub host_cgroups: bool,
+    /// Jobs are run by the container's PID 1 over an attach stream (see
+    /// `served.rs`) instead of one `docker exec` each, which spares every
+    /// job tens of ms of daemon and runc work. `false`: an exec per job.
+    pub serve_jobs: bool,
 }
 
 impl DockerConfig {
@@ -226,6 +231,7 @@ impl DockerConfig {
             cpu_background_after: Some(Duration::from_secs(1)),
             single_use: false,
             host_cgroups: true,
+            serve_jobs: true,
         }
     }
 }
@@ -254,6 +260,11 @@ struct VmState {
     cgroup: HostCgroup,
     /// Host file with the output of the last run.
     output: Option<PathBuf>,
+    /// The attach connection to the container's serving PID 1, between jobs.
+    attached: Option<served::Attached>,
+    /// The nonce of a served job whose end was not read (its `run_job` was
+    /// cut short): the next job first skips the rest of its output.
+    unfinished_nonce: Option<String>,
     /// A job has been started in the container (by this instance).
     ran_a_job: bool,
     /// The container's CPU shares may have been lowered (set before the
@@ -365,6 +376,24 @@ fn container_cgroup(inspect: &ContainerInspectResponse) -> Option<cgroupfs::Fore
     let pid = inspect.state.as_ref()?.pid.filter(|&pid| pid > 0)?;
     let proc_cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     cgroupfs::ForeignCgroup::find(&proc_cgroup, Path::new("/sys/fs/cgroup"), id)
+}
+
+/// Appends to the job's output file what fits below `cap` bytes in all.
+async fn write_capped(
+    output: &mut tokio::fs::File,
+    bytes: &[u8],
+    cap: u64,
+    written: &mut u64,
+) -> Result<(), VmmsError> {
+    let room = cap.saturating_sub(*written).min(bytes.len() as u64) as usize;
+    if room > 0 {
+        output
+            .write_all(&bytes[..room])
+            .await
+            .map_err(|e| VmmsError::io("cannot write the job's output", e))?;
+        *written += room as u64;
+    }
+    Ok(())
 }
 
 /// FNV-1a, 64 bits: a stable fingerprint of the autodriver binary.
@@ -909,6 +938,233 @@ impl Docker {
         }))
     }
 
+    /// Runs the job's autodriver by a `docker exec` (without `serve_jobs`):
+    /// its exit code, and whether the memory limit killed something.
+    async fn run_by_exec(
+        &self,
+        name: &str,
+        cmd: Vec<String>,
+        input: Option<Bytes>,
+        output: &mut tokio::fs::File,
+        req: &RunRequest,
+    ) -> Result<(Result<Option<i32>, VmmsError>, bool), VmmsError> {
+        let exec = self
+            .api
+            .create_exec(
+                name,
+                CreateExecOptions {
+                    attach_stdin: Some(input.is_some()),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    cmd: Some(cmd),
+                    user: Some("0:0".to_string()),
+                    working_dir: Some("/".to_string()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| vm_error(name, "cannot create the job's exec in", e))?;
+        let started_at = SystemTime::now();
+        let attached = self
+            .api
+            .start_exec(&exec.id, None)
+            .await
+            .map_err(|e| vm_error(name, "cannot start the job in", e))?;
+        let StartExecResults::Attached {
+            output: mut stream,
+            input: mut stdin,
+        } = attached
+        else {
+            return Err(VmmsError::Backend("docker: the exec did not attach".into()));
+        };
+        self.with_state(name, |state| state.exec_started = true);
+        // The input files go in while the output is read. A failed write
+        // needs no handling here: the autodriver then reports a bad archive.
+        let feed = async {
+            if let Some(tar) = input {
+                if stdin.write_all(&tar).await.is_ok() {
+                    let _ = stdin.shutdown().await;
+                }
+            }
+        };
+
+        // The autodriver caps the job's output itself; the host file is
+        // capped too in case something else floods the stream.
+        let cap = req.output_cap_bytes.saturating_add(OUTPUT_SLACK);
+        let copy = async {
+            let mut written: u64 = 0;
+            while let Some(chunk) = stream.next().await {
+                let chunk =
+                    chunk.map_err(|e| api_error(format_args!("job output of {name}"), e))?;
+                let bytes = match chunk {
+                    LogOutput::StdOut { message } | LogOutput::StdErr { message } => message,
+                    _ => continue,
+                };
+                write_capped(output, &bytes, cap, &mut written).await?;
+            }
+            output
+                .flush()
+                .await
+                .map_err(|e| VmmsError::io("cannot write the job's output", e))
+        };
+        let copy = async { futures_util::join!(feed, copy).1 };
+        let bound =
+            (req.timeout_secs > 0).then(|| Duration::from_secs(req.timeout_secs) + RUN_GRACE);
+        match bound {
+            Some(bound) => tokio::time::timeout(bound, copy).await.map_err(|_| {
+                VmmsError::Backend(format!(
+                    "the autodriver in {name} did not finish within {bound:?}"
+                ))
+            })??,
+            None => copy.await?,
+        }
+
+        // The stream ends when the process exits; its exit code can lag
+        // behind by a moment.
+        let exit_code = async {
+            let mut exit_code = None;
+            for _ in 0..100 {
+                let inspect = self.api.inspect_exec(&exec.id).await.map_err(|e| {
+                    api_error(format_args!("cannot inspect the job's exec in {name}"), e)
+                })?;
+                if inspect.running != Some(true) {
+                    exit_code = inspect.exit_code.and_then(|c| i32::try_from(c).ok());
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok::<_, VmmsError>(exit_code)
+        };
+        // The OOM check does not depend on the exit code: both at once.
+        let (exit_code, oom_killed) =
+            futures_util::join!(exit_code, self.oom_killed(name, started_at));
+        Ok((exit_code, oom_killed))
+    }
+
+    /// Runs the job through the container's serving PID 1 (`serve_jobs`):
+    /// its exit code. The attach connection is kept for the next job only
+    /// when this one's end was read.
+    async fn run_served(
+        &self,
+        name: &str,
+        args: &[String],
+        input: Option<Bytes>,
+        output: &mut tokio::fs::File,
+        req: &RunRequest,
+    ) -> Result<Option<i32>, VmmsError> {
+        let (attached, unfinished) = self.with_state(name, |state| {
+            (state.attached.take(), state.unfinished_nonce.take())
+        });
+        let mut attached = match attached {
+            Some(attached) => attached,
+            None => self.attach(name).await?,
+        };
+        let nonce = served::nonce().map_err(|e| VmmsError::io("cannot make a nonce", e))?;
+        let input = input.unwrap_or_default();
+        let request = served::request(&nonce, args, input.len());
+        self.with_state(name, |state| {
+            // Until the end is read; a job cut short leaves it for the next.
+            state.unfinished_nonce = Some(nonce.clone());
+            state.exec_started = true;
+        });
+        let served::Attached {
+            output: stream,
+            input: stdin,
+        } = &mut attached;
+        let feed = async {
+            stdin.write_all(&request).await?;
+            stdin.write_all(&input).await?;
+            stdin.flush().await
+        };
+        // The autodriver caps the job's output itself; the host file is
+        // capped too in case something else floods the stream.
+        let cap = req.output_cap_bytes.saturating_add(OUTPUT_SLACK);
+        let copy = async {
+            let mut skip = unfinished.map(|n| served::EndScanner::new(&n));
+            let mut scanner = served::EndScanner::new(&nonce);
+            let mut written: u64 = 0;
+            while let Some(chunk) = stream.next().await {
+                let chunk =
+                    chunk.map_err(|e| api_error(format_args!("job output of {name}"), e))?;
+                let mut bytes = match chunk {
+                    LogOutput::StdOut { message } | LogOutput::StdErr { message } => {
+                        message.to_vec()
+                    }
+                    _ => continue,
+                };
+                if let Some(previous) = &mut skip {
+                    // The rest of an earlier job's output.
+                    match previous.feed(&bytes) {
+                        served::Scanned::Output(_) => continue,
+                        served::Scanned::End(_, _, rest) => {
+                            skip = None;
+                            bytes = rest;
+                        }
+                    }
+                }
+                let (kept, end) = match scanner.feed(&bytes) {
+                    served::Scanned::Output(kept) => (kept, None),
+                    served::Scanned::End(kept, code, _) => (kept, Some(code)),
+                };
+                write_capped(output, &kept, cap, &mut written).await?;
+                if let Some(code) = end {
+                    output
+                        .flush()
+                        .await
+                        .map_err(|e| VmmsError::io("cannot write the job's output", e))?;
+                    return Ok(code);
+                }
+            }
+            Err(VmmsError::Backend(format!(
+                "the autodriver serving {name} stopped before the job ended (did the container stop?)"
+            )))
+        };
+        let both = async {
+            let (fed, copied) = futures_util::join!(feed, copy);
+            match (fed, copied) {
+                (_, Ok(code)) => Ok(code),
+                (Err(e), Err(_)) => Err(VmmsError::io(format!("cannot send the job to {name}"), e)),
+                (Ok(()), Err(e)) => Err(e),
+            }
+        };
+        let bound =
+            (req.timeout_secs > 0).then(|| Duration::from_secs(req.timeout_secs) + RUN_GRACE);
+        let code = match bound {
+            Some(bound) => tokio::time::timeout(bound, both).await.map_err(|_| {
+                VmmsError::Backend(format!(
+                    "the autodriver in {name} did not finish within {bound:?}"
+                ))
+            })??,
+            None => both.await?,
+        };
+        self.with_state(name, |state| {
+            state.unfinished_nonce = None;
+            state.attached = Some(attached);
+        });
+        Ok(code)
+    }
+
+    async fn attach(&self, name: &str) -> Result<served::Attached, VmmsError> {
+        let options = AttachContainerOptionsBuilder::default()
+            .stream(true)
+            .stdin(true)
+            .stdout(true)
+            .stderr(true)
+            .logs(false)
+            .build();
+        let attached = tokio::time::timeout(
+            self.config.api_timeout,
+            self.api.attach_container(name, Some(options)),
+        )
+        .await
+        .map_err(|_| VmmsError::Backend(format!("docker: attaching to {name} timed out")))?
+        .map_err(|e| vm_error(name, "cannot attach to", e))?;
+        Ok(served::Attached {
+            output: attached.output,
+            input: attached.input,
+        })
+    }
+
     /// Docker's `oom` events of this container since `since`.
     async fn oom_event_since(&self, name: &str, since: SystemTime) -> bool {
         let filters = HashMap::from([
@@ -1032,6 +1288,9 @@ impl Vmms for Docker {
             }
         };
         let mut entrypoint = vec![AUTODRIVER_PATH.to_string(), "--idle".to_string()];
+        if self.config.serve_jobs {
+            entrypoint.push("--serve".into());
+        }
         if !self.config.single_use {
             // The list the reused container's jobs purge, made at start.
             entrypoint.extend(["--purge-writable".into(), WRITABLE_DIRS_PATH.into()]);
@@ -1040,6 +1299,11 @@ impl Vmms for Docker {
             image: Some(derived.clone().unwrap_or_else(|| vm.image.clone())),
             entrypoint: Some(entrypoint),
             cmd: Some(vec![]),
+            // The attach stream of `serve_jobs`; the stdin stays open when
+            // a connection closes.
+            open_stdin: Some(self.config.serve_jobs),
+            attach_stdin: Some(self.config.serve_jobs),
+            stdin_once: Some(false),
             user: Some("0:0".into()),
             working_dir: Some("/".into()),
             labels: Some(naming::labels(vm, prefix)),
@@ -1279,9 +1543,6 @@ impl Vmms for Docker {
             args.extend(["--input-tar".to_string(), "-".to_string()]);
         }
         args.push(dir_arg);
-        let mut cmd = vec![AUTODRIVER_PATH.to_string()];
-        cmd.extend(args);
-
         let output_path = self.config.work_dir.join(format!("{name}.out"));
         let mut output = tokio::fs::File::create(&output_path)
             .await
@@ -1290,103 +1551,16 @@ impl Vmms for Docker {
             state.output = Some(output_path.clone());
         });
 
-        let exec = self
-            .api
-            .create_exec(
-                &name,
-                CreateExecOptions {
-                    attach_stdin: Some(input.is_some()),
-                    attach_stdout: Some(true),
-                    attach_stderr: Some(true),
-                    cmd: Some(cmd),
-                    user: Some("0:0".to_string()),
-                    working_dir: Some("/".to_string()),
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| vm_error(&name, "cannot create the job's exec in", e))?;
-        let started_at = SystemTime::now();
-        let attached = self
-            .api
-            .start_exec(&exec.id, None)
-            .await
-            .map_err(|e| vm_error(&name, "cannot start the job in", e))?;
-        let StartExecResults::Attached {
-            output: mut stream,
-            input: mut stdin,
-        } = attached
-        else {
-            return Err(VmmsError::Backend("docker: the exec did not attach".into()));
+        let (exit_code, oom_killed) = if self.config.serve_jobs {
+            let started_at = SystemTime::now();
+            let exit_code = self.run_served(&name, &args, input, &mut output, req).await;
+            (exit_code, self.oom_killed(&name, started_at).await)
+        } else {
+            let mut cmd = vec![AUTODRIVER_PATH.to_string()];
+            cmd.extend(args);
+            self.run_by_exec(&name, cmd, input, &mut output, req)
+                .await?
         };
-        self.with_state(&name, |state| state.exec_started = true);
-        // The input files go in while the output is read. A failed write
-        // needs no handling here: the autodriver then reports a bad archive.
-        let feed = async {
-            if let Some(tar) = input {
-                if stdin.write_all(&tar).await.is_ok() {
-                    let _ = stdin.shutdown().await;
-                }
-            }
-        };
-
-        // The autodriver caps the job's output itself; the host file is
-        // capped too in case something else floods the stream.
-        let cap = req.output_cap_bytes.saturating_add(OUTPUT_SLACK);
-        let copy = async {
-            let mut written: u64 = 0;
-            while let Some(chunk) = stream.next().await {
-                let chunk =
-                    chunk.map_err(|e| api_error(format_args!("job output of {name}"), e))?;
-                let bytes = match chunk {
-                    LogOutput::StdOut { message } | LogOutput::StdErr { message } => message,
-                    _ => continue,
-                };
-                let room = cap.saturating_sub(written).min(bytes.len() as u64) as usize;
-                if room > 0 {
-                    output
-                        .write_all(&bytes[..room])
-                        .await
-                        .map_err(|e| VmmsError::io("cannot write the job's output", e))?;
-                    written += room as u64;
-                }
-            }
-            output
-                .flush()
-                .await
-                .map_err(|e| VmmsError::io("cannot write the job's output", e))
-        };
-        let copy = async { futures_util::join!(feed, copy).1 };
-        let bound =
-            (req.timeout_secs > 0).then(|| Duration::from_secs(req.timeout_secs) + RUN_GRACE);
-        match bound {
-            Some(bound) => tokio::time::timeout(bound, copy).await.map_err(|_| {
-                VmmsError::Backend(format!(
-                    "the autodriver in {name} did not finish within {bound:?}"
-                ))
-            })??,
-            None => copy.await?,
-        }
-
-        // The stream ends when the process exits; its exit code can lag
-        // behind by a moment.
-        let exit_code = async {
-            let mut exit_code = None;
-            for _ in 0..100 {
-                let inspect = self.api.inspect_exec(&exec.id).await.map_err(|e| {
-                    api_error(format_args!("cannot inspect the job's exec in {name}"), e)
-                })?;
-                if inspect.running != Some(true) {
-                    exit_code = inspect.exit_code.and_then(|c| i32::try_from(c).ok());
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Ok::<_, VmmsError>(exit_code)
-        };
-        // The OOM check does not depend on the exit code: both at once.
-        let (exit_code, oom_killed) =
-            futures_util::join!(exit_code, self.oom_killed(&name, started_at));
         if let Some(cgroup) = &host_cgroup {
             // The resets and copy-ins before the next job run at the
             // default weight.

@@ -1,15 +1,18 @@
 //! The `docker` backend: each VM is a container driven through the Docker
 //! Engine API (bollard), never the `docker` CLI.
 //!
-//! A container runs the autodriver's `--idle` mode as PID 1; the backend
+//! A container runs the autodriver's `--idle --serve` mode as PID 1, which
+//! runs each job asked for over the container's attach stream (see
+//! `served.rs`; without [`DockerConfig::serve_jobs`], a `docker exec` per
+//! job); the backend
 //! adds the autodriver to each job image once (a derived image,
 //! `tango-autodriver:<image id>-<autodriver hash>`, made by an archive
 //! upload and a commit), so images need neither the autodriver nor a
 //! grading user, and creating a container costs no upload. Files go in as
-//! a tar: up to [`STDIN_INPUT_MAX_BYTES`] through the stdin of the job's
-//! exec (the autodriver's `--input-tar -`), so a job costs no archive call
-//! (dockerd runs a helper process for each, ~50 ms); larger inputs by an
-//! archive upload. The job's output is the attached exec stream, written
+//! a tar: up to [`STDIN_INPUT_MAX_BYTES`] through the job's stdin (the
+//! autodriver's `--input-tar -`), so a job costs no archive call (dockerd
+//! runs a helper process for each, ~50 ms); larger inputs by an archive
+//! upload. The job's output comes over the same stream, written
 //! to a file under [`DockerConfig::work_dir`] on the host:
 //! no host directory is shared with containers, so `tangod` can itself run
 //! in a container with only the Docker socket mounted.

@@ -19,7 +19,7 @@ usage:
              [--mem-bytes N] [--nofile N] [--stack-bytes N]
              [--summary FILE] [--stream FILE] [--input-tar FILE|-]
              [--purge-writable LIST] DIR
-  autodriver --idle [--serve] [--purge-writable LIST]
+  autodriver --idle [--serve] [--loopback-hosts] [--purge-writable LIST]
   autodriver --help
 
 options (a value may also be given as --opt=VALUE):
@@ -50,6 +50,9 @@ options (a value may also be given as --opt=VALUE):
                        at a time, each as `autodriver ARGS` with its output on
                        stdout, followed by a line with the request's nonce and
                        the exit code (the request format is in src/idle.rs)
+      --loopback-hosts with --idle: first write localhost entries into an
+                       empty /etc/hosts (a Docker container without network
+                       gets an empty one)
 
 exit codes: 0 the job ran (whatever make returned), 1 usage error,
             2 timeout, 3 OS error (the machine should be replaced)
@@ -84,6 +87,7 @@ pub enum Command {
     Idle {
         purge_writable: Option<PathBuf>,
         serve: bool,
+        loopback_hosts: bool,
     },
     Help,
 }
@@ -121,6 +125,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
     let mut dir: Option<PathBuf> = None;
     let mut idle = false;
     let mut serve = false;
+    let mut loopback_hosts = false;
     let mut options_done = false;
 
     let mut args = args.into_iter();
@@ -156,13 +161,14 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         };
 
         match name.as_str() {
-            "--idle" | "--serve" | "--help" | "-h" => {
+            "--idle" | "--serve" | "--loopback-hosts" | "--help" | "-h" => {
                 if inline_value.is_some() {
                     return Err(format!("{name} takes no value"));
                 }
                 match name.as_str() {
                     "--idle" => idle = true,
                     "--serve" => serve = true,
+                    "--loopback-hosts" => loopback_hosts = true,
                     _ => return Ok(Command::Help),
                 }
                 continue;
@@ -214,10 +220,11 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         return Ok(Command::Idle {
             purge_writable,
             serve,
+            loopback_hosts,
         });
     }
-    if serve {
-        return Err("--serve goes with --idle".into());
+    if serve || loopback_hosts {
+        return Err("--serve and --loopback-hosts go with --idle".into());
     }
     let dir = dir.ok_or("missing DIR")?;
     if output_cap > usize::MAX as u64 / 4 {
@@ -339,21 +346,25 @@ mod tests {
             Ok(Command::Idle {
                 purge_writable: None,
                 serve: false,
+                loopback_hosts: false,
             })
         );
         assert_eq!(
-            run(&["--idle", "--serve"]),
+            run(&["--idle", "--serve", "--loopback-hosts"]),
             Ok(Command::Idle {
                 purge_writable: None,
                 serve: true,
+                loopback_hosts: true,
             })
         );
         assert!(run(&["--serve", "/home/x"]).is_err());
+        assert!(run(&["--loopback-hosts", "/home/x"]).is_err());
         assert_eq!(
             run(&["--idle", "--purge-writable", "/.tango/writable"]),
             Ok(Command::Idle {
                 purge_writable: Some(PathBuf::from("/.tango/writable")),
                 serve: false,
+                loopback_hosts: false,
             })
         );
         assert_eq!(run(&["--help"]), Ok(Command::Help));

@@ -40,7 +40,20 @@ static SERVED_JOB_ENDED: Condvar = Condvar::new();
 /// Longest argument list a request may carry.
 const MAX_ARGS_LEN: usize = 1 << 20;
 
-pub fn run(purge_writable: Option<&Path>, serve: bool) -> io::Result<()> {
+/// What Docker writes into /etc/hosts for a container with network mode
+/// `none`; one created with networking disabled gets an empty file (Docker's
+/// init layer hides the image's), yet `localhost` must resolve.
+const LOOPBACK_HOSTS: &str = "127.0.0.1\tlocalhost\n\
+                              ::1\tlocalhost ip6-localhost ip6-loopback\n\
+                              fe00::0\tip6-localnet\n\
+                              ff00::0\tip6-mcastprefix\n\
+                              ff02::1\tip6-allnodes\n\
+                              ff02::2\tip6-allrouters\n";
+
+pub fn run(purge_writable: Option<&Path>, serve: bool, loopback_hosts: bool) -> io::Result<()> {
+    if loopback_hosts {
+        write_loopback_hosts(Path::new("/etc/hosts"))?;
+    }
     if let Some(list) = purge_writable {
         scan_in_background(list);
     }
@@ -75,6 +88,18 @@ pub fn run(purge_writable: Option<&Path>, serve: bool) -> io::Result<()> {
             return Ok(());
         }
     }
+}
+
+/// Fills `hosts` with [`LOOPBACK_HOSTS`] when it is empty or missing; a
+/// hosts file with entries is left as it is.
+fn write_loopback_hosts(hosts: &Path) -> io::Result<()> {
+    match std::fs::metadata(hosts) {
+        Ok(meta) if meta.len() > 0 => Ok(()),
+        Ok(_) => std::fs::write(hosts, LOOPBACK_HOSTS),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::write(hosts, LOOPBACK_HOSTS),
+        Err(e) => Err(e),
+    }
+    .map_err(|e| io::Error::new(e.kind(), format!("cannot write {}: {e}", hosts.display())))
 }
 
 fn reap_all() {
@@ -265,6 +290,26 @@ fn scan_in_background(list: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_empty_or_missing_hosts_file_is_filled() {
+        let dir = std::env::temp_dir().join(format!("autodriver-hosts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("missing");
+        write_loopback_hosts(&missing).unwrap();
+        assert_eq!(std::fs::read_to_string(&missing).unwrap(), LOOPBACK_HOSTS);
+        let empty = dir.join("empty");
+        std::fs::write(&empty, "").unwrap();
+        write_loopback_hosts(&empty).unwrap();
+        assert!(std::fs::read_to_string(&empty)
+            .unwrap()
+            .starts_with("127.0.0.1\tlocalhost\n::1\t"));
+        let kept = dir.join("kept");
+        std::fs::write(&kept, "10.0.0.1 grader\n").unwrap();
+        write_loopback_hosts(&kept).unwrap();
+        assert_eq!(std::fs::read_to_string(&kept).unwrap(), "10.0.0.1 grader\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn requests_are_parsed_strictly() {

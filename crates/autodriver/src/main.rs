@@ -58,7 +58,8 @@ fn main() {
         Ok(Command::Idle {
             purge_writable,
             serve,
-        }) => match idle::run(purge_writable.as_deref(), serve) {
+            loopback_hosts,
+        }) => match idle::run(purge_writable.as_deref(), serve, loopback_hosts) {
             Ok(()) => EXIT_RAN,
             Err(e) => {
                 eprintln!("autodriver: idle: {e}");

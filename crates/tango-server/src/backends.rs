@@ -66,6 +66,13 @@ async fn docker(config: &Config) -> anyhow::Result<tango_vmms::docker::Docker> {
     docker_config.default_cores = settings.cores;
     docker_config.default_max_pids = settings.max_pids;
     docker_config.allow_network = settings.allow_network;
+    if let Some(starts) = settings.max_concurrent_starts {
+        anyhow::ensure!(
+            starts > 0,
+            "[docker] max_concurrent_starts must be at least 1 (or left out: half the CPUs)"
+        );
+        docker_config.max_concurrent_starts = starts;
+    }
     // Without reuse the engine runs one job per container: skip what only
     // a later job would need.
     docker_config.single_use = !config.engine.reuse_vms;

@@ -136,6 +136,8 @@ pub struct DockerSettings {
     pub max_pids: i64,
     pub cores: Option<f64>,
     pub allow_network: bool,
+    /// Containers created and started at once; unset: half the CPUs.
+    pub max_concurrent_starts: Option<usize>,
 }
 
 impl Default for DockerSettings {
@@ -145,6 +147,7 @@ impl Default for DockerSettings {
             max_pids: 256,
             cores: None,
             allow_network: false,
+            max_concurrent_starts: None,
         }
     }
 }

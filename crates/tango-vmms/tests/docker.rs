@@ -1414,6 +1414,43 @@ async fn single_use_containers_skip_the_writable_dirs_scan_and_run_one_job() {
 /// A container without network has no network sandbox from Docker
 /// (`NetworkDisabled`, which saves two runs of the dockerd binary per
 /// container), yet its jobs keep a working loopback and `localhost`.
+/// With `max_concurrent_starts = 1`, each container is created only once
+/// the one before it has started (Docker's own timestamps).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_starts_beyond_the_bound_wait_their_turn() {
+    require_docker!();
+    common::ensure_test_images();
+    let work = tempfile::tempdir().unwrap();
+    let mut config = common::config(work.path());
+    config.max_concurrent_starts = 1;
+    let docker = Docker::connect(config).await.unwrap();
+    let prefix = common::prefix("starts");
+    common::clean(&docker, &prefix).await;
+    let vms: Vec<_> = (1..=3).map(|id| machine(&prefix, id, BOOKWORM)).collect();
+    futures_util::future::try_join_all(vms.iter().map(|vm| docker.initialize_vm(vm)))
+        .await
+        .unwrap();
+    let time = |t: Option<String>| chrono::DateTime::parse_from_rfc3339(&t.unwrap()).unwrap();
+    let mut created_started = Vec::new();
+    for vm in &vms {
+        let inspect = docker
+            .api()
+            .inspect_container(&container_name(vm), None)
+            .await
+            .unwrap();
+        let started = inspect.state.and_then(|s| s.started_at);
+        created_started.push((time(inspect.created), time(started)));
+    }
+    common::clean(&docker, &prefix).await;
+    created_started.sort();
+    for pair in created_started.windows(2) {
+        assert!(
+            pair[1].0 >= pair[0].1,
+            "a container was created before the one before it had started: {created_started:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn without_network_localhost_still_works() {
     require_docker!();

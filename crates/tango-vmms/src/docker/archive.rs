@@ -38,15 +38,6 @@ pub fn autodriver_tar(dir: &str, name: &str, binary: &[u8]) -> io::Result<Vec<u8
     builder.into_inner()
 }
 
-/// A tar, to be extracted at `/`, holding one root-owned file of mode
-/// `mode` at `path` (relative).
-pub fn file_tar(path: &str, mode: u32, contents: &[u8]) -> io::Result<Vec<u8>> {
-    let mut builder = tar::Builder::new(Vec::new());
-    let mut h = header(tar::EntryType::Regular, mode, contents.len() as u64);
-    builder.append_data(&mut h, path, contents)?;
-    builder.into_inner()
-}
-
 /// Whether `name` may be a file name in the job directory: one plain path
 /// component.
 pub fn is_plain_file_name(name: &str) -> bool {

@@ -72,21 +72,6 @@ const STREAM_PATH: &str = "/.tango/stream";
 /// The autodriver's list of the image's writable directories, made when
 /// the container starts and read by every job's cleanup.
 const WRITABLE_DIRS_PATH: &str = "/.tango/writable-dirs";
-/// The `/etc/hosts` the backend writes into each container without
-/// network: what Docker mounts over it with `network_mode none`. Such
-/// containers are created with `NetworkDisabled`, so that Docker sets up
-/// no network sandbox for them (no `libnetwork-setkey` hook nor
-/// `set-ipv6`: two runs of the dockerd binary, ~80 ms of CPU per container
-/// here, against one for this upload); their loopback is still up (runc),
-/// but Docker then leaves `/etc/hosts` empty (its init layer hides the
-/// image's too), and `localhost` must resolve. Networked containers get
-/// Docker's own as before.
-const ETC_HOSTS: &str = "127.0.0.1\tlocalhost\n\
-                         ::1\tlocalhost ip6-localhost ip6-loopback\n\
-                         fe00::0\tip6-localnet\n\
-                         ff00::0\tip6-mcastprefix\n\
-                         ff02::1\tip6-allnodes\n\
-                         ff02::2\tip6-allrouters\n";
 /// Repository of the images derived from job images with the autodriver
 /// added (see `Docker::derived_image`); hidden from `get_images`.
 pub const DERIVED_REPO: &str = "tango-autodriver";
@@ -212,6 +197,12 @@ pub struct DockerConfig {
     /// `served.rs`) instead of one `docker exec` each, which spares every
     /// job tens of ms of daemon and runc work. `false`: an exec per job.
     pub serve_jobs: bool,
+    /// Containers created and started at once; more wait. A start is
+    /// 100-200 ms of CPU in dockerd, containerd and runc, outside every
+    /// container's cgroup, where no CPU weight of the jobs' reaches it: a
+    /// burst of submissions starting containers all at once slows the
+    /// jobs already running. Default: half the host's CPUs (at least 1).
+    pub max_concurrent_starts: usize,
 }
 
 impl DockerConfig {
@@ -235,8 +226,16 @@ impl DockerConfig {
             single_use: false,
             host_cgroups: true,
             serve_jobs: true,
+            max_concurrent_starts: default_concurrent_starts(),
         }
     }
+}
+
+/// Half the CPUs this process may use, rounded up.
+pub fn default_concurrent_starts() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get().div_ceil(2))
+        .unwrap_or(1)
 }
 
 /// What the backend remembers of a container between trait calls.
@@ -301,8 +300,9 @@ pub struct Docker {
     config: DockerConfig,
     /// The tar that installs the autodriver, built once.
     autodriver_tar: Bytes,
-    /// The tar with [`ETC_HOSTS`], built once.
-    hosts_tar: Bytes,
+    /// Bounds the containers being created and started at once
+    /// ([`DockerConfig::max_concurrent_starts`]).
+    starts: tokio::sync::Semaphore,
     /// Hash of the autodriver binary, part of the derived images' tags.
     autodriver_hash: String,
     /// Serialises making derived images (rare, and racing makes no sense).
@@ -461,8 +461,6 @@ impl Docker {
         }
         let autodriver_tar = archive::autodriver_tar(DRIVER_DIR_REL, "autodriver", &binary)
             .map_err(|e| VmmsError::io("cannot pack the autodriver", e))?;
-        let hosts_tar = archive::file_tar("etc/hosts", 0o644, ETC_HOSTS.as_bytes())
-            .map_err(|e| VmmsError::io("cannot pack /etc/hosts", e))?;
         tokio::fs::create_dir_all(&config.work_dir)
             .await
             .map_err(|e| {
@@ -492,9 +490,9 @@ impl Docker {
         };
         Ok(Docker {
             api,
+            starts: tokio::sync::Semaphore::new(config.max_concurrent_starts.max(1)),
             config,
             autodriver_tar: Bytes::from(autodriver_tar),
-            hosts_tar: Bytes::from(hosts_tar),
             autodriver_hash: format!("{:016x}", fnv1a(&binary)),
             deriving: tokio::sync::Mutex::new(()),
             vms: Mutex::new(HashMap::new()),
@@ -748,11 +746,6 @@ impl Docker {
             self.upload(name, self.autodriver_tar.clone())
                 .await
                 .map_err(|e| api_error(format_args!("cannot put the autodriver into {name}"), e))?;
-        }
-        if !self.config.allow_network {
-            self.upload(name, self.hosts_tar.clone())
-                .await
-                .map_err(|e| api_error(format_args!("cannot write /etc/hosts of {name}"), e))?;
         }
         self.grading_user(name, &vm.image).await?;
         self.api
@@ -1294,6 +1287,16 @@ impl Vmms for Docker {
         if self.config.serve_jobs {
             entrypoint.push("--serve".into());
         }
+        if !self.config.allow_network {
+            // Created with `NetworkDisabled`, so that Docker sets up no
+            // network sandbox (no `libnetwork-setkey` hook nor `set-ipv6`:
+            // two runs of the dockerd binary, ~80 ms of CPU per container
+            // here); the loopback is still up (runc), but Docker then leaves
+            // /etc/hosts empty (its init layer hides the image's), and
+            // `localhost` must resolve. PID 1 writes it: an archive upload
+            // would cost another run of the dockerd binary.
+            entrypoint.push("--loopback-hosts".into());
+        }
         if !self.config.single_use {
             // The list the reused container's jobs purge, made at start.
             entrypoint.extend(["--purge-writable".into(), WRITABLE_DIRS_PATH.into()]);
@@ -1310,12 +1313,20 @@ impl Vmms for Docker {
             user: Some("0:0".into()),
             working_dir: Some("/".into()),
             labels: Some(naming::labels(vm, prefix)),
-            // No network sandbox at all (see ETC_HOSTS); with networking
+            // No network sandbox at all (see --loopback-hosts); with networking
             // allowed, the bridge is connected and disconnected per job.
             network_disabled: Some(!self.config.allow_network),
             host_config: Some(host_config),
             ..Default::default()
         };
+        // Container starts are work of dockerd, containerd and runc, in no
+        // container's cgroup: a burst of them takes the CPU from the jobs
+        // already running (see `max_concurrent_starts`).
+        let _start_permit = self
+            .starts
+            .acquire()
+            .await
+            .map_err(|_| VmmsError::Backend("the docker backend is shutting down".into()))?;
         let options = CreateContainerOptionsBuilder::default().name(&name).build();
         let mut created = self
             .api

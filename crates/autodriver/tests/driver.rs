@@ -119,9 +119,11 @@ fn fork_bomb_is_contained_and_wiped_out() {
     let uid = 64005;
     // In its own session, out of reach of a kill of make's process group,
     // and persistent: every process keeps forking while the limit allows.
+    // The recipe's shell then execs the sleep: a fork after the bomb could
+    // fail at the limit and end make before the timeout.
     let makefile = "all:\n\t@echo bombing\n\
-                    \t-@setsid sh -c 'b() { while :; do b & sleep 1000 & done; }; b' 2>/dev/null\n\
-                    \t@sleep 1000\n";
+                    \t@setsid sh -c 'b() { while :; do b & sleep 1000 & done; }; b' 2>/dev/null \
+                    & exec sleep 1000\n";
     let scratch = Scratch::with_job(&[("Makefile", makefile)]);
     let out = run(&scratch, uid, &["-u", "20", "-t", "3"]);
     assert_eq!(out.code, 2, "stderr: {}", out.stderr);

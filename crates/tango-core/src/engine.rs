@@ -1321,7 +1321,10 @@ impl Inner {
                     self.dispatch_wake.notify_one();
                     return;
                 }
-                Err(e) => warn!(vm = %vm.name, "cannot reset VM for reuse: {e}"),
+                Err(e) => {
+                    self.metrics.backend_error(&vm.vmms, "reset");
+                    warn!(vm = %vm.name, "cannot reset VM for reuse: {e}");
+                }
             }
         }
         let image = vm.image.clone();
@@ -1475,7 +1478,10 @@ impl Inner {
             // Still owned when destruction failed: the sweeper retries it
             // only once it is no longer owned, so release ownership now.
             Ok(()) => debug!(vm = %vm.name, "VM destroyed"),
-            Err(e) => warn!(vm = %vm.name, "cannot destroy VM (the orphan sweep will retry): {e}"),
+            Err(e) => {
+                self.metrics.backend_error(&vm.vmms, "destroy");
+                warn!(vm = %vm.name, "cannot destroy VM (the orphan sweep will retry): {e}");
+            }
         }
         self.lock().owned.remove(&vm.name);
     }
@@ -1546,7 +1552,10 @@ impl Inner {
                     backend.safe_destroy_vm(&vm),
                 )
                 .await
-                .map_err(|e| warn!(vm = %vm.name, "cannot destroy orphan VM: {e}"));
+                .map_err(|e| {
+                    self.metrics.backend_error(&vm.vmms, "destroy");
+                    warn!(vm = %vm.name, "cannot destroy orphan VM: {e}")
+                });
             }
         }
     }

@@ -235,6 +235,36 @@ async fn without_reuse_each_job_gets_a_fresh_vm() {
 }
 
 #[tokio::test]
+async fn failed_resets_and_destroys_count_as_backend_errors() {
+    let h = Harness::new();
+    h.upload("Makefile", b"x").await;
+    {
+        let mut script = h.vmms.script.lock().unwrap();
+        script.reset_failures = 1;
+        script.destroy_failures = 1;
+    }
+    let engine = h.engine(config()).await;
+    let id = engine.add_job(h.job("o1")).await.unwrap();
+    let job = h.wait_dead(id).await;
+    assert_eq!(job.state, JobState::Done);
+    // The VM that could not be reset is destroyed, which fails too.
+    let start = Instant::now();
+    loop {
+        let errors = engine.metrics().backend_errors();
+        let count = |step: &str| errors.get(&("fake".to_string(), step.to_string())).copied();
+        if count("reset") == Some(1) && count("destroy") == Some(1) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "backend errors: {errors:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    engine.shutdown().await;
+}
+
+#[tokio::test]
 async fn prealloc_fills_the_pool_and_jobs_use_it() {
     let h = Harness::new();
     h.upload("Makefile", b"x").await;

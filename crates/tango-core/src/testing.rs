@@ -134,6 +134,10 @@ pub struct Script {
     pub run_delay: Duration,
     /// Makes `run_job` hang forever (to test the engine's timeouts).
     pub run_hangs: bool,
+    /// The next this many `reset_vm` calls fail.
+    pub reset_failures: u32,
+    /// The next this many `safe_destroy_vm` calls fail (the VM stays).
+    pub destroy_failures: u32,
 }
 
 /// A file name and its contents.
@@ -251,7 +255,22 @@ impl Vmms for FakeVmms {
         Ok(())
     }
     async fn safe_destroy_vm(&self, vm: &Machine) -> Result<(), VmmsError> {
+        {
+            let mut script = self.script.lock().unwrap();
+            if script.destroy_failures > 0 {
+                script.destroy_failures -= 1;
+                return Err(VmmsError::Backend("scripted destroy failure".into()));
+            }
+        }
         self.destroy_vm(vm).await
+    }
+    async fn reset_vm(&self, _vm: &Machine) -> Result<(), VmmsError> {
+        let mut script = self.script.lock().unwrap();
+        if script.reset_failures > 0 {
+            script.reset_failures -= 1;
+            return Err(VmmsError::Backend("scripted reset failure".into()));
+        }
+        Ok(())
     }
     async fn get_vms(&self, prefix: &str) -> Result<Vec<Machine>, VmmsError> {
         Ok(self

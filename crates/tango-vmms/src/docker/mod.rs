@@ -855,6 +855,12 @@ impl Docker {
     fn oom_kills_during_job(&self, name: &str, inspect: &ContainerInspectResponse) -> Option<bool> {
         let fresh = self.with_state(name, |state| state.created_here);
         self.find_cgroup(name, inspect, fresh);
+        self.oom_counter_rose(name)
+    }
+
+    /// Whether the OOM-kill counter of the container's cgroup (already
+    /// found) rose since the job started; `None` when that is not known.
+    fn oom_counter_rose(&self, name: &str) -> Option<bool> {
         self.with_state(name, |state| match &mut state.cgroup {
             HostCgroup::Found {
                 cgroup,
@@ -1568,7 +1574,21 @@ impl Vmms for Docker {
         let (exit_code, oom_killed) = if self.config.serve_jobs {
             let started_at = SystemTime::now();
             let exit_code = self.run_served(&name, &args, input, &mut output, req).await;
-            (exit_code, self.oom_killed(&name, started_at).await)
+            // The end line came from PID 1, so the container runs: with its
+            // cgroup's counter known, no inspect (a round trip through a
+            // daemon that a burst of container starts keeps busy).
+            let by_counter = exit_code
+                .as_ref()
+                .ok()
+                .and_then(|_| self.oom_counter_rose(&name));
+            let oom_killed = match by_counter {
+                Some(killed) => {
+                    self.with_state(&name, |state| state.running_after_job = true);
+                    killed
+                }
+                None => self.oom_killed(&name, started_at).await,
+            };
+            (exit_code, oom_killed)
         } else {
             let mut cmd = vec![AUTODRIVER_PATH.to_string()];
             cmd.extend(args);

@@ -859,16 +859,16 @@ impl Docker {
     }
 
     /// Whether the OOM-kill counter of the container's cgroup (already
-    /// found) rose since the job started; `None` when that is not known.
+    /// found) rose since the job started; `None` when that is not known
+    /// (nothing is changed then, so a second look answers the same).
     fn oom_counter_rose(&self, name: &str) -> Option<bool> {
         self.with_state(name, |state| match &mut state.cgroup {
             HostCgroup::Found {
                 cgroup,
-                oom_kills_at_start,
+                oom_kills_at_start: Some(at_start),
             } => {
                 let now = cgroupfs::read_oom_kills(&cgroup.oom_counter)?;
-                let at_start = oom_kills_at_start.replace(now)?;
-                Some(now > at_start)
+                Some(now > std::mem::replace(at_start, now))
             }
             _ => None,
         })

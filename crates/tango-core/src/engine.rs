@@ -1524,7 +1524,7 @@ impl Inner {
 
     /// Destroys every VM with this server's prefix that no job or pool owns.
     async fn sweep_orphans(&self) {
-        for backend in self.backends.values() {
+        for (vmms, backend) in &self.backends {
             let listed = call(
                 self.timeout(self.config.timeouts.query_secs),
                 "listing VMs",
@@ -1553,7 +1553,9 @@ impl Inner {
                 )
                 .await
                 .map_err(|e| {
-                    self.metrics.backend_error(&vm.vmms, "destroy");
+                    // Counted under the backend that listed it, whatever
+                    // the listed machine says.
+                    self.metrics.backend_error(vmms, "destroy");
                     warn!(vm = %vm.name, "cannot destroy orphan VM: {e}")
                 });
             }

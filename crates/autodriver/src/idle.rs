@@ -93,10 +93,14 @@ pub fn run(purge_writable: Option<&Path>, serve: bool, loopback_hosts: bool) -> 
 /// Fills `hosts` with [`LOOPBACK_HOSTS`] when it is empty or missing; a
 /// hosts file with entries is left as it is.
 fn write_loopback_hosts(hosts: &Path) -> io::Result<()> {
-    match std::fs::metadata(hosts) {
-        Ok(meta) if meta.len() > 0 => Ok(()),
-        Ok(_) => std::fs::write(hosts, LOOPBACK_HOSTS),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::write(hosts, LOOPBACK_HOSTS),
+    let has_entries = match std::fs::metadata(hosts) {
+        Ok(meta) => Ok(meta.len() > 0),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    };
+    match has_entries {
+        Ok(true) => Ok(()),
+        Ok(false) => std::fs::write(hosts, LOOPBACK_HOSTS),
         Err(e) => Err(e),
     }
     .map_err(|e| io::Error::new(e.kind(), format!("cannot write {}: {e}", hosts.display())))

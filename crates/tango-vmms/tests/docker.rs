@@ -1411,9 +1411,6 @@ async fn single_use_containers_skip_the_writable_dirs_scan_and_run_one_job() {
     docker.safe_destroy_vm(&vm).await.unwrap();
 }
 
-/// A container without network has no network sandbox from Docker
-/// (`NetworkDisabled`, which saves two runs of the dockerd binary per
-/// container), yet its jobs keep a working loopback and `localhost`.
 /// With `max_concurrent_starts = 1`, each container is created only once
 /// the one before it has started (Docker's own timestamps).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1451,6 +1448,9 @@ async fn container_starts_beyond_the_bound_wait_their_turn() {
     }
 }
 
+/// A container without network has no network sandbox from Docker
+/// (`NetworkDisabled`, which saves two runs of the dockerd binary per
+/// container), yet its jobs keep a working loopback and `localhost`.
 #[tokio::test]
 async fn without_network_localhost_still_works() {
     require_docker!();

@@ -232,7 +232,7 @@ impl DockerConfig {
 }
 
 /// Half the CPUs this process may use, rounded up.
-pub fn default_concurrent_starts() -> usize {
+fn default_concurrent_starts() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get().div_ceil(2))
         .unwrap_or(1)

@@ -18,7 +18,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
@@ -131,6 +131,52 @@ struct Pool {
     /// Ids of every VM of the pool that exists (free or busy).
     all: BTreeSet<u64>,
     creating: usize,
+    /// Workers whose job waits for a fresh VM being made, oldest first: a
+    /// VM of the pool that comes free meanwhile goes to the first of them
+    /// (see [`Pool::offer`]).
+    waiting: VecDeque<Waiter>,
+}
+
+/// A VM being made for a job.
+struct Making {
+    image: String,
+    vmms: String,
+    /// The worker waiting for it; `None` once that worker's job took
+    /// another VM: the next job of the image that needs a new VM waits for
+    /// this one instead of making another.
+    owner: Option<oneshot::Sender<Made>>,
+}
+
+/// A VM that was being made, and whether it was made (else the step that
+/// failed).
+type Made = (Machine, Result<(), (Step, EngineError)>);
+
+/// A worker waiting for its job's fresh VM, which takes a VM of the same
+/// backend that comes free first instead.
+#[derive(Debug)]
+struct Waiter {
+    job: JobId,
+    vmms: String,
+    handoff: oneshot::Sender<Machine>,
+}
+
+impl Pool {
+    /// Gives a VM that is free now to the oldest worker still waiting for
+    /// a fresh VM of this pool's image and its backend, or else keeps it
+    /// free for the next job.
+    fn offer(&mut self, mut vm: Machine) {
+        while let Some(at) = self.waiting.iter().position(|w| w.vmms == vm.vmms) {
+            let Some(waiter) = self.waiting.remove(at) else {
+                break;
+            };
+            match waiter.handoff.send(vm) {
+                Ok(()) => return,
+                // That worker stopped waiting: the next one, if any.
+                Err(unsent) => vm = unsent,
+            }
+        }
+        self.free.push_back(vm);
+    }
 }
 
 #[derive(Default)]
@@ -142,6 +188,8 @@ struct State {
     vm_count: usize,
     /// Names of VMs this engine owns; anything else with the prefix is an orphan.
     owned: HashSet<String>,
+    /// VMs being made for jobs, by VM id (see `Inner::fresh_or_freed_vm`).
+    making: HashMap<u64, Making>,
     accepting: bool,
 }
 
@@ -916,7 +964,9 @@ impl Inner {
         }
         self.update_live(&job);
         let executed = tokio::select! {
-            executed = self.execute(&mut job, warm) => executed,
+            // Steps cut short by the shutdown may fail: that is no failure
+            // of the job's.
+            biased;
             () = self.abandon.cancelled() => {
                 // Dropping the steps stopped the job; its VM goes too.
                 if let Some(vm) = job.vm.clone() {
@@ -924,6 +974,7 @@ impl Inner {
                 }
                 return;
             }
+            executed = self.execute(&mut job, warm) => executed,
         };
         match executed {
             Ok(ran) => {
@@ -962,7 +1013,11 @@ impl Inner {
     }
 
     /// The worker steps: VM, copy in, run, copy out.
-    async fn execute(&self, job: &mut Job, warm: Option<Machine>) -> Result<Ran, SystemFailure> {
+    async fn execute(
+        self: &Arc<Self>,
+        job: &mut Job,
+        warm: Option<Machine>,
+    ) -> Result<Ran, SystemFailure> {
         let t = &self.config.timeouts;
         let fail = |step: Step, e: EngineError, vm: Option<&Machine>| SystemFailure {
             step,
@@ -975,37 +1030,27 @@ impl Inner {
             .map_err(|e| fail(Step::Initialize, e, None))?;
         let vm = match warm {
             Some(vm) => vm,
-            None => {
-                let vm = self
+            None if job.credentials.is_some() => {
+                let mut vm = self
                     .new_machine(&job.image, &job.vmms, job.cores, job.memory_mb, true)
                     .map_err(|e| fail(Step::Initialize, e, None))?;
-                let mut vm = vm;
                 vm.credentials = job.credentials.clone();
                 job.vm = Some(vm.clone());
-                if vm.credentials.is_some() {
-                    // Recorded before it exists: after a crash only this
-                    // record finds a VM in the job's own account.
-                    if let Err(e) = self.store.save_job(job) {
-                        warn!("cannot record the job's VM: {e}");
-                    }
+                // Recorded before it exists: after a crash only this
+                // record finds a VM in the job's own account.
+                if let Err(e) = self.store.save_job(job) {
+                    warn!("cannot record the job's VM: {e}");
                 }
                 self.update_live(job);
-                call(
-                    self.timeout(t.initialize_secs),
-                    "initializing the VM",
-                    backend.initialize_vm(&vm),
-                )
-                .await
-                .map_err(|e| fail(Step::Initialize, e, Some(&vm)))?;
-                call(
-                    self.timeout(t.wait_secs),
-                    "waiting for the VM",
-                    backend.wait_vm(&vm, self.timeout(t.wait_secs)),
-                )
-                .await
-                .map_err(|e| fail(Step::Wait, e, Some(&vm)))?;
+                self.make_vm(backend.as_ref(), &vm)
+                    .await
+                    .map_err(|(step, e)| fail(step, e, Some(&vm)))?;
                 vm
             }
+            None => self
+                .fresh_or_freed_vm(job, backend.clone())
+                .await
+                .map_err(|(step, e, vm)| fail(step, e, vm.as_ref()))?,
         };
         job.vm = Some(vm.clone());
         job.phases.vm_ready = Some(now_ms());
@@ -1075,6 +1120,197 @@ impl Inner {
             outcome,
             output,
         })
+    }
+
+    /// Initializes a new VM and waits until it is ready, each under its
+    /// timeout; the step that failed, if one did.
+    async fn make_vm(&self, backend: &dyn Vmms, vm: &Machine) -> Result<(), (Step, EngineError)> {
+        let t = &self.config.timeouts;
+        call(
+            self.timeout(t.initialize_secs),
+            "initializing the VM",
+            backend.initialize_vm(vm),
+        )
+        .await
+        .map_err(|e| (Step::Initialize, e))?;
+        call(
+            self.timeout(t.wait_secs),
+            "waiting for the VM",
+            backend.wait_vm(vm, self.timeout(t.wait_secs)),
+        )
+        .await
+        .map_err(|e| (Step::Wait, e))
+    }
+
+    /// A VM being made for the job, or a VM of its pool that comes free
+    /// while that one is being made, whichever is ready first: in a burst
+    /// of jobs, a job need not wait for VMs made one after another
+    /// (container starts wait their turn; an instance boots for a minute)
+    /// while those of the jobs before it come free. The VM it waits for is
+    /// one made for an earlier job that took another VM meanwhile, if there
+    /// is one, else one made for it; a VM whose job took another joins the
+    /// pool when it is ready.
+    async fn fresh_or_freed_vm(
+        self: &Arc<Self>,
+        job: &Job,
+        backend: Arc<dyn Vmms>,
+    ) -> Result<Machine, (Step, EngineError, Option<Machine>)> {
+        let (owner, mut made) = oneshot::channel();
+        let (handoff, mut freed) = oneshot::channel();
+        let claimed = {
+            let mut st = self.lock();
+            if let Some(pool) = st.pools.get_mut(&job.image) {
+                pool.waiting.push_back(Waiter {
+                    job: job.id,
+                    vmms: job.vmms.clone(),
+                    handoff,
+                });
+            }
+            let unowned = st
+                .making
+                .iter_mut()
+                .find(|(_, m)| m.owner.is_none() && m.image == job.image && m.vmms == job.vmms);
+            match unowned {
+                Some((&id, making)) => {
+                    making.owner = Some(owner);
+                    // That VM has its slot: the one counted for this job
+                    // is given back.
+                    st.vm_count = st.vm_count.saturating_sub(1);
+                    Ok(id)
+                }
+                None => Err(owner),
+            }
+        };
+        let waited_for = match claimed {
+            Ok(id) => id,
+            Err(owner) => {
+                let vm =
+                    match self.new_machine(&job.image, &job.vmms, job.cores, job.memory_mb, true) {
+                        Ok(vm) => vm,
+                        Err(e) => {
+                            self.stop_waiting(&job.image, job.id, &mut freed);
+                            return Err((Step::Initialize, e, None));
+                        }
+                    };
+                self.lock().making.insert(
+                    vm.id,
+                    Making {
+                        image: vm.image.clone(),
+                        vmms: vm.vmms.clone(),
+                        owner: Some(owner),
+                    },
+                );
+                self.clone().spawn_maker(vm.clone(), backend);
+                vm.id
+            }
+        };
+        tokio::select! {
+            result = &mut made => {
+                // A VM handed over at the same moment goes to the next job.
+                if let Some(other) = self.stop_waiting(&job.image, job.id, &mut freed) {
+                    self.offer_free(other);
+                }
+                match result {
+                    Ok((vm, Ok(()))) => Ok(vm),
+                    Ok((vm, Err((step, e)))) => Err((step, e, Some(vm))),
+                    Err(_) => {
+                        let stopped = VmmsError::Backend("the task making the VM stopped".into());
+                        Err((Step::Initialize, stopped.into(), None))
+                    }
+                }
+            }
+            Ok(taken) = &mut freed => {
+                debug!(vm = %taken.name, "took a VM that came free before VM {waited_for} was made");
+                let sent = {
+                    let mut st = self.lock();
+                    match st.making.get_mut(&waited_for) {
+                        // Still being made: for the next job that needs one.
+                        Some(making) => {
+                            making.owner = None;
+                            None
+                        }
+                        // Made and sent here already, or being sent (then
+                        // the maker finds this end gone and keeps it).
+                        None => made.try_recv().ok(),
+                    }
+                };
+                if let Some((vm, result)) = sent {
+                    self.adopt_made_vm(vm, result).await;
+                }
+                Ok(taken)
+            }
+        }
+    }
+
+    /// Makes a VM for a worker waiting for it ([`State::making`]) and hands
+    /// it to the worker that owns it when it is ready, or to the pool.
+    fn spawn_maker(self: Arc<Self>, vm: Machine, backend: Arc<dyn Vmms>) {
+        let maker = self.clone();
+        self.workers.spawn(
+            async move {
+                let result = tokio::select! {
+                    result = maker.make_vm(backend.as_ref(), &vm) => result,
+                    () = maker.abandon.cancelled() => {
+                        // As for a job's VM: stopped where it is, and gone.
+                        maker.destroy(&vm).await;
+                        return;
+                    }
+                };
+                let owner = maker.lock().making.remove(&vm.id).and_then(|m| m.owner);
+                let unsent = match owner {
+                    Some(owner) => owner.send((vm, result)).err(),
+                    None => Some((vm, result)),
+                };
+                if let Some((vm, result)) = unsent {
+                    maker.adopt_made_vm(vm, result).await;
+                }
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// Takes the job's worker off its pool's waiting list; the VM handed to
+    /// it before that, if one was.
+    fn stop_waiting(
+        &self,
+        image: &str,
+        job: JobId,
+        freed: &mut oneshot::Receiver<Machine>,
+    ) -> Option<Machine> {
+        if let Some(pool) = self.lock().pools.get_mut(image) {
+            pool.waiting.retain(|w| w.job != job);
+        }
+        freed.close();
+        freed.try_recv().ok()
+    }
+
+    /// A VM that is free now goes to a waiting worker or its pool's free
+    /// VMs, and the dispatcher looks for a job for it.
+    fn offer_free(&self, vm: Machine) {
+        if let Some(pool) = self.lock().pools.get_mut(&vm.image) {
+            pool.offer(vm);
+        }
+        self.dispatch_wake.notify_one();
+    }
+
+    /// A VM made for a job that took another one meanwhile: it joins the
+    /// pool, unless it could not be made or the server is stopping.
+    async fn adopt_made_vm(self: &Arc<Self>, vm: Machine, made: Result<(), (Step, EngineError)>) {
+        match made {
+            Ok(()) if !self.stop.is_cancelled() => self.offer_free(vm),
+            Ok(()) => self.release_vm(vm, false).await,
+            Err((step, e)) => {
+                let failure = SystemFailure {
+                    step,
+                    unavailable: matches!(e, EngineError::Vmms(VmmsError::Unavailable(_))),
+                    message: e.to_string(),
+                    vm: None,
+                };
+                self.count_failure(&vm.vmms, &failure);
+                warn!(vm = %vm.name, "cannot make a VM for the pool: {e}");
+                self.release_vm(vm, false).await;
+            }
+        }
     }
 
     fn new_machine(
@@ -1313,12 +1549,7 @@ impl Inner {
             };
             match reset {
                 Ok(()) => {
-                    let mut st = self.lock();
-                    if let Some(pool) = st.pools.get_mut(&vm.image) {
-                        pool.free.push_back(vm);
-                    }
-                    drop(st);
-                    self.dispatch_wake.notify_one();
+                    self.offer_free(vm);
                     return;
                 }
                 Err(e) => {
@@ -1383,25 +1614,9 @@ impl Inner {
             let created = async {
                 let backend = self.backend(&vmms)?;
                 let vm = self.new_machine(&image, &vmms, cores, memory_mb, false)?;
-                let t = &self.config.timeouts;
-                let result = async {
-                    call(
-                        self.timeout(t.initialize_secs),
-                        "initializing the VM",
-                        backend.initialize_vm(&vm),
-                    )
-                    .await?;
-                    call(
-                        self.timeout(t.wait_secs),
-                        "waiting for the VM",
-                        backend.wait_vm(&vm, self.timeout(t.wait_secs)),
-                    )
-                    .await
-                }
-                .await;
-                match result {
+                match self.make_vm(backend.as_ref(), &vm).await {
                     Ok(()) => Ok(vm),
-                    Err(e) => {
+                    Err((_, e)) => {
                         // The slot is given back below, not by the destroyer.
                         self.clone().spawn_destroy_keep_count(vm);
                         Err(e)
@@ -1417,7 +1632,7 @@ impl Inner {
                 match created {
                     Ok(vm) if !stopping => {
                         pool.all.insert(vm.id);
-                        pool.free.push_back(vm);
+                        pool.offer(vm);
                         None
                     }
                     other => Some(other),

@@ -235,6 +235,107 @@ async fn without_reuse_each_job_gets_a_fresh_vm() {
 }
 
 #[tokio::test]
+async fn a_job_takes_a_vm_that_comes_free_before_its_own_is_made() {
+    let h = Harness::new();
+    h.upload("Makefile", b"x").await;
+    {
+        let mut script = h.vmms.script.lock().unwrap();
+        script.run_delay = Duration::from_millis(100);
+        // The first VM is made at once, the second takes long.
+        script
+            .initialize_delays
+            .extend([Duration::ZERO, Duration::from_secs(3)]);
+    }
+    let engine = h.engine(config()).await;
+    let first = engine.add_job(h.job("o1")).await.unwrap();
+    h.wait_copied_in(&engine, first).await;
+    let started = Instant::now();
+    let second = engine.add_job(h.job("o2")).await.unwrap();
+    h.wait_copied_in(&engine, second).await;
+    // The third job needs a VM while the second's is still being made: it
+    // waits for that one (or a freed one) rather than making another.
+    let third = engine.add_job(h.job("o3")).await.unwrap();
+    let first = h.wait_dead(first).await;
+    let second = h.wait_dead(second).await;
+    let third = h.wait_dead(third).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the jobs waited {:?} for the VM made for them",
+        started.elapsed()
+    );
+    assert_eq!(
+        (second.state, third.state),
+        (JobState::Done, JobState::Done)
+    );
+    let first_vm = first.vm.unwrap().name;
+    assert_eq!(second.vm.unwrap().name, first_vm);
+    assert_eq!(third.vm.unwrap().name, first_vm);
+    // The VM made meanwhile joins the pool when it is ready.
+    let start = Instant::now();
+    while engine.pools()["img"].free.len() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the made VM was lost"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(h.vmms.initialized.load(Ordering::SeqCst), 2);
+    let fourth = engine.add_job(h.job("o4")).await.unwrap();
+    assert_eq!(h.wait_dead(fourth).await.state, JobState::Done);
+    assert_eq!(h.vmms.initialized.load(Ordering::SeqCst), 2);
+    engine.shutdown().await;
+    assert!(h.vmms.vms.lock().unwrap().is_empty(), "a VM was left");
+}
+
+#[tokio::test]
+async fn a_vm_that_fails_to_start_after_its_job_took_another_gives_its_slot_back() {
+    let h = Harness::new();
+    h.upload("Makefile", b"x").await;
+    {
+        let mut script = h.vmms.script.lock().unwrap();
+        script.run_delay = Duration::from_millis(50);
+        script
+            .initialize_delays
+            .extend([Duration::ZERO, Duration::from_millis(500)]);
+    }
+    let engine = h
+        .engine(EngineConfig {
+            max_vms: 2,
+            ..config()
+        })
+        .await;
+    let first = engine.add_job(h.job("o1")).await.unwrap();
+    h.wait_copied_in(&engine, first).await;
+    // The second job's own VM fails, after the first job's VM came free
+    // and served it: no retry of the job's.
+    h.vmms
+        .script
+        .lock()
+        .unwrap()
+        .initialize_failures
+        .push_back("no such image".into());
+    let second = engine.add_job(h.job("o2")).await.unwrap();
+    let second = h.wait_dead(second).await;
+    assert_eq!((second.state, second.retries), (JobState::Done, 0));
+    let start = Instant::now();
+    while h.vmms.destroyed.lock().unwrap().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the failed VM stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Its slot is free again: of two jobs at once under max_vms 2, one
+    // gets a new VM.
+    h.vmms.script.lock().unwrap().run_delay = Duration::from_millis(200);
+    let a = engine.add_job(h.job("o3")).await.unwrap();
+    let b = engine.add_job(h.job("o4")).await.unwrap();
+    let (a, b) = (h.wait_dead(a).await, h.wait_dead(b).await);
+    assert_ne!(a.vm.unwrap().name, b.vm.unwrap().name);
+    assert_eq!(h.vmms.initialized.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
 async fn failed_resets_and_destroys_count_as_backend_errors() {
     let h = Harness::new();
     h.upload("Makefile", b"x").await;

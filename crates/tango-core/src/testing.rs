@@ -126,6 +126,8 @@ impl Store for MemoryStore {
 pub struct Script {
     /// Errors returned by the next `initialize_vm` calls, in order.
     pub initialize_failures: VecDeque<String>,
+    /// How long the next `initialize_vm` calls take, in order (then none).
+    pub initialize_delays: VecDeque<Duration>,
     /// The next this many `initialize_vm` calls find the backend unreachable.
     pub unavailable_calls: u32,
     /// Statuses returned by the next `run_job` calls (default Completed).
@@ -162,6 +164,10 @@ impl Vmms for FakeVmms {
         "fake"
     }
     async fn initialize_vm(&self, vm: &Machine) -> Result<(), VmmsError> {
+        let delay = self.script.lock().unwrap().initialize_delays.pop_front();
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
         {
             let mut script = self.script.lock().unwrap();
             if script.unavailable_calls > 0 {

@@ -10,6 +10,7 @@
 #   RUNS (25), CONCURRENCY (5): normal jobs measured, and how many at once
 #   CORES: the jobs' CPU limit (default: the server's)
 #   SETTLE_SECS (2): wait between starting the hostile jobs and measuring
+#   WARM_SECS (2): wait after the warm-up jobs, before the idle measure
 #   PORT (3981): tangod's port, also naming its VM prefix (hn<PORT>), so
 #     that two runs side by side do not collide
 #   TANGOD: the tangod binary to measure (default: the release build), for
@@ -72,7 +73,11 @@ p50() {
   "$tango" bench hello -n "$runs" -c "$concurrency" --image "$image" --json |
     python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["failures"] == 0, r; print("%.1f" % r["p50_ms"])'
 }
-"$tango" run examples/jobs/hello --image "$image" >/dev/null # warm up
+# Warm up: as many VMs as the normal jobs use at once, so that both
+# measures see a warm pool (a docker container takes 0.1-0.2 s to start);
+# the VMs made for the warm-up's jobs finish starting meanwhile.
+"$tango" bench hello -n $((2 * concurrency)) -c "$concurrency" --image "$image" >/dev/null
+sleep "${WARM_SECS:-2}"
 idle=$(p50)
 echo "idle:   p50 ${idle} ms"
 

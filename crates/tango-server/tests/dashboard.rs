@@ -11,9 +11,11 @@ use std::time::{Duration, Instant};
 
 const HELLO_MAKEFILE: &[u8] =
     b"all:\n\t@echo 'Hello, dashboard!'\n\t@echo '{\"scores\": {\"hello\": 100}}'\n";
-/// Prints a line every half second for 8 s: long enough to be seen running.
+/// Prints a line every half second for 20 s: still running when the checks
+/// and the browser look at it, however slowly they start (at 8 s it once
+/// ended before the browser did).
 const TICKING_MAKEFILE: &[u8] =
-    b"all:\n\t@for i in $$(seq 1 16); do echo \"tick $$i\"; sleep 0.5; done\n";
+    b"all:\n\t@for i in $$(seq 1 40); do echo \"tick $$i\"; sleep 0.5; done\n";
 
 /// One sample line of the text exposition format.
 #[derive(Debug)]

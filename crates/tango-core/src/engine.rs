@@ -135,11 +135,14 @@ struct Pool {
     /// VM of the pool that comes free meanwhile goes to the first of them
     /// (see [`Pool::offer`]).
     waiting: VecDeque<Waiter>,
+    /// VMs of the pool being made for jobs, by VM id (see
+    /// `Inner::fresh_or_freed_vm`).
+    making: HashMap<u64, Making>,
 }
 
 /// A VM being made for a job.
+#[derive(Debug)]
 struct Making {
-    image: String,
     vmms: String,
     /// The worker waiting for it; `None` once that worker's job took
     /// another VM: the next job of the image that needs a new VM waits for
@@ -188,8 +191,6 @@ struct State {
     vm_count: usize,
     /// Names of VMs this engine owns; anything else with the prefix is an orphan.
     owned: HashSet<String>,
-    /// VMs being made for jobs, by VM id (see `Inner::fresh_or_freed_vm`).
-    making: HashMap<u64, Making>,
     accepting: bool,
 }
 
@@ -1159,19 +1160,19 @@ impl Inner {
         let (handoff, mut freed) = oneshot::channel();
         let claimed = {
             let mut st = self.lock();
-            if let Some(pool) = st.pools.get_mut(&job.image) {
+            let claimed = st.pools.get_mut(&job.image).and_then(|pool| {
                 pool.waiting.push_back(Waiter {
                     job: job.id,
                     vmms: job.vmms.clone(),
                     handoff,
                 });
-            }
-            let unowned = st
-                .making
-                .iter_mut()
-                .find(|(_, m)| m.owner.is_none() && m.image == job.image && m.vmms == job.vmms);
-            match unowned {
-                Some((&id, making)) => {
+                pool.making
+                    .iter_mut()
+                    .find(|(_, m)| m.owner.is_none() && m.vmms == job.vmms)
+                    .map(|(&id, making)| (id, making))
+            });
+            match claimed {
+                Some((id, making)) => {
                     making.owner = Some(owner);
                     // That VM has its slot: the one counted for this job
                     // is given back.
@@ -1192,24 +1193,22 @@ impl Inner {
                             return Err((Step::Initialize, e, None));
                         }
                     };
-                self.lock().making.insert(
-                    vm.id,
-                    Making {
-                        image: vm.image.clone(),
-                        vmms: vm.vmms.clone(),
-                        owner: Some(owner),
-                    },
-                );
+                if let Some(pool) = self.lock().pools.get_mut(&vm.image) {
+                    pool.making.insert(
+                        vm.id,
+                        Making {
+                            vmms: vm.vmms.clone(),
+                            owner: Some(owner),
+                        },
+                    );
+                }
                 self.clone().spawn_maker(vm.clone(), backend);
                 vm.id
             }
         };
         tokio::select! {
             result = &mut made => {
-                // A VM handed over at the same moment goes to the next job.
-                if let Some(other) = self.stop_waiting(&job.image, job.id, &mut freed) {
-                    self.offer_free(other);
-                }
+                self.stop_waiting(&job.image, job.id, &mut freed);
                 match result {
                     Ok((vm, Ok(()))) => Ok(vm),
                     Ok((vm, Err((step, e)))) => Err((step, e, Some(vm))),
@@ -1223,7 +1222,11 @@ impl Inner {
                 debug!(vm = %taken.name, "took a VM that came free before VM {waited_for} was made");
                 let sent = {
                     let mut st = self.lock();
-                    match st.making.get_mut(&waited_for) {
+                    let making = st
+                        .pools
+                        .get_mut(&job.image)
+                        .and_then(|pool| pool.making.get_mut(&waited_for));
+                    match making {
                         // Still being made: for the next job that needs one.
                         Some(making) => {
                             making.owner = None;
@@ -1242,7 +1245,7 @@ impl Inner {
         }
     }
 
-    /// Makes a VM for a worker waiting for it ([`State::making`]) and hands
+    /// Makes a VM for a worker waiting for it ([`Pool::making`]) and hands
     /// it to the worker that owns it when it is ready, or to the pool.
     fn spawn_maker(self: Arc<Self>, vm: Machine, backend: Arc<dyn Vmms>) {
         let maker = self.clone();
@@ -1256,7 +1259,12 @@ impl Inner {
                         return;
                     }
                 };
-                let owner = maker.lock().making.remove(&vm.id).and_then(|m| m.owner);
+                let owner = maker
+                    .lock()
+                    .pools
+                    .get_mut(&vm.image)
+                    .and_then(|pool| pool.making.remove(&vm.id))
+                    .and_then(|m| m.owner);
                 let unsent = match owner {
                     Some(owner) => owner.send((vm, result)).err(),
                     None => Some((vm, result)),
@@ -1269,19 +1277,16 @@ impl Inner {
         );
     }
 
-    /// Takes the job's worker off its pool's waiting list; the VM handed to
-    /// it before that, if one was.
-    fn stop_waiting(
-        &self,
-        image: &str,
-        job: JobId,
-        freed: &mut oneshot::Receiver<Machine>,
-    ) -> Option<Machine> {
+    /// Takes the job's worker off its pool's waiting list; a VM handed to
+    /// it before that goes to the next one.
+    fn stop_waiting(&self, image: &str, job: JobId, freed: &mut oneshot::Receiver<Machine>) {
         if let Some(pool) = self.lock().pools.get_mut(image) {
             pool.waiting.retain(|w| w.job != job);
         }
         freed.close();
-        freed.try_recv().ok()
+        if let Ok(handed) = freed.try_recv() {
+            self.offer_free(handed);
+        }
     }
 
     /// A VM that is free now goes to a waiting worker or its pool's free

@@ -93,9 +93,18 @@ impl Harness {
 
     /// Waits until the pool of image `img` holds a free VM.
     async fn wait_free_vm(&self, engine: &Engine) {
+        self.wait_free_vms(engine, 1).await;
+    }
+
+    /// Waits until the pool of image `img` holds `n` free VMs.
+    async fn wait_free_vms(&self, engine: &Engine, n: usize) {
         let start = Instant::now();
-        while engine.pools()["img"].free.is_empty() {
-            assert!(start.elapsed() < Duration::from_secs(5), "no free VM");
+        while engine.pools()["img"].free.len() < n {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "fewer than {n} free VMs: {:?}",
+                engine.pools()["img"]
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -271,14 +280,7 @@ async fn a_job_takes_a_vm_that_comes_free_before_its_own_is_made() {
     assert_eq!(second.vm.unwrap().name, first_vm);
     assert_eq!(third.vm.unwrap().name, first_vm);
     // The VM made meanwhile joins the pool when it is ready.
-    let start = Instant::now();
-    while engine.pools()["img"].free.len() < 2 {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the made VM was lost"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    h.wait_free_vms(&engine, 2).await;
     assert_eq!(h.vmms.initialized.load(Ordering::SeqCst), 2);
     let fourth = engine.add_job(h.job("o4")).await.unwrap();
     assert_eq!(h.wait_dead(fourth).await.state, JobState::Done);
@@ -374,11 +376,7 @@ async fn prealloc_fills_the_pool_and_jobs_use_it() {
         .prealloc("img", 2, None, Some(1), Some(256))
         .await
         .unwrap();
-    let start = Instant::now();
-    while engine.pools()["img"].free.len() < 2 {
-        assert!(start.elapsed() < Duration::from_secs(5));
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    h.wait_free_vms(&engine, 2).await;
     let id = engine.add_job(h.job("o")).await.unwrap();
     let job = h.wait_dead(id).await;
     assert_eq!(h.vmms.initialized.load(Ordering::SeqCst), 2);

@@ -11,11 +11,14 @@ use std::time::{Duration, Instant};
 
 const HELLO_MAKEFILE: &[u8] =
     b"all:\n\t@echo 'Hello, dashboard!'\n\t@echo '{\"scores\": {\"hello\": 100}}'\n";
-/// Prints a line every half second for 20 s: still running when the checks
-/// and the browser look at it, however slowly they start (at 8 s it once
-/// ended before the browser did).
+/// Prints a line every 2 s for 20 s. The dashboard shows a running job's
+/// last 6 lines, so "tick 2" stays on the page from 2 s to 14 s, and the job
+/// is still running when the checks and the browser look at it, however
+/// slowly they start (a line every 0.5 s for 8 s left a window of 1.5 s to
+/// 3.5 s: in one CI run the job had ended, in another tick 2 had scrolled
+/// away).
 const TICKING_MAKEFILE: &[u8] =
-    b"all:\n\t@for i in $$(seq 1 40); do echo \"tick $$i\"; sleep 0.5; done\n";
+    b"all:\n\t@for i in $$(seq 1 10); do echo \"tick $$i\"; sleep 2; done\n";
 
 /// One sample line of the text exposition format.
 #[derive(Debug)]

@@ -11,6 +11,10 @@
 #   CORES: the jobs' CPU limit (default: the server's)
 #   SETTLE_SECS (2): wait between starting the hostile jobs and measuring
 #   WARM_SECS (2): wait after the warm-up jobs, before the idle measure
+#   PREALLOC (0): if set, the image's pool is preallocated to this many VMs
+#     (`[[pools]]` in the config) and the bench waits until they are all
+#     free, before the warm-up; a pool sized for the burst (hostile and
+#     normal jobs at once) takes the making of VMs off the normal jobs' path
 #   PORT (3981): tangod's port, also naming its VM prefix (hn<PORT>), so
 #     that two runs side by side do not collide
 #   TANGOD: the tangod binary to measure (default: the release build), for
@@ -61,6 +65,9 @@ memory_mb = 256
 max_pids = 64
 $cores
 TOML
+if [ "${PREALLOC:-0}" -gt 0 ]; then
+  printf '[[pools]]\nimage = "%s"\nsize = %d\n' "$image" "$PREALLOC" >>"$work/tangod.toml"
+fi
 port=${PORT:-3981}
 "$tangod" --listen 127.0.0.1:$port --data-dir "$work/data" --key bench \
   --config "$work/tangod.toml" --autodriver "$target_dir/$musl/release/autodriver" \
@@ -73,6 +80,17 @@ p50() {
   "$tango" bench hello -n "$runs" -c "$concurrency" --image "$image" --json |
     python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["failures"] == 0, r; print("%.1f" % r["p50_ms"])'
 }
+if [ "${PREALLOC:-0}" -gt 0 ]; then
+  free_vms() {
+    "$tango" pool "$image" --json |
+      python3 -c 'import json,sys; p=json.load(sys.stdin)["pools"]; print(len(next(iter(p.values()), {}).get("free", [])))'
+  }
+  for _ in $(seq 1 600); do
+    [ "$(free_vms)" -ge "$PREALLOC" ] && break
+    sleep 0.1
+  done
+  echo "pool: $(free_vms) free VMs (prealloc $PREALLOC)"
+fi
 # Warm up: as many VMs as the normal jobs use at once, so that both
 # measures see a warm pool (a docker container takes 0.1-0.2 s to start);
 # the VMs made for the warm-up's jobs finish starting meanwhile.

@@ -74,6 +74,8 @@ pub struct Config {
     pub engine: EngineConfig,
     pub sandbox: SandboxSettings,
     pub docker: DockerSettings,
+    /// Pools preallocated at every start (`[[pools]]`), as `/prealloc` does.
+    pub pools: Vec<PoolSettings>,
     /// Read whether or not tangod was built with the `ec2` feature, so a
     /// config file means the same to every build.
     pub ec2: Ec2Settings,
@@ -96,10 +98,32 @@ impl Default for Config {
             engine: EngineConfig::default(),
             sandbox: SandboxSettings::default(),
             docker: DockerSettings::default(),
+            pools: vec![],
             ec2: Ec2Settings::default(),
         }
     }
 }
+
+/// A pool of warm VMs that tangod keeps from its start: free VMs of the
+/// image waiting for jobs, so that a burst of up to `size` jobs never waits
+/// for a VM to be made. Set at runtime with `/prealloc`, a size lasts until
+/// the next start only; here it lasts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSettings {
+    pub image: String,
+    pub size: usize,
+    /// Backend of the pool's VMs (default: `vmms`).
+    #[serde(default)]
+    pub vmms: Option<String>,
+    #[serde(default)]
+    pub cores: Option<u32>,
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
+}
+
+/// Largest `[[pools]]` size, as `/prealloc` allows.
+pub const MAX_POOL_SIZE: usize = 1024;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -279,7 +303,36 @@ impl Config {
             tango_core::names::check_component("key", key)
                 .map_err(|e| anyhow::anyhow!("{e}: keys become directory names"))?;
         }
+        config.check_pools()?;
         Ok(config)
+    }
+
+    /// What `[[pools]]` entries can be checked before the backends run.
+    fn check_pools(&self) -> anyhow::Result<()> {
+        let mut seen = std::collections::BTreeSet::new();
+        for pool in &self.pools {
+            let image = &pool.image;
+            tango_core::names::check_image(image)
+                .map_err(|e| anyhow::anyhow!("[[pools]] image {image:?}: {e}"))?;
+            if pool.size > MAX_POOL_SIZE {
+                anyhow::bail!(
+                    "[[pools]] image {image:?}: size {} is over {MAX_POOL_SIZE}",
+                    pool.size
+                );
+            }
+            if let Some(vmms) = &pool.vmms {
+                if vmms != &self.vmms && !self.extra_vmms.contains(vmms) {
+                    anyhow::bail!(
+                        "[[pools]] image {image:?}: backend {vmms:?} is not enabled; \
+                         add it to extra_vmms or remove vmms from the pool"
+                    );
+                }
+            }
+            if !seen.insert(image) {
+                anyhow::bail!("[[pools]] image {image:?} is listed twice: a pool is per image");
+            }
+        }
+        Ok(())
     }
 
     /// The autodriver binary: configured, or found beside tangod.

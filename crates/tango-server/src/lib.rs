@@ -58,6 +58,9 @@ pub async fn serve(config: config::Config, listener: TcpListener) -> anyhow::Res
     let callbacks = Arc::new(callback::HttpCallbacks::new()?);
     let engine =
         Arc::new(Engine::start(config.engine.clone(), store, data, backends, callbacks).await?);
+    for pool in &config.pools {
+        tokio::spawn(keep_pool(engine.clone(), pool.clone()));
+    }
     let state = AppState {
         engine: engine.clone(),
         keys: Arc::new(config.keys.clone()),
@@ -76,6 +79,46 @@ pub async fn serve(config: config::Config, listener: TcpListener) -> anyhow::Res
     tracing::info!("stopping: no new jobs; waiting for running jobs");
     engine.shutdown().await;
     Ok(())
+}
+
+/// Preallocates a `[[pools]]` entry. The backend may not answer yet at
+/// start (dockerd starting) or may not have the image yet (it is being
+/// built): the server serves meanwhile and tries again, less and less often.
+async fn keep_pool(engine: Arc<Engine>, pool: config::PoolSettings) {
+    let mut wait = std::time::Duration::from_secs(1);
+    loop {
+        let made = engine
+            .prealloc(
+                &pool.image,
+                pool.size as i64,
+                pool.vmms.as_deref(),
+                pool.cores,
+                pool.memory_mb,
+            )
+            .await;
+        match made {
+            Ok(()) => {
+                tracing::info!(image = %pool.image, size = pool.size, "pool from the config preallocated");
+                return;
+            }
+            Err(e) => {
+                let why = match e {
+                    tango_core::EngineError::InvalidImage => {
+                        format!("the backend has no image {:?}", pool.image)
+                    }
+                    e => e.to_string(),
+                };
+                tracing::warn!(
+                    image = %pool.image,
+                    "cannot preallocate the pool of [[pools]] ({why}); trying again in {} s: \
+                     make sure the backend runs and has the image, or remove the entry",
+                    wait.as_secs()
+                );
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(60));
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {

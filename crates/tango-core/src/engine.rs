@@ -240,6 +240,9 @@ struct Ran {
     output: Vec<u8>,
 }
 
+/// Largest pool a `/prealloc` request or a `[[pools]]` entry may ask for.
+pub const MAX_POOL_SIZE: usize = 1024;
+
 pub struct Engine {
     inner: Arc<Inner>,
 }
@@ -552,7 +555,7 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let inner = &self.inner;
         check_image(image).map_err(|_| EngineError::InvalidImage)?;
-        if !(0..=1024).contains(&size) {
+        if !(0..=MAX_POOL_SIZE as i64).contains(&size) {
             return Err(EngineError::InvalidPreallocSize);
         }
         let vmms = vmms.unwrap_or(&inner.config.default_vmms).to_string();

@@ -22,7 +22,7 @@ pub mod vmms;
 mod engine_tests;
 
 pub use config::{EngineConfig, Timeouts};
-pub use engine::{CallbackSender, Engine, EngineError, NewJob};
+pub use engine::{CallbackSender, Engine, EngineError, NewJob, MAX_POOL_SIZE};
 pub use model::*;
 pub use store::{OutboxEntry, Store, StoreError};
 pub use vmms::*;

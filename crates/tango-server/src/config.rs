@@ -4,7 +4,7 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use tango_core::EngineConfig;
+use tango_core::{EngineConfig, MAX_POOL_SIZE};
 
 /// tangod: a drop-in Tango v1 job server for Autolab.
 ///
@@ -121,9 +121,6 @@ pub struct PoolSettings {
     #[serde(default)]
     pub memory_mb: Option<u64>,
 }
-
-/// Largest `[[pools]]` size, as `/prealloc` allows.
-pub const MAX_POOL_SIZE: usize = 1024;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

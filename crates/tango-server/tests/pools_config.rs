@@ -9,23 +9,6 @@ use std::time::{Duration, Instant};
 const POOLS: &str = "[[pools]]\nimage = \"host\"\nsize = 3\n\n\
                      [[pools]]\nimage = \"nosuch\"\nsize = 1\n";
 
-/// The pool of `image` as `/pool` shows it, once it has `free` free VMs.
-async fn wait_pool(c: &Client, image: &str, free: usize) -> Value {
-    let start = Instant::now();
-    loop {
-        let v = c.get(&format!("/pool/{KEY}/{image}/")).await;
-        let pool = v["pools"][image].clone();
-        if pool["free"].as_array().map_or(0, Vec::len) >= free {
-            return pool;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the pool of {image} never had {free} free VMs: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn ids(list: &Value) -> Vec<u64> {
     list.as_array()
         .map(|l| l.iter().filter_map(Value::as_u64).collect())
@@ -41,7 +24,7 @@ async fn configured_pools_are_made_at_every_start_and_jobs_use_them() {
     let data_dir = dir.path().join("data");
     let mut server = Tangod::start(&data_dir, POOLS);
     let c = server.client();
-    let pool = wait_pool(&c, "host", 3).await;
+    let pool = c.wait_pool("host", 3).await;
     assert_eq!(ids(&pool["total"]).len(), 3, "{pool}");
     // The image no backend has does not keep the server from serving; the
     // log says what is wrong.
@@ -64,14 +47,14 @@ async fn configured_pools_are_made_at_every_start_and_jobs_use_them() {
         .wait_output("lab", "pooled.out", Duration::from_secs(30))
         .await;
     assert!(String::from_utf8_lossy(&out).contains("from-the-pool"));
-    let pool = wait_pool(&c, "host", 3).await;
+    let pool = c.wait_pool("host", 3).await;
     assert_eq!(ids(&pool["total"]).len(), 3, "{pool}");
 
     // After a crash the next start makes the pool again; the old run's VMs
     // are orphans and go.
     let before = ids(&pool["total"]);
     server.restart();
-    let pool = wait_pool(&c, "host", 3).await;
+    let pool = c.wait_pool("host", 3).await;
     let after = ids(&pool["total"]);
     assert_eq!(after.len(), 3, "{pool}");
     assert!(

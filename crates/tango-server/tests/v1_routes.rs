@@ -297,17 +297,7 @@ async fn every_route_and_status_string() {
         (v["statusId"].clone(), v["statusMsg"].clone()),
         (json!(0), json!("VMs preallocated"))
     );
-    let mut free = 0;
-    for _ in 0..200 {
-        let v = c.get(&format!("/pool/{KEY}/host/")).await;
-        assert_eq!(v["statusMsg"], "Found pool");
-        free = v["pools"]["host"]["free"].as_array().unwrap().len();
-        if free >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(free >= 2, "pool never filled");
+    c.wait_pool("host", 2).await;
     let v = c.get(&format!("/pool/{KEY}")).await;
     assert_eq!(v["statusMsg"], "Found all pools");
     assert!(v["pools"]["host"]["total"].as_array().unwrap().len() >= 2);

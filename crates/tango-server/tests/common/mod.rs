@@ -484,6 +484,24 @@ impl Client {
         }
     }
 
+    /// The pool of `image` as `/pool` shows it, once it has `free` free VMs.
+    pub async fn wait_pool(&self, image: &str, free: usize) -> Value {
+        let start = Instant::now();
+        loop {
+            let v = self.get(&format!("/pool/{KEY}/{image}/")).await;
+            assert_eq!(v["statusMsg"], "Found pool", "{v}");
+            let pool = v["pools"][image].clone();
+            if pool["free"].as_array().map_or(0, Vec::len) >= free {
+                return pool;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the pool of {image} never had {free} free VMs: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn wait_output(&self, lab: &str, output: &str, limit: Duration) -> Vec<u8> {
         let start = Instant::now();
         loop {

@@ -180,6 +180,7 @@ fn serve_requests() {
             .map(|a| OsString::from_vec(a.to_vec()))
             .collect();
         let code = run_served_job(&args, &mut input, request.input_len);
+        empty_stream_file(&args);
         let mut stdout = io::stdout().lock();
         let end = format!("\0autodriver-done {} {code}\n", request.nonce);
         if stdout
@@ -190,6 +191,26 @@ fn serve_requests() {
             return;
         }
     }
+}
+
+/// Empties the served job's `--stream` file before its end line goes out:
+/// a one-shot run leaves the output there, but in a container that serves
+/// the next job the host reads that file as the next job's partial output
+/// until its autodriver starts and truncates it. Kept (root's, mode 0600)
+/// rather than removed, and not followed if a link.
+fn empty_stream_file(args: &[OsString]) {
+    let Ok(crate::cli::Command::Run(job)) = crate::cli::parse(args.iter().cloned()) else {
+        return;
+    };
+    let Some(stream) = job.stream else { return };
+    // Best effort, and silent: a message on PID 1's stderr could reach the
+    // host after the end line, inside the next job's output; at worst the
+    // next job's partial output shows this one's until it starts.
+    let _ = crate::sys::open_path(
+        &stream,
+        libc::O_WRONLY | libc::O_TRUNC | libc::O_NOFOLLOW,
+        0,
+    );
 }
 
 /// Runs `autodriver ARGS` with the next `input_len` bytes of `input` as its

@@ -638,19 +638,31 @@ fn serve_runs_the_requested_jobs_one_after_another() {
         &vec![7u8; 300_000],
     );
     assert_eq!(code, 1, "{output}");
+    // A job's stream file (which a one-shot run leaves holding the output,
+    // see output_flood_keeps_head_and_tail_byte_for_byte) is empty once its
+    // end line is written: the next job's partial output starts clean.
     let scratch = Scratch::with_job(&[("Makefile", "all:\n\t@echo second\n")]);
     let (home, job) = (scratch.home(), scratch.job());
+    let stream = scratch.path().join("partial.out");
     let args = [
         "--user",
         "64001",
         "--home",
         home.to_str().unwrap(),
+        "--stream",
+        stream.to_str().unwrap(),
         job.to_str().unwrap(),
     ];
     let (output, code) =
         serve_request(&mut stdin, &mut stdout, "nonce2222222222222222", &args, b"");
     assert_eq!(code, 0);
     assert!(output.ends_with("second\n"), "{output:?}");
+    let meta = std::fs::metadata(&stream).unwrap();
+    assert_eq!(
+        (meta.len(), meta.uid(), meta.mode() & 0o777),
+        (0, 0, 0o600),
+        "the stream file after the served job"
+    );
 
     // A malformed request ends the serving (nothing more is written), not
     // PID 1.

@@ -1255,7 +1255,8 @@ async fn a_long_job_gets_lower_cpu_shares_and_the_next_job_starts_normal() {
 }
 
 /// A served job whose `run_job` is cut short (the engine gave up on it)
-/// does not leak its output into the next job of the container.
+/// does not leak its output, final or partial, into the next job of the
+/// container.
 #[tokio::test]
 async fn a_served_job_cut_short_leaves_nothing_to_the_next() {
     require_docker!();
@@ -1278,11 +1279,36 @@ async fn a_served_job_cut_short_leaves_nothing_to_the_next() {
     docker
         .copy_in(
             &vm,
-            &common::inputs(work.path(), &[("Makefile", "all:\n\t@echo second\n")]),
+            &common::inputs(
+                work.path(),
+                &[("Makefile", "all:\n\t@echo second\n\t@sleep 0.5\n")],
+            ),
         )
         .await
         .unwrap();
-    let outcome = docker.run_job(&vm, &request(66, 20)).await.unwrap();
+    // While the first job still runs (about 0.7 s more), the second one's
+    // partial output must not show the first one's.
+    let second = request(66, 20);
+    let run = docker.run_job(&vm, &second);
+    tokio::pin!(run);
+    let mut partials = Vec::new();
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut run => break outcome.unwrap(),
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                let partial = docker.partial_output(&vm, 4096).await.unwrap();
+                partials.push(String::from_utf8_lossy(&partial).into_owned());
+            }
+        }
+    };
+    assert!(
+        !partials.iter().any(|p| p.contains("first")),
+        "the second job's partial output showed the first job's: {partials:?}"
+    );
+    assert!(
+        partials.iter().any(|p| p.contains("second")),
+        "the second job's partial output never showed its own: {partials:?}"
+    );
     let dest = work.path().join("second");
     docker.copy_out(&vm, &dest).await.unwrap();
     let output = std::fs::read_to_string(&dest).unwrap();

@@ -1064,10 +1064,13 @@ impl Docker {
         let nonce = served::nonce().map_err(|e| VmmsError::io("cannot make a nonce", e))?;
         let input = input.unwrap_or_default();
         let request = served::request(&nonce, args, input.len());
+        let follows_unfinished = unfinished.is_some();
         self.with_state(name, |state| {
             // Until the end is read; a job cut short leaves it for the next.
             state.unfinished_nonce = Some(nonce.clone());
-            state.exec_started = true;
+            // The stream file is this job's only once an earlier job cut
+            // short has ended (PID 1 empties it then).
+            state.exec_started = !follows_unfinished;
         });
         let served::Attached {
             output: stream,
@@ -1101,6 +1104,7 @@ impl Docker {
                         served::Scanned::End(_, _, rest) => {
                             skip = None;
                             bytes = rest;
+                            self.with_state(name, |state| state.exec_started = true);
                         }
                     }
                 }

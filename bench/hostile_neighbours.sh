@@ -6,7 +6,9 @@
 # Needs root (the sandbox backend); for docker, a running dockerd and the
 # test image (scripts/build-docker-test-image.sh).
 #   usage: bench/hostile_neighbours.sh [VMMS] [IMAGE] [HOSTILE JOB...]
-#   default: sandbox host, and every hostile job of examples/jobs
+#   default: sandbox host, and every hostile job of examples/jobs; a job
+#   with a / in its name is a directory (bench/jobs/sleeper, nine times,
+#   is a benign burst to compare with)
 #   RUNS (25), CONCURRENCY (5): normal jobs measured, and how many at once
 #   CORES: the jobs' CPU limit (default: the server's)
 #   SETTLE_SECS (2): wait between starting the hostile jobs and measuring
@@ -73,7 +75,10 @@ port=${PORT:-3981}
   --config "$work/tangod.toml" --autodriver "$target_dir/$musl/release/autodriver" \
   >"$work/tangod.log" 2>&1 &
 server=$!
-for _ in $(seq 1 100); do curl -sf http://127.0.0.1:$port/ >/dev/null && break; sleep 0.1; done
+# A start first removes what an earlier run left (a docker run's containers
+# can take seconds).
+for _ in $(seq 1 600); do curl -sf http://127.0.0.1:$port/ >/dev/null && break; sleep 0.1; done
+curl -sf http://127.0.0.1:$port/ >/dev/null || { echo "tangod did not start:" >&2; tail -20 "$work/tangod.log" >&2; exit 1; }
 export TANGO_URL=http://127.0.0.1:$port TANGO_KEY=bench
 
 p50() {
@@ -101,9 +106,11 @@ echo "idle:   p50 ${idle} ms"
 
 # The hostile jobs get a long limit so that they all still run while the
 # normal jobs are measured.
-for name in "${hostile[@]}"; do
-  "$tango" run "examples/jobs/$name" --image "$image" --timeout 60 --max-kb 64 \
-    >"$work/$name.out" 2>&1 &
+for i in "${!hostile[@]}"; do
+  name=${hostile[$i]}
+  case $name in */*) job=$name ;; *) job=examples/jobs/$name ;; esac
+  "$tango" run "$job" --image "$image" --timeout 60 --max-kb 64 \
+    >"$work/hostile-$i.out" 2>&1 &
   pids+=($!)
 done
 sleep "${SETTLE_SECS:-2}"

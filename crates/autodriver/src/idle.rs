@@ -21,7 +21,7 @@ use std::io::{self, BufRead, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Condvar, Mutex};
 
@@ -157,6 +157,9 @@ fn parse_request(line: &[u8]) -> Option<Request> {
 fn serve_requests() {
     let stdin = io::stdin();
     let mut input = stdin.lock();
+    // Kept after its job, for the host to read the finished job's partial
+    // output, until the next job is asked for.
+    let mut previous_stream: Option<PathBuf> = None;
     loop {
         let mut line = Vec::new();
         match (&mut input).take(256).read_until(b'\n', &mut line) {
@@ -179,8 +182,16 @@ fn serve_requests() {
             .filter(|a| !a.is_empty())
             .map(|a| OsString::from_vec(a.to_vec()))
             .collect();
+        let stream = stream_file_of(&args);
+        if let Some(previous) = previous_stream
+            .take()
+            .filter(|p| Some(p) != stream.as_ref())
+        {
+            // Not followed if a link; gone already is fine.
+            let _ = std::fs::remove_file(previous);
+        }
+        previous_stream = stream;
         let code = run_served_job(&args, &mut input, request.input_len);
-        empty_stream_file(&args);
         let mut stdout = io::stdout().lock();
         let end = format!("\0autodriver-done {} {code}\n", request.nonce);
         if stdout
@@ -193,24 +204,12 @@ fn serve_requests() {
     }
 }
 
-/// Empties the served job's `--stream` file before its end line goes out:
-/// a one-shot run leaves the output there, but in a container that serves
-/// the next job the host reads that file as the next job's partial output
-/// until its autodriver starts and truncates it. Kept (root's, mode 0600)
-/// rather than removed, and not followed if a link.
-fn empty_stream_file(args: &[OsString]) {
-    let Ok(crate::cli::Command::Run(job)) = crate::cli::parse(args.iter().cloned()) else {
-        return;
-    };
-    let Some(stream) = job.stream else { return };
-    // Best effort, and silent: a message on PID 1's stderr could reach the
-    // host after the end line, inside the next job's output; at worst the
-    // next job's partial output shows this one's until it starts.
-    let _ = crate::sys::open_path(
-        &stream,
-        libc::O_WRONLY | libc::O_TRUNC | libc::O_NOFOLLOW,
-        0,
-    );
+/// The `--stream` file a served job's arguments name.
+fn stream_file_of(args: &[OsString]) -> Option<PathBuf> {
+    match crate::cli::parse(args.iter().cloned()) {
+        Ok(crate::cli::Command::Run(job)) => job.stream,
+        _ => None,
+    }
 }
 
 /// Runs `autodriver ARGS` with the next `input_len` bytes of `input` as its

@@ -638,9 +638,10 @@ fn serve_runs_the_requested_jobs_one_after_another() {
         &vec![7u8; 300_000],
     );
     assert_eq!(code, 1, "{output}");
-    // A job's stream file (which a one-shot run leaves holding the output,
-    // see output_flood_keeps_head_and_tail_byte_for_byte) is empty once its
-    // end line is written: the next job's partial output starts clean.
+    // A served job's stream file keeps its output after the job (the host
+    // may still read it as the partial output) until the next job is asked
+    // for: then it is removed, so that no file can show an earlier job's
+    // output as a later one's.
     let scratch = Scratch::with_job(&[("Makefile", "all:\n\t@echo second\n")]);
     let (home, job) = (scratch.home(), scratch.job());
     let stream = scratch.path().join("partial.out");
@@ -659,9 +660,22 @@ fn serve_runs_the_requested_jobs_one_after_another() {
     assert!(output.ends_with("second\n"), "{output:?}");
     let meta = std::fs::metadata(&stream).unwrap();
     assert_eq!(
-        (meta.len(), meta.uid(), meta.mode() & 0o777),
-        (0, 0, 0o600),
+        (meta.uid(), meta.mode() & 0o777),
+        (0, 0o600),
         "the stream file after the served job"
+    );
+    assert_eq!(std::fs::read_to_string(&stream).unwrap(), "second\n");
+    let (_, code) = serve_request(
+        &mut stdin,
+        &mut stdout,
+        "nonce3333333333333333",
+        &["--no-such-option", "/x"],
+        b"",
+    );
+    assert_eq!(code, 1);
+    assert!(
+        !stream.exists(),
+        "the previous job's stream file is removed when the next job is asked for"
     );
 
     // A malformed request ends the serving (nothing more is written), not

@@ -252,9 +252,12 @@ struct VmState {
     /// The input files of that copy-in as a tar, to be sent through the
     /// exec's stdin; `None` when they were uploaded into the directory.
     pending_input: Option<Bytes>,
-    /// The current job's autodriver has been started (it has emptied the
-    /// stream file, or is about to): `partial_output` may read it.
-    exec_started: bool,
+    /// The current job's stream file, once its autodriver has been asked
+    /// to start: what `partial_output` reads.
+    stream: Option<String>,
+    /// Jobs sent to the serving PID 1: each has a stream file of its own,
+    /// so that none is read while it still holds an earlier job's output.
+    served_jobs: u64,
     /// The container was seen running after the last job (by the OOM
     /// check), so `reset_vm` need not ask again.
     running_after_job: bool,
@@ -979,7 +982,7 @@ impl Docker {
         else {
             return Err(VmmsError::Backend("docker: the exec did not attach".into()));
         };
-        self.with_state(name, |state| state.exec_started = true);
+        self.with_state(name, |state| state.stream = Some(STREAM_PATH.to_string()));
         // The input files go in while the output is read. A failed write
         // needs no handling here: the autodriver then reports a bad archive.
         let feed = async {
@@ -1064,13 +1067,9 @@ impl Docker {
         let nonce = served::nonce().map_err(|e| VmmsError::io("cannot make a nonce", e))?;
         let input = input.unwrap_or_default();
         let request = served::request(&nonce, args, input.len());
-        let follows_unfinished = unfinished.is_some();
         self.with_state(name, |state| {
             // Until the end is read; a job cut short leaves it for the next.
             state.unfinished_nonce = Some(nonce.clone());
-            // The stream file is this job's only once an earlier job cut
-            // short has ended (PID 1 empties it then).
-            state.exec_started = !follows_unfinished;
         });
         let served::Attached {
             output: stream,
@@ -1104,7 +1103,6 @@ impl Docker {
                         served::Scanned::End(_, _, rest) => {
                             skip = None;
                             bytes = rest;
-                            self.with_state(name, |state| state.exec_started = true);
                         }
                     }
                 }
@@ -1434,7 +1432,7 @@ impl Vmms for Docker {
         self.with_state(&name, |state| {
             state.pending_job_dir = None;
             state.pending_input = None;
-            state.exec_started = false;
+            state.stream = None;
         });
         // Small inputs wait in memory for the exec (see STDIN_INPUT_MAX_BYTES).
         let mut total: u64 = 0;
@@ -1543,7 +1541,18 @@ impl Vmms for Docker {
         };
 
         let summary_path = SUMMARY_PATH.to_string();
-        let stream_path = STREAM_PATH.to_string();
+        // A served job's stream file is its own (the serving PID 1 removes
+        // the one before): it does not exist until the job's autodriver
+        // makes it, even while an earlier job cut short still runs.
+        let stream_path = if self.config.serve_jobs {
+            let serial = self.with_state(&name, |state| {
+                state.served_jobs += 1;
+                state.served_jobs
+            });
+            format!("{STREAM_PATH}.{serial}")
+        } else {
+            STREAM_PATH.to_string()
+        };
         // RLIMIT_NPROC counts the processes of a uid across the whole host,
         // and every container's grading user has the same uid: with it, a fork
         // bomb in one container would stop `make` forking in all the others.
@@ -1576,6 +1585,7 @@ impl Vmms for Docker {
         });
 
         let (exit_code, oom_killed) = if self.config.serve_jobs {
+            self.with_state(&name, |state| state.stream = Some(stream_path));
             let started_at = SystemTime::now();
             let exit_code = self.run_served(&name, &args, input, &mut output, req).await;
             // The end line came from PID 1, so the container runs: with its
@@ -1716,18 +1726,18 @@ impl Vmms for Docker {
 
     async fn partial_output(&self, vm: &Machine, max_bytes: usize) -> Result<Vec<u8>, VmmsError> {
         let name = container_name(vm);
-        // Until the job's autodriver runs (and empties it) the file may
-        // hold an earlier job's output.
-        let (started, created_here) =
-            self.with_state(&name, |state| (state.exec_started, state.created_here));
-        if !started {
+        // Until the job's autodriver runs (and empties it) the exec path's
+        // file may hold an earlier job's output.
+        let (stream, created_here) =
+            self.with_state(&name, |state| (state.stream.clone(), state.created_here));
+        let Some(stream) = stream else {
             if !created_here && !self.exists_vm(vm).await? {
                 return Err(VmmsError::NoSuchVm(name));
             }
             return Ok(Vec::new());
-        }
+        };
         Ok(self
-            .read_file(&name, STREAM_PATH, max_bytes)
+            .read_file(&name, &stream, max_bytes)
             .await?
             .unwrap_or_default())
     }

@@ -1543,13 +1543,15 @@ impl Vmms for Docker {
         let summary_path = SUMMARY_PATH.to_string();
         // A served job's stream file is its own (the serving PID 1 removes
         // the one before): it does not exist until the job's autodriver
-        // makes it, even while an earlier job cut short still runs.
+        // makes it, even while an earlier job cut short still runs, so
+        // `partial_output` may read it from now on.
         let stream_path = if self.config.serve_jobs {
-            let serial = self.with_state(&name, |state| {
+            self.with_state(&name, |state| {
                 state.served_jobs += 1;
-                state.served_jobs
-            });
-            format!("{STREAM_PATH}.{serial}")
+                let path = format!("{STREAM_PATH}.{}", state.served_jobs);
+                state.stream = Some(path.clone());
+                path
+            })
         } else {
             STREAM_PATH.to_string()
         };
@@ -1585,7 +1587,6 @@ impl Vmms for Docker {
         });
 
         let (exit_code, oom_killed) = if self.config.serve_jobs {
-            self.with_state(&name, |state| state.stream = Some(stream_path));
             let started_at = SystemTime::now();
             let exit_code = self.run_served(&name, &args, input, &mut output, req).await;
             // The end line came from PID 1, so the container runs: with its

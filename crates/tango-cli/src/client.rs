@@ -20,6 +20,8 @@ pub enum ClientError {
         route: String,
         secs: u64,
     },
+    /// The server's TLS certificate is not one this client trusts.
+    Untrusted { base: String, cause: String },
     /// Any other transport failure (reset connection, bad TLS...).
     Transport {
         base: String,
@@ -89,6 +91,12 @@ impl fmt::Display for ClientError {
             ClientError::Unreachable { base, cause } => write!(
                 f,
                 "cannot reach tangod at {base}: {cause} — is tangod running? set --url or TANGO_URL"
+            ),
+            ClientError::Untrusted { base, cause } => write!(
+                f,
+                "tangod at {base} showed a TLS certificate this client does not trust ({cause}) \
+                 — if a private CA signed it, pass that CA's certificate with --ca-cert FILE \
+                 (or TANGO_CA_CERT, or ca_cert in the config file)"
             ),
             ClientError::TimedOut { base, route, secs } => write!(
                 f,
@@ -319,7 +327,14 @@ pub struct TangoClient {
 }
 
 impl TangoClient {
-    pub fn new(base: &str, key: &str, timeout: Duration) -> Result<Self, ClientError> {
+    /// `ca_cert`: PEM certificates trusted besides the public roots (a
+    /// tangod whose certificate a private CA signed).
+    pub fn new(
+        base: &str,
+        key: &str,
+        timeout: Duration,
+        ca_cert: Option<&std::path::Path>,
+    ) -> Result<Self, ClientError> {
         let base = Url::parse(base).map_err(|e| {
             ClientError::Local(format!(
                 "the server URL {base:?} is not a URL ({e}) — use e.g. http://127.0.0.1:3000"
@@ -330,7 +345,13 @@ impl TangoClient {
                 "the server URL {base} must start with http:// or https://"
             )));
         }
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder();
+        if let Some(path) = ca_cert {
+            for cert in read_ca_certs(path)? {
+                http = http.add_root_certificate(cert);
+            }
+        }
+        let http = http
             .connect_timeout(Duration::from_secs(10))
             .timeout(timeout)
             .user_agent(concat!("tango-cli/", env!("CARGO_PKG_VERSION")))
@@ -379,9 +400,12 @@ impl TangoClient {
             };
         }
         let is_connect = err.is_connect();
+        let untrusted = is_certificate_error(&err);
         // reqwest's message may quote the URL, key and all.
         let cause = self.redactor.text(&root_cause(&err.without_url()));
-        if is_connect {
+        if untrusted {
+            ClientError::Untrusted { base, cause }
+        } else if is_connect {
             ClientError::Unreachable { base, cause }
         } else {
             ClientError::Transport {
@@ -605,6 +629,42 @@ pub fn parse_answer(
 
 /// The innermost cause of an error, e.g. "connection refused" rather than
 /// reqwest's "error sending request for url (...)".
+/// The certificates of a `--ca-cert` file.
+fn read_ca_certs(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, ClientError> {
+    let pem = std::fs::read(path).map_err(|e| {
+        ClientError::Local(format!("cannot read --ca-cert {}: {e}", path.display()))
+    })?;
+    reqwest::Certificate::from_pem_bundle(&pem)
+        .ok()
+        .filter(|certs| !certs.is_empty())
+        .ok_or_else(|| {
+            ClientError::Local(format!(
+                "--ca-cert {} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)",
+                path.display()
+            ))
+        })
+}
+
+/// Whether rustls refused the server's certificate somewhere down the
+/// chain. io::Error's source() skips the error it wraps (where tokio-rustls
+/// puts rustls's), so an io::Error is opened instead.
+fn is_certificate_error(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(rustls::Error::InvalidCertificate(_)) = e.downcast_ref() {
+            return true;
+        }
+        current = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    false
+}
+
 fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
     let mut current: &(dyn std::error::Error + 'static) = err;
     while let Some(next) = current.source() {
@@ -646,8 +706,13 @@ mod tests {
 
     #[test]
     fn routes_encode_segments_and_hide_the_key() {
-        let client =
-            TangoClient::new("http://127.0.0.1:3000", "s3cret", Duration::from_secs(5)).unwrap();
+        let client = TangoClient::new(
+            "http://127.0.0.1:3000",
+            "s3cret",
+            Duration::from_secs(5),
+            None,
+        )
+        .unwrap();
         let (url, shown) = client.route("poll", &["lab 1", "a/b%.out"]);
         assert_eq!(
             url.as_str(),
@@ -661,15 +726,20 @@ mod tests {
 
     #[test]
     fn routes_keep_a_base_path() {
-        let client =
-            TangoClient::new("https://h.example/tango/", "k", Duration::from_secs(5)).unwrap();
+        let client = TangoClient::new(
+            "https://h.example/tango/",
+            "k",
+            Duration::from_secs(5),
+            None,
+        )
+        .unwrap();
         let (url, _) = client.route("open", &["lab"]);
         assert_eq!(url.as_str(), "https://h.example/tango/open/k/lab/");
     }
 
     #[test]
     fn bad_urls_are_explained() {
-        let err = TangoClient::new("127.0.0.1:3000", "k", Duration::from_secs(5))
+        let err = TangoClient::new("127.0.0.1:3000", "k", Duration::from_secs(5), None)
             .err()
             .unwrap();
         assert!(err.to_string().contains("http://"), "{err}");
@@ -712,8 +782,13 @@ mod tests {
     fn the_key_is_hidden_in_every_form_it_travels_in() {
         let key = "s3cr\"et k/ey";
         let redactor = KeyRedactor::new(key);
-        let client =
-            TangoClient::new("http://127.0.0.1:3000/tango", key, Duration::from_secs(5)).unwrap();
+        let client = TangoClient::new(
+            "http://127.0.0.1:3000/tango",
+            key,
+            Duration::from_secs(5),
+            None,
+        )
+        .unwrap();
         let (url, _) = client.route("info", &[]);
         // As sent in the URL, as given, and JSON-escaped.
         let text = format!(
@@ -806,7 +881,7 @@ mod tests {
             .unwrap()
             .port();
         let base = format!("http://127.0.0.1:{port}");
-        let client = TangoClient::new(&base, "k", Duration::from_secs(5)).unwrap();
+        let client = TangoClient::new(&base, "k", Duration::from_secs(5), None).unwrap();
         let err = client.info().await.unwrap_err();
         let text = err.to_string();
         assert!(

@@ -42,11 +42,13 @@ pub async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Bench(args) => args.run.image.clone(),
         _ => None,
     };
+    let ca_cert = global.ca_cert.or_else(|| file.ca_cert.clone());
     let settings = config::resolve(global.url, global.key, image_from_command, file)?;
     let client = TangoClient::new(
         &settings.url,
         &settings.key,
         Duration::from_secs(global.http_timeout.max(1)),
+        ca_cert.as_deref(),
     )?;
     let json = global.json;
     match cli.command {

@@ -16,6 +16,8 @@ pub struct ConfigFile {
     pub key: Option<String>,
     /// Image used by `run` and `bench` when `--image` is not given.
     pub image: Option<String>,
+    /// A CA certificate trusted for https:// servers (`--ca-cert`).
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// The settings a command runs with.
@@ -94,6 +96,7 @@ mod tests {
             url: Some(url.into()),
             key: Some(key.into()),
             image: Some("from-file".into()),
+            ca_cert: None,
         }
     }
 

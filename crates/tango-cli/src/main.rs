@@ -51,6 +51,10 @@ pub struct Global {
     /// Config file [default: ~/.config/tango/config.toml]
     #[arg(long, env = "TANGO_CONFIG", global = true)]
     pub config: Option<PathBuf>,
+    /// A PEM CA certificate (or bundle) trusted for https:// servers besides
+    /// the public roots, e.g. the private CA that signed tangod's certificate
+    #[arg(long, env = "TANGO_CA_CERT", global = true)]
+    pub ca_cert: Option<PathBuf>,
     /// Print JSON for scripts instead of tables
     #[arg(long, global = true)]
     pub json: bool,

@@ -11,8 +11,28 @@ pub struct HttpCallbacks {
 }
 
 impl HttpCallbacks {
-    pub fn new() -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder()
+    /// `ca_cert`: PEM certificates trusted besides the public roots.
+    pub fn new(ca_cert: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let mut builder = reqwest::Client::builder();
+        if let Some(path) = ca_cert {
+            let pem = std::fs::read(path).map_err(|e| {
+                anyhow::anyhow!("cannot read callback_ca_cert {}: {e}", path.display())
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .ok()
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "callback_ca_cert {} holds no PEM certificate \
+                         (expected -----BEGIN CERTIFICATE-----)",
+                        path.display()
+                    )
+                })?;
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let client = builder
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(60))
             .redirect(reqwest::redirect::Policy::limited(3))
@@ -34,11 +54,35 @@ impl CallbackSender for HttpCallbacks {
             .multipart(form)
             .send()
             .await
-            .map_err(|e| format!("cannot reach {url}: {e}"))?;
+            .map_err(|e| {
+                let why = causes(&e);
+                // rustls's words for a certificate it refuses.
+                let hint = if why.contains("invalid peer certificate") {
+                    " (if a private CA signed its certificate, give that CA as callback_ca_cert)"
+                } else {
+                    ""
+                };
+                format!("cannot reach {url}: {why}{hint}")
+            })?;
         if answer.status().is_success() {
             Ok(())
         } else {
             Err(format!("{url} answered HTTP {}", answer.status()))
         }
     }
+}
+
+/// An error with its causes: reqwest's own message leaves out why a
+/// request failed (refused, a certificate not trusted...).
+fn causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut current = err.source();
+    while let Some(e) = current {
+        let more = e.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        current = e.source();
+    }
+    text
 }

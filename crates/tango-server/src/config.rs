@@ -36,6 +36,17 @@ pub struct Cli {
     /// Log format: text or json
     #[arg(long)]
     pub log_format: Option<LogFormat>,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key); a
+    /// renewed file is served without a restart
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// A PEM CA certificate (or bundle) trusted for HTTPS callback URLs
+    /// besides the usual public roots, e.g. Autolab's private CA
+    #[arg(long)]
+    pub callback_ca_cert: Option<PathBuf>,
     /// Print the effective configuration as TOML and exit
     #[arg(long)]
     pub print_config: bool,
@@ -59,6 +70,11 @@ pub struct Config {
     pub keys: Vec<String>,
     pub autodriver: Option<PathBuf>,
     pub log_format: LogFormat,
+    /// Serve HTTPS with this certificate chain and key (both or neither).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Trusted for HTTPS callbacks besides the public roots.
+    pub callback_ca_cert: Option<PathBuf>,
     /// The file these settings were read from (`--config`); it holds the
     /// keys, so sandbox jobs never see it.
     #[serde(skip)]
@@ -91,6 +107,9 @@ impl Default for Config {
             keys: vec![],
             autodriver: None,
             log_format: LogFormat::Text,
+            tls_cert: None,
+            tls_key: None,
+            callback_ca_cert: None,
             config_file: None,
             max_upload_bytes: 1 << 30,
             full_sync: false,
@@ -292,6 +311,18 @@ impl Config {
         }
         if let Some(format) = cli.log_format {
             config.log_format = format;
+        }
+        if cli.tls_cert.is_some() {
+            config.tls_cert = cli.tls_cert.clone();
+            config.tls_key = cli.tls_key.clone();
+        }
+        if let Some(path) = &cli.callback_ca_cert {
+            config.callback_ca_cert = Some(path.clone());
+        }
+        if config.tls_cert.is_some() != config.tls_key.is_some() {
+            anyhow::bail!(
+                "tls_cert and tls_key go together: give both (HTTPS) or neither (plain HTTP)"
+            );
         }
         config.engine.default_vmms = config.vmms.clone();
         config.keys.sort();

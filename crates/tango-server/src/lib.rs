@@ -7,6 +7,7 @@ pub mod callback;
 pub mod config;
 pub mod dashboard;
 pub mod metrics;
+pub mod tls;
 pub mod v1;
 pub mod v2;
 
@@ -46,6 +47,13 @@ pub async fn serve(config: config::Config, listener: TcpListener) -> anyhow::Res
             "no key configured: pass --key KEY (or set RESTFUL_KEY); clients send it in every URL"
         );
     }
+    // Before anything starts: a bad certificate is a mistake to fix now.
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::server_config(cert, key).map_err(|e| {
+            anyhow::anyhow!("{e}: check tls_cert and tls_key (--tls-cert, --tls-key)")
+        })?),
+        _ => None,
+    };
     let data = Arc::new(
         DataDir::open(&config.data_dir)
             .with_context(|| format!("cannot use data dir {}", config.data_dir.display()))?,
@@ -55,7 +63,9 @@ pub async fn serve(config: config::Config, listener: TcpListener) -> anyhow::Res
         config.full_sync,
     )?);
     let backends = backends::start(&config).await?;
-    let callbacks = Arc::new(callback::HttpCallbacks::new()?);
+    let callbacks = Arc::new(callback::HttpCallbacks::new(
+        config.callback_ca_cert.as_deref(),
+    )?);
     let engine =
         Arc::new(Engine::start(config.engine.clone(), store, data, backends, callbacks).await?);
     for pool in &config.pools {
@@ -71,11 +81,22 @@ pub async fn serve(config: config::Config, listener: TcpListener) -> anyhow::Res
         listen = %listener.local_addr()?,
         vmms = %config.vmms,
         data_dir = %config.data_dir.display(),
+        https = tls.is_some(),
         "tangod serving"
     );
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    match tls {
+        Some(tls) => {
+            let listener = tls::TlsListener::new(listener, tls)?;
+            axum::serve(listener, app(state))
+                .with_graceful_shutdown(shutdown_signal())
+                .await?
+        }
+        None => {
+            axum::serve(listener, app(state))
+                .with_graceful_shutdown(shutdown_signal())
+                .await?
+        }
+    }
     tracing::info!("stopping: no new jobs; waiting for running jobs");
     engine.shutdown().await;
     Ok(())

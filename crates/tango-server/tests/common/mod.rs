@@ -101,6 +101,14 @@ pub fn autodriver() -> PathBuf {
     path
 }
 
+/// tangod: $TANGOD_BIN (a copy no other build replaces, where several
+/// checkouts share one target directory), else the one cargo built.
+pub fn tangod_bin() -> PathBuf {
+    std::env::var_os("TANGOD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_tangod")))
+}
+
 fn target_dir() -> PathBuf {
     // .../target/debug/tangod -> .../target
     PathBuf::from(env!("CARGO_BIN_EXE_tangod"))
@@ -137,6 +145,8 @@ pub struct Tangod {
     pub prefix: String,
     port: u16,
     run_as: Option<RootlessUser>,
+    /// The CA of the server's certificate when it serves HTTPS.
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// An unprivileged user to run tangod as (rootless sandbox), with
@@ -235,6 +245,21 @@ impl Tangod {
     /// As [`Tangod::start`], as `run_as` (rootless) when given. The data
     /// directory's parent must be one the user may enter.
     pub fn start_as(data_dir: &Path, config_toml: &str, run_as: Option<RootlessUser>) -> Tangod {
+        Tangod::start_with(data_dir, config_toml, run_as, None)
+    }
+
+    /// As [`Tangod::start`] for a config that serves HTTPS with a
+    /// certificate of the CA in `ca` (a PEM file).
+    pub fn start_https(data_dir: &Path, config_toml: &str, ca: &Path) -> Tangod {
+        Tangod::start_with(data_dir, config_toml, None, Some(ca.to_path_buf()))
+    }
+
+    fn start_with(
+        data_dir: &Path,
+        config_toml: &str,
+        run_as: Option<RootlessUser>,
+        tls_ca: Option<PathBuf>,
+    ) -> Tangod {
         // A distinct VM prefix per server keeps parallel tests' orphan
         // sweeps from destroying each other's sandboxes.
         let prefix = format!(
@@ -257,6 +282,7 @@ impl Tangod {
             prefix,
             port: free_port(),
             run_as,
+            tls_ca,
         };
         if let Some(user) = &t.run_as {
             std::fs::create_dir_all(data_dir).unwrap();
@@ -268,8 +294,13 @@ impl Tangod {
     }
 
     fn spawn(&mut self) {
-        self.url = format!("http://127.0.0.1:{}", self.port);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tangod"));
+        let scheme = if self.tls_ca.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        self.url = format!("{scheme}://127.0.0.1:{}", self.port);
+        let mut cmd = Command::new(tangod_bin());
         cmd.arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--data-dir")
@@ -324,7 +355,7 @@ impl Tangod {
         self.child = Some(cmd.spawn().expect("start tangod"));
         let start = Instant::now();
         loop {
-            if is_serving(&self.url) {
+            if is_serving(&self.url, self.tls_ca.as_deref()) {
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -365,8 +396,14 @@ impl Tangod {
     }
 
     pub fn client(&self) -> Client {
+        let mut http = reqwest::Client::builder();
+        if let Some(ca) = &self.tls_ca {
+            http = http.add_root_certificate(
+                reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap(),
+            );
+        }
         Client {
-            http: reqwest::Client::new(),
+            http: http.build().unwrap(),
             url: self.url.clone(),
         }
     }
@@ -390,20 +427,48 @@ impl Drop for Tangod {
     }
 }
 
-/// A tiny synchronous liveness probe (no tokio runtime needed).
-fn is_serving(url: &str) -> bool {
+/// A tiny synchronous liveness probe (no tokio runtime needed), over TLS
+/// with a certificate of the CA in `tls_ca` when given.
+fn is_serving(url: &str, tls_ca: Option<&Path>) -> bool {
     use std::io::{Read, Write};
-    let addr = url.trim_start_matches("http://").to_string();
-    let Ok(mut s) = std::net::TcpStream::connect(&addr) else {
+    let addr = url.split_once("://").map_or(url, |(_, a)| a).to_string();
+    let Ok(tcp) = std::net::TcpStream::connect(&addr) else {
         return false;
     };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = tcp.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut s: Box<dyn ReadWrite> = match tls_ca {
+        None => Box::new(tcp),
+        Some(ca) => Box::new(tls_client(tcp, ca)),
+    };
     if write!(s, "GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n").is_err() {
         return false;
     }
     let mut buf = String::new();
     let _ = s.read_to_string(&mut buf);
     buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200")
+}
+
+trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
+
+/// A blocking TLS connection to 127.0.0.1 trusting only the CA in `ca`.
+pub fn tls_client(
+    tcp: std::net::TcpStream,
+    ca: &Path,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_file(ca).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(tango_server::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
 }
 
 #[derive(Clone)]
@@ -585,6 +650,28 @@ async fn receive(
 
 impl Receiver {
     pub async fn start() -> Receiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        Receiver::serve(listener, url)
+    }
+
+    /// An HTTPS receiver with this certificate and key (PEM files), served
+    /// by tangod's own TLS listener.
+    pub async fn start_https(cert: &Path, key: &Path) -> Receiver {
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", tcp.local_addr().unwrap());
+        let config = tango_server::tls::server_config(cert, key).unwrap();
+        Receiver::serve(
+            tango_server::tls::TlsListener::new(tcp, config).unwrap(),
+            url,
+        )
+    }
+
+    fn serve<L>(listener: L, url: String) -> Receiver
+    where
+        L: axum::serve::Listener,
+        L::Addr: std::fmt::Debug,
+    {
         let got = Arc::new(Mutex::new(Vec::new()));
         let notify = Arc::new(tokio::sync::Notify::new());
         let app = axum::Router::new()
@@ -593,8 +680,6 @@ impl Receiver {
                 got: got.clone(),
                 notify: notify.clone(),
             });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
         Receiver { url, got, notify }
     }

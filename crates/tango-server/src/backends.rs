@@ -43,6 +43,9 @@ async fn sandbox(config: &Config) -> anyhow::Result<tango_vmms::sandbox::Sandbox
             .hidden_paths
             .iter()
             .chain(&config.config_file)
+            // The host image shows the host's files: a world-readable
+            // TLS key must not be a job's to read.
+            .chain(&config.tls_key)
             .cloned()
             .collect(),
     })

@@ -389,3 +389,47 @@ fn bad_tls_settings_stop_tangod_at_start() {
     );
     assert!(err.contains("does not go with the certificate"), "{err}");
 }
+
+/// With the `host` image a job sees the host's files, but not tangod's TLS
+/// key, even one anyone may read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_cannot_read_the_tls_key() {
+    if !root_or_skip("jobs_cannot_read_the_tls_key") {
+        return;
+    }
+    // Not under /tmp: the sandbox replaces it, which would hide it anyway.
+    let files = tempfile::tempdir_in("/var/lib").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(files.path(), PermissionsExt::from_mode(0o755)).unwrap();
+    let ca = new_ca("tangod test CA");
+    let server = write_leaf(files.path(), "server", &ca, &new_leaf(&ca));
+    for file in [&server.cert, &server.key] {
+        std::fs::set_permissions(file, PermissionsExt::from_mode(0o644)).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tangod::start_https(
+        &dir.path().join("data"),
+        &tls_config(&server, &server.ca),
+        &server.ca,
+    );
+    let c = t.client();
+    c.open("keylab").await;
+    let makefile = format!(
+        "all:\n\t@cat {} || true\n\t@cat {}\n",
+        server.key.display(),
+        server.cert.display()
+    );
+    c.upload("keylab", "Makefile", makefile.as_bytes()).await;
+    let v = c
+        .add_job("keylab", &job("keyjob", "key.out", None, 20))
+        .await;
+    assert_eq!(v["statusId"], 0, "{v}");
+    let out = c
+        .wait_output("keylab", "key.out", Duration::from_secs(30))
+        .await;
+    let out = String::from_utf8_lossy(&out);
+    // A hidden file reads as empty (or not at all).
+    assert!(!out.contains("PRIVATE KEY"), "{out}");
+    // The directory itself is visible: the certificate beside the key is.
+    assert!(out.contains("BEGIN CERTIFICATE"), "{out}");
+}

@@ -102,11 +102,14 @@ async fn served_cert(url: &str, ca: &Path) -> Vec<u8> {
         .to_vec()
 }
 
-fn tls_config(server: &Files, callback_ca: &Path) -> String {
-    format!(
+/// tangod serving HTTPS with `server`'s files, trusting `callback_ca` for
+/// callbacks.
+fn start_tangod(data: &Path, server: &Files, callback_ca: &Path) -> Tangod {
+    let config = format!(
         "tls_cert = {:?}\ntls_key = {:?}\ncallback_ca_cert = {:?}\n",
         server.cert, server.key, callback_ca
-    )
+    );
+    Tangod::start_https(data, &config, &server.ca)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,11 +127,7 @@ async fn a_job_over_https_with_an_https_callback_and_a_renewal() {
     let autolab = write_leaf(dir.path(), "autolab", &autolab_ca, &new_leaf(&autolab_ca));
     let receiver = Receiver::start_https(&autolab.cert, &autolab.key).await;
 
-    let mut t = Tangod::start_https(
-        &dir.path().join("data"),
-        &tls_config(&server, &autolab.ca),
-        &server.ca,
-    );
+    let mut t = start_tangod(&dir.path().join("data"), &server, &autolab.ca);
     assert!(t.url.starts_with("https://"), "{}", t.url);
     let c = t.client();
     assert_eq!(c.open("tlslab").await["statusId"], 0);
@@ -224,11 +223,7 @@ async fn a_callback_to_an_untrusted_certificate_is_not_delivered() {
     let autolab = write_leaf(dir.path(), "autolab", &autolab_ca, &new_leaf(&autolab_ca));
     let receiver = Receiver::start_https(&autolab.cert, &autolab.key).await;
     // tangod is told to trust its own CA for callbacks, not Autolab's.
-    let t = Tangod::start_https(
-        &dir.path().join("data"),
-        &tls_config(&server, &server.ca),
-        &server.ca,
-    );
+    let t = start_tangod(&dir.path().join("data"), &server, &server.ca);
     let c = t.client();
     c.open("tlslab").await;
     c.upload("tlslab", "Makefile", HELLO_MAKEFILE).await;
@@ -287,11 +282,7 @@ async fn the_tango_client_verifies_the_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let ca = new_ca("tangod test CA");
     let server = write_leaf(dir.path(), "server", &ca, &new_leaf(&ca));
-    let t = Tangod::start_https(
-        &dir.path().join("data"),
-        &tls_config(&server, &server.ca),
-        &server.ca,
-    );
+    let t = start_tangod(&dir.path().join("data"), &server, &server.ca);
     let tango = tango_bin();
     let run = |extra: &[&str], env_ca: Option<&Path>| {
         let mut cmd = Command::new(&tango);
@@ -407,11 +398,7 @@ async fn jobs_cannot_read_the_tls_key() {
         std::fs::set_permissions(file, PermissionsExt::from_mode(0o644)).unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
-    let t = Tangod::start_https(
-        &dir.path().join("data"),
-        &tls_config(&server, &server.ca),
-        &server.ca,
-    );
+    let t = start_tangod(&dir.path().join("data"), &server, &server.ca);
     let c = t.client();
     c.open("keylab").await;
     let makefile = format!(

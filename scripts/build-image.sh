@@ -6,7 +6,8 @@
 # docker's build cache).
 #   TANGO_RS_IMAGE  name of the image [default: tango-rs:latest]
 # Needs: the x86_64-unknown-linux-musl Rust target, musl-gcc (Debian:
-# musl-tools, for the bundled SQLite and ring), ca-certificates, docker.
+# musl-tools, for the bundled SQLite and ring), ca-certificates, strip
+# (binutils), docker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 image=${TANGO_RS_IMAGE:-tango-rs:latest}

@@ -542,6 +542,18 @@ impl TangoClient {
         self.call(Method::GET, url, &route, &[], None).await
     }
 
+    /// `GET /`, which needs no key: Tango's greeting.
+    pub async fn hello(&self) -> Result<String, ClientError> {
+        let route = "/";
+        let response = self
+            .send(Method::GET, self.base.clone(), route, &[], None)
+            .await?;
+        response
+            .text()
+            .await
+            .map_err(|e| self.transport_error(route, e))
+    }
+
     pub async fn info(&self) -> Result<Value, ClientError> {
         let (url, route) = self.route("info", &[]);
         self.call(Method::GET, url, &route, &[], None).await

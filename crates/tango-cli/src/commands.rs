@@ -37,7 +37,19 @@ impl std::error::Error for AnsweredError {}
 pub async fn dispatch(cli: Cli) -> Result<u8> {
     let global = cli.global;
     let file = config::load_config(global.config.as_deref())?;
-    let image_from_command = match &cli.command {
+    match cli.command {
+        Command::Health => health(global, file).await,
+        command => dispatch_with_key(global, file, command).await,
+    }
+}
+
+/// The commands that need a key.
+async fn dispatch_with_key(
+    global: crate::Global,
+    file: config::ConfigFile,
+    command: Command,
+) -> Result<u8> {
+    let image_from_command = match &command {
         Command::Run(args) => args.job.image.clone(),
         Command::Bench(args) => args.run.image.clone(),
         _ => None,
@@ -51,7 +63,7 @@ pub async fn dispatch(cli: Cli) -> Result<u8> {
         ca_cert.as_deref(),
     )?;
     let json = global.json;
-    match cli.command {
+    match command {
         Command::Open { courselab } => open(&client, &courselab, json).await,
         Command::Upload {
             courselab,
@@ -105,6 +117,7 @@ pub async fn dispatch(cli: Cli) -> Result<u8> {
         }
         Command::Run(args) => run_dir(&client, &settings, args, json).await,
         Command::Bench(args) => bench(&client, &settings, args, json).await,
+        Command::Health => probe(&client, &settings.url, true, json).await,
     }
 }
 
@@ -357,6 +370,45 @@ async fn info(client: &TangoClient, json: bool) -> Result<u8> {
         }
     }
     println!("{table}");
+    Ok(0)
+}
+
+/// `tango health`: the server answers `/info` with the key, or `/` when no
+/// key is at hand. Runs before the usual settings, which require a key:
+/// inside tangod's container the key is only in RESTFUL_KEY, tangod's own
+/// variable.
+async fn health(global: crate::Global, file: config::ConfigFile) -> Result<u8> {
+    let url = global
+        .url
+        .filter(|u| !u.is_empty())
+        .or(file.url)
+        .unwrap_or_else(|| config::DEFAULT_URL.to_string());
+    let key = global
+        .key
+        .or(file.key)
+        .or_else(|| std::env::var("RESTFUL_KEY").ok())
+        .filter(|k| !k.is_empty());
+    let client = TangoClient::new(
+        &url,
+        key.as_deref().unwrap_or_default(),
+        Duration::from_secs(global.http_timeout.max(1)),
+    )?;
+    probe(&client, &url, key.is_some(), global.json).await
+}
+
+async fn probe(client: &TangoClient, url: &str, with_key: bool, json: bool) -> Result<u8> {
+    let checked = if with_key {
+        client.info().await?;
+        "/info"
+    } else {
+        client.hello().await?;
+        "/"
+    };
+    if json {
+        print_json(&serde_json::json!({ "healthy": true, "url": url, "route": checked }));
+    } else {
+        println!("healthy: {url} answers {checked}");
+    }
     Ok(0)
 }
 

@@ -118,6 +118,10 @@ pub enum Command {
     Run(RunArgs),
     /// Run many jobs of an example and report latency and throughput
     Bench(BenchArgs),
+    /// Check that tangod answers: `/info` with a key (--key, TANGO_KEY, the
+    /// config file, else RESTFUL_KEY), `/` without one. Exit 0 or 1; for
+    /// container healthchecks (`tango --http-timeout 5 health`).
+    Health,
 }
 
 #[derive(Args, Debug)]

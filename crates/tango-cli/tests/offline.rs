@@ -319,3 +319,14 @@ fn usage_errors_with_json_print_one_json_document() {
         .success()
         .stdout(predicate::str::contains("Usage"));
 }
+
+#[test]
+fn health_fails_when_nothing_answers() {
+    let url = dead_url();
+    tango()
+        .env_remove("RESTFUL_KEY")
+        .args(["--url", &url, "health"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("cannot reach tangod"));
+}

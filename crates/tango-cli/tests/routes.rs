@@ -431,3 +431,41 @@ fn build_with_docker() {
         .status();
     assert!(tagged.success(), "{name}:latest was not tagged");
 }
+
+#[test]
+fn health_asks_info_with_a_key_and_the_root_without_one() {
+    if !root_or_skip("health_asks_info_with_a_key_and_the_root_without_one") {
+        return;
+    }
+    let server = Tangod::start();
+    server
+        .tango()
+        .env_remove("RESTFUL_KEY")
+        .arg("health")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("answers /info"));
+    // Inside tangod's container the key is only in tangod's variable.
+    let output = tango()
+        .env("TANGO_URL", &server.url)
+        .env("RESTFUL_KEY", KEY)
+        .args(["--json", "health"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert_eq!(stdout_json(&output)["route"], "/info");
+    tango()
+        .env("TANGO_URL", &server.url)
+        .env("RESTFUL_KEY", "not-the-key")
+        .arg("health")
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("Key not recognized"));
+    tango()
+        .env("TANGO_URL", &server.url)
+        .env_remove("RESTFUL_KEY")
+        .arg("health")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("answers /\n"));
+}

@@ -306,6 +306,17 @@ impl Config {
                 config.keys.push(key);
             }
         }
+        // Tango's name for its VM prefix, lowercased as Tango does; Autolab's
+        // Docker setup passes it (DOCKER_DEPLOYMENT=prod). Over the file:
+        // the environment is how a container is told its prefix.
+        if let Some(deployment) = std::env::var_os("DOCKER_DEPLOYMENT") {
+            let deployment = deployment
+                .into_string()
+                .map_err(|_| anyhow::anyhow!("DOCKER_DEPLOYMENT is not valid UTF-8"))?;
+            if !deployment.is_empty() {
+                config.engine.prefix = deployment.to_lowercase();
+            }
+        }
         if let Some(path) = &cli.autodriver {
             config.autodriver = Some(path.clone());
         }

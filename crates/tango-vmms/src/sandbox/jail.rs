@@ -911,14 +911,15 @@ unsafe fn bring_loopback_up(lo: &[libc::c_char; libc::IFNAMSIZ]) -> io::Result<(
         flags: 0,
         _rest: [0; 22],
     };
+    // The request's type is the libc's (glibc: unsigned long, musl: int).
     let result = check(
-        libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req) as libc::c_long,
+        libc::ioctl(sock, libc::SIOCGIFFLAGS as libc::Ioctl, &mut req) as libc::c_long,
         b"reading lo's flags",
     )
     .and_then(|()| {
         req.flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
         check(
-            libc::ioctl(sock, libc::SIOCSIFFLAGS, &req) as libc::c_long,
+            libc::ioctl(sock, libc::SIOCSIFFLAGS as libc::Ioctl, &req) as libc::c_long,
             b"bringing lo up",
         )
     });

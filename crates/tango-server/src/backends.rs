@@ -43,6 +43,7 @@ async fn sandbox(config: &Config) -> anyhow::Result<tango_vmms::sandbox::Sandbox
             .hidden_paths
             .iter()
             .chain(&config.config_file)
+            .chain(&config.key_file)
             .cloned()
             .collect(),
     })

@@ -73,6 +73,12 @@ pub async fn serve(config: config::Config, listener: TcpListener) -> anyhow::Res
         data_dir = %config.data_dir.display(),
         "tangod serving"
     );
+    // The listener is bound and the engine has recovered: under systemd
+    // (Type=notify) units ordered after tangod may start now. Without
+    // NOTIFY_SOCKET this does nothing.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!("cannot tell systemd that tangod is ready: {e}");
+    }
     axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown_signal())
         .await?;
@@ -130,5 +136,10 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+    // Running jobs may take shutdown_grace_secs: systemd shows the unit as
+    // stopping meanwhile, not as running.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Stopping]) {
+        tracing::warn!("cannot tell systemd that tangod is stopping: {e}");
     }
 }

@@ -101,7 +101,11 @@ fn packaged_config_names_every_setting_with_its_default() {
     ]);
     let mut settings = Vec::new();
     leaves(&defaults, "", &mut settings);
-    assert!(settings.len() >= 50, "only {} settings printed", settings.len());
+    assert!(
+        settings.len() >= 50,
+        "only {} settings printed",
+        settings.len()
+    );
     // The package's own values, and what the file's examples set.
     let package_values = ["data_dir", "keys", "pools", "ec2.images"];
     let mut wrong = Vec::new();
@@ -145,7 +149,11 @@ fn key_file_is_read_trimmed_and_refused_when_empty_or_missing() {
     );
 
     std::fs::write(&key, "\n").unwrap();
-    let out = tangod(&["--key-file".as_ref(), key.as_os_str(), "--print-config".as_ref()]);
+    let out = tangod(&[
+        "--key-file".as_ref(),
+        key.as_os_str(),
+        "--print-config".as_ref(),
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("is empty"), "{err}");

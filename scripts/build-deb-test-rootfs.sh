@@ -2,7 +2,8 @@
 # Builds, once per machine, the root filesystem the Debian package test
 # installs tango-rs into: a minimal Debian bookworm with systemd (for
 # `systemd-analyze verify --root`, which needs the units the package's unit
-# depends on) and make (jobs of image `host` run make), made by debootstrap.
+# depends on), and make, procps and python3 for the example jobs (run on
+# image `host`, the root itself), made by debootstrap.
 # Prints the directory.
 #   TANGO_ROOTFS_CACHE  where to keep it (default /var/cache/tango-rs)
 set -euo pipefail
@@ -12,7 +13,7 @@ if [ ! -f "$dir/.complete" ]; then
   command -v debootstrap >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >&2; }
   rm -rf "$dir.tmp"
   mkdir -p "$cache"
-  debootstrap --variant=minbase --include=make,systemd bookworm "$dir.tmp" >&2
+  debootstrap --variant=minbase --include=make,procps,python3,systemd bookworm "$dir.tmp" >&2
   rm -rf "$dir"
   mv "$dir.tmp" "$dir"
   touch "$dir/.complete"

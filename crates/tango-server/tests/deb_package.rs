@@ -3,8 +3,9 @@
 //! debootstrap root (scripts/build-deb-test-rootfs.sh), `systemd-analyze
 //! verify` checks the installed unit there, and the installed tangod, run in
 //! that root with the packaged config and key, runs examples/jobs/hello for
-//! the installed `tango` client. Slow (release builds): only with
-//! TANGO_TEST_DEB=1, as root.
+//! the installed `tango` client; then, with dockerd, systemd boots that
+//! root in a container and runs the packaged unit. Slow (release builds):
+//! only with TANGO_TEST_DEB=1, as root.
 
 mod common;
 
@@ -331,5 +332,185 @@ fn installed_package_serves_a_job_with_its_packaged_config() {
         server.log()
     );
     drop(server);
+    drop(notify);
+    std::fs::remove_file(&notify_path).unwrap();
+
+    under_systemd(&root);
     drop(root_guard);
+}
+
+/// A container of the installed root (`docker import`), removed at the end.
+struct Booted {
+    name: String,
+}
+
+impl Booted {
+    fn exec(&self, cmd: &[&str]) -> Output {
+        Command::new("docker")
+            .args(["exec", &self.name])
+            .args(cmd)
+            .output()
+            .expect("docker exec")
+    }
+
+    fn journal(&self) -> String {
+        let out = self.exec(&["journalctl", "-u", "tangod", "--no-pager"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `tango run` of an example job (copied in) on image `host`.
+    fn run_example(&self, job: &str) -> Output {
+        let dir = format!("/tmp/examples/{job}");
+        assert!(self
+            .exec(&["mkdir", "-p", "/tmp/examples"])
+            .status
+            .success());
+        let copy = Command::new("docker")
+            .arg("cp")
+            .arg(repo().join("examples/jobs").join(job))
+            .arg(format!("{}:{dir}", self.name))
+            .status()
+            .expect("docker cp");
+        assert!(copy.success(), "docker cp {job}");
+        self.exec(&[
+            "sh",
+            "-c",
+            &format!("exec tango --key \"$(cat /etc/tango-rs/key)\" run {dir} --image host"),
+        ])
+    }
+}
+
+impl Drop for Booted {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rm", "-f", &self.name])
+            .output();
+        let _ = Command::new("docker").args(["rmi", &self.name]).output();
+    }
+}
+
+/// The installed unit as systemd runs it: systemd as PID 1 of a container
+/// made from the root, the unit enabled by the package starting at boot
+/// (Type=notify), jobs under its hardening and delegated cgroup, and a
+/// graceful `systemctl stop`. Needs dockerd (no image is pulled).
+fn under_systemd(root: &Path) {
+    let docker_up = Command::new("docker")
+        .arg("info")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !docker_up {
+        eprintln!("SKIPPED the unit under systemd (in a container): no dockerd");
+        return;
+    }
+    let booted = Booted {
+        name: format!("tango-rs-deb-test-{}", std::process::id()),
+    };
+    let mut tar = Command::new("tar")
+        .arg("-C")
+        .arg(root)
+        .args(["-c", "."])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("tar");
+    let import = Command::new("docker")
+        .args(["import", "-", &booted.name])
+        .stdin(tar.stdout.take().unwrap())
+        .stdout(Stdio::null())
+        .status()
+        .expect("docker import");
+    assert!(
+        tar.wait().unwrap().success() && import.success(),
+        "docker import"
+    );
+    // systemd needs CAP_SYS_ADMIN and a writable cgroup tree; tangod's own
+    // needs are what the unit leaves it. On cgroup v1 (hybrid) systemd runs
+    // on the host's hierarchy; on v2 in a cgroup namespace of its own.
+    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let mut run = Command::new("docker");
+    run.args(["run", "-d", "--name", &booted.name])
+        .args(["--cap-add", "SYS_ADMIN", "--cap-add", "NET_ADMIN"])
+        .args(["--security-opt", "seccomp=unconfined"])
+        .args(["--security-opt", "apparmor=unconfined"])
+        .args(["--tmpfs", "/run", "--tmpfs", "/run/lock"]);
+    if v2 {
+        run.args(["--cgroupns=private"]);
+    } else {
+        run.args(["--cgroupns=host", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw"]);
+    }
+    run.args([&booted.name, "/lib/systemd/systemd"]);
+    run_ok(run, "docker run (systemd)");
+
+    // `is-system-running --wait` waits for the boot to finish, but only once
+    // systemd's bus is up, which nothing outside the container can wait
+    // for: retried briefly while it is not.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = booted.exec(&["systemctl", "is-system-running", "--wait"]);
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if ["running", "degraded"].contains(&said.as_str()) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "systemd did not boot: {said} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let state = booted.exec(&[
+        "systemctl",
+        "show",
+        "tangod",
+        "-p",
+        "ActiveState,SubState,Type,NRestarts",
+    ]);
+    let state = String::from_utf8_lossy(&state.stdout).into_owned();
+    assert!(
+        state.contains("ActiveState=active")
+            && state.contains("SubState=running")
+            && state.contains("Type=notify")
+            && state.contains("NRestarts=0"),
+        "tangod.service after boot: {state}\n{}",
+        booted.journal()
+    );
+
+    let hello = booted.run_example("hello");
+    let stdout = String::from_utf8_lossy(&hello.stdout);
+    assert!(
+        hello.status.success() && stdout.contains("Hello, tango!"),
+        "hello under systemd: {}\n{stdout}{}\n{}",
+        hello.status,
+        String::from_utf8_lossy(&hello.stderr),
+        booted.journal()
+    );
+    // The VM's memory cgroup, made in the unit's delegated subtree, holds.
+    let hog = booted.run_example("memory_hog");
+    let stdout = String::from_utf8_lossy(&hog.stdout);
+    assert!(
+        !hog.status.success()
+            && stdout.contains("holding 256 MiB")
+            && !stdout.contains("did NOT stop me"),
+        "memory_hog under systemd: {}\n{stdout}{}",
+        hog.status,
+        String::from_utf8_lossy(&hog.stderr)
+    );
+
+    run_ok(
+        {
+            let mut c = Command::new("docker");
+            c.args(["exec", &booted.name, "systemctl", "stop", "tangod"]);
+            c
+        },
+        "systemctl stop tangod",
+    );
+    let result = booted.exec(&["systemctl", "show", "tangod", "-p", "Result,ExecMainStatus"]);
+    let result = String::from_utf8_lossy(&result.stdout).into_owned();
+    let journal = booted.journal();
+    assert!(
+        result.contains("Result=success")
+            && result.contains("ExecMainStatus=0")
+            && journal.contains("stopping: no new jobs"),
+        "systemctl stop: {result}\n{journal}"
+    );
 }

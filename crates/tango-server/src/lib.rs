@@ -43,7 +43,8 @@ pub fn app(state: AppState) -> axum::Router {
 pub async fn serve(config: config::Config, listener: TcpListener) -> anyhow::Result<()> {
     if config.keys.is_empty() {
         anyhow::bail!(
-            "no key configured: pass --key KEY (or set RESTFUL_KEY); clients send it in every URL"
+            "no key configured: pass --key KEY or --key-file FILE (key_file in the config), \
+             or set RESTFUL_KEY; clients send it in every URL"
         );
     }
     let data = Arc::new(

@@ -13,7 +13,7 @@ if ! cargo deb --version >/dev/null 2>&1; then
   echo "installing cargo-deb" >&2
   # Its own build directory: it shares no crates with tango-rs, and the
   # shared one would stay locked for the whole install.
-  CARGO_TARGET_DIR="$target_dir/../cargo-deb-build" cargo install --locked cargo-deb >&2
+  CARGO_TARGET_DIR="$target_dir/tools/cargo-deb" cargo install --locked cargo-deb >&2
 fi
 if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx "$musl"; then
   rustup target add "$musl" >&2

@@ -55,9 +55,17 @@ mount --rbind /sys "$root/sys"
 mount --rbind /dev "$root/dev"
 exec chroot "$root" "$@""#;
     let mut c = Command::new("unshare");
-    c.args(["--mount", "sh", "-c", ENTER, "sh"])
-        .arg(root)
-        .args(cmd);
+    c.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        ENTER,
+        "sh",
+    ])
+    .arg(root)
+    .args(cmd);
     c
 }
 

@@ -46,6 +46,7 @@ async fn sandbox(config: &Config) -> anyhow::Result<tango_vmms::sandbox::Sandbox
             // The host image shows the host's files: a world-readable
             // TLS key must not be a job's to read.
             .chain(&config.tls_key)
+            .chain(&config.key_file)
             .cloned()
             .collect(),
     })

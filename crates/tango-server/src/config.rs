@@ -26,6 +26,11 @@ pub struct Cli {
     /// is accepted too.
     #[arg(long = "key")]
     pub keys: Vec<String>,
+    /// A file holding one more client key (surrounding whitespace ignored),
+    /// so that the key is in no command line or environment; the Debian
+    /// package makes /etc/tango-rs/key
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
     /// TOML configuration file
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -68,6 +73,8 @@ pub struct Config {
     /// Backends to enable besides the default one.
     pub extra_vmms: Vec<String>,
     pub keys: Vec<String>,
+    /// A file holding one more key; sandbox jobs never see it.
+    pub key_file: Option<PathBuf>,
     pub autodriver: Option<PathBuf>,
     pub log_format: LogFormat,
     /// Serve HTTPS with this certificate chain and key (both or neither).
@@ -105,6 +112,7 @@ impl Default for Config {
             vmms: "sandbox".into(),
             extra_vmms: vec![],
             keys: vec![],
+            key_file: None,
             autodriver: None,
             log_format: LogFormat::Text,
             tls_cert: None,
@@ -269,6 +277,26 @@ impl Default for Ec2Settings {
     }
 }
 
+/// The key in `path`, without the newline an editor or `echo` adds.
+fn read_key_file(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read the key file {} (key_file / --key-file): {e}",
+            path.display()
+        )
+    })?;
+    let key = text.trim();
+    if key.is_empty() {
+        anyhow::bail!(
+            "the key file {} (key_file / --key-file) is empty: write a key into it, \
+             e.g. `head -c 24 /dev/urandom | base64 | tr -d '/+=' > {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    Ok(key.to_string())
+}
+
 impl Config {
     /// The file's settings (or defaults) with the command line applied.
     pub fn load(cli: &Cli) -> anyhow::Result<Config> {
@@ -316,6 +344,12 @@ impl Config {
             if !deployment.is_empty() {
                 config.engine.prefix = deployment.to_lowercase();
             }
+        }
+        if let Some(path) = &cli.key_file {
+            config.key_file = Some(path.clone());
+        }
+        if let Some(path) = &config.key_file {
+            config.keys.push(read_key_file(path)?);
         }
         if let Some(path) = &cli.autodriver {
             config.autodriver = Some(path.clone());

@@ -44,7 +44,8 @@ pub fn app(state: AppState) -> axum::Router {
 pub async fn serve(config: config::Config, listener: TcpListener) -> anyhow::Result<()> {
     if config.keys.is_empty() {
         anyhow::bail!(
-            "no key configured: pass --key KEY (or set RESTFUL_KEY); clients send it in every URL"
+            "no key configured: pass --key KEY or --key-file FILE (key_file in the config), \
+             or set RESTFUL_KEY; clients send it in every URL"
         );
     }
     // Before anything starts: a bad certificate is a mistake to fix now.
@@ -84,6 +85,12 @@ pub async fn serve(config: config::Config, listener: TcpListener) -> anyhow::Res
         https = tls.is_some(),
         "tangod serving"
     );
+    // The listener is bound and the engine has recovered: under systemd
+    // (Type=notify) units ordered after tangod may start now. Without
+    // NOTIFY_SOCKET this does nothing.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!("cannot tell systemd that tangod is ready: {e}");
+    }
     match tls {
         Some(tls) => {
             let listener = tls::TlsListener::new(listener, tls)?;
@@ -151,5 +158,10 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+    // Running jobs may take shutdown_grace_secs: systemd shows the unit as
+    // stopping meanwhile, not as running.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Stopping]) {
+        tracing::warn!("cannot tell systemd that tangod is stopping: {e}");
     }
 }

@@ -388,10 +388,12 @@ async fn health(global: crate::Global, file: config::ConfigFile) -> Result<u8> {
         .or(file.key)
         .or_else(|| std::env::var("RESTFUL_KEY").ok())
         .filter(|k| !k.is_empty());
+    let ca_cert = global.ca_cert.or(file.ca_cert);
     let client = TangoClient::new(
         &url,
         key.as_deref().unwrap_or_default(),
         Duration::from_secs(global.http_timeout.max(1)),
+        ca_cert.as_deref(),
     )?;
     probe(&client, &url, key.is_some(), global.json).await
 }

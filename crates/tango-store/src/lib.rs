@@ -75,9 +75,9 @@ fn version_untouched(path: &Path) -> Result<u32, StoreError> {
     wal.push("-wal");
     if Path::new(&wal).exists() {
         // The newest header may be in the WAL (a server that did not stop
-        // cleanly), which only SQLite reads; its WAL and shared-memory
-        // files exist already, and a read-only connection writes neither
-        // the database nor the WAL.
+        // cleanly), which only SQLite reads. A read-only connection writes
+        // neither the database nor the WAL; at most it makes the WAL's
+        // shared-memory index, which holds no data.
         let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .map_err(|e| StoreError(format!("cannot open database {}: {e}", path.display())))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))

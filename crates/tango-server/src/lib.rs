@@ -55,14 +55,15 @@ pub async fn serve(config: config::Config, listener: TcpListener) -> anyhow::Res
         })?),
         _ => None,
     };
+    let db = config.data_dir.join("tango.db");
+    // Before anything in the data dir is touched: a newer tangod's data dir
+    // is refused as it is.
+    tango_store::SqliteStore::check_version(&db)?;
     let data = Arc::new(
         DataDir::open(&config.data_dir)
             .with_context(|| format!("cannot use data dir {}", config.data_dir.display()))?,
     );
-    let store = Arc::new(tango_store::SqliteStore::open(
-        &config.data_dir.join("tango.db"),
-        config.full_sync,
-    )?);
+    let store = Arc::new(tango_store::SqliteStore::open(&db, config.full_sync)?);
     let backends = backends::start(&config).await?;
     let callbacks = Arc::new(callback::HttpCallbacks::new(
         config.callback_ca_cert.as_deref(),

@@ -559,30 +559,39 @@ fn pool_json(view: &tango_core::engine::PoolView) -> Value {
 }
 
 async fn pool_all(State(state): State<AppState>, V1Path(key): V1Path<String>) -> Response {
-    check_key!(state, key);
-    let pools: Map<String, Value> = state
-        .engine
-        .pools()
-        .iter()
-        .map(|(image, view)| (image.clone(), pool_json(view)))
-        .collect();
-    ok("Found all pools", json!({ "pools": pools })).into_response()
+    pools(&state, &key, "")
 }
 
 async fn pool_one(
     State(state): State<AppState>,
     V1Path((key, image)): V1Path<(String, String)>,
 ) -> Response {
+    pools(&state, &key, &image)
+}
+
+/// Every pool for an empty image, as Tango answers `/pool/<key>//`: that is
+/// what its client asks for when given no `--image`.
+fn pools(state: &AppState, key: &str, image: &str) -> Response {
     check_key!(state, key);
-    match state.engine.pools().get(&image) {
-        Some(view) => ok(
-            "Found pool",
-            json!({ "pools": { image.clone(): pool_json(view) } }),
-        )
-        .into_response(),
+    let pools = state.engine.pools();
+    if image.is_empty() {
+        let all: Map<String, Value> = pools
+            .iter()
+            .map(|(image, view)| (image.clone(), pool_json(view)))
+            .collect();
+        return ok("Found all pools", json!({ "pools": all })).into_response();
+    }
+    match pools.get(image) {
+        Some(view) => {
+            ok("Found pool", json!({ "pools": { image: pool_json(view) } })).into_response()
+        }
         None => fail("Pool not found").into_response(),
     }
 }
+
+/// Tango's VMMS names, which a prealloc body may carry (its client always
+/// sends one): they mean the server's default backend.
+const TANGO_VMMS_NAMES: [&str; 4] = ["localDocker", "distDocker", "ec2SSH", "tashiSSH"];
 
 async fn prealloc(
     State(state): State<AppState>,
@@ -608,6 +617,9 @@ async fn prealloc(
             .into_response();
         };
         vmms = match str_field(&opts, "vmms", false) {
+            // Tango never reads this field (its VMs all come from its one
+            // configured VMMS), and its client sends "localDocker" unasked.
+            Ok(Some(v)) if TANGO_VMMS_NAMES.contains(&v.as_str()) => None,
             Ok(v) => v,
             Err(e) => return fail(e).into_response(),
         };

@@ -342,7 +342,20 @@ impl Config {
                 .into_string()
                 .map_err(|_| anyhow::anyhow!("DOCKER_DEPLOYMENT is not valid UTF-8"))?;
             if !deployment.is_empty() {
-                config.engine.prefix = deployment.to_lowercase();
+                let prefix = deployment.to_lowercase();
+                // It names every container: what Docker takes in a name.
+                let plain = prefix.starts_with(|c: char| c.is_ascii_alphanumeric())
+                    && prefix
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+                if !plain {
+                    anyhow::bail!(
+                        "DOCKER_DEPLOYMENT={deployment:?} cannot prefix VM names: use letters, \
+                         digits, '_', '.' and '-', starting with a letter or digit (or unset \
+                         it to use [engine] prefix)"
+                    );
+                }
+                config.engine.prefix = prefix;
             }
         }
         if let Some(path) = &cli.key_file {

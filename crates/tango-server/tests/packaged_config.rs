@@ -170,3 +170,37 @@ fn key_file_is_read_trimmed_and_refused_when_empty_or_missing() {
     assert!(err.contains("cannot read the key file"), "{err}");
     assert!(err.contains(&*missing.to_string_lossy()), "{err}");
 }
+
+/// Tango's DOCKER_DEPLOYMENT names the VM prefix, lowercased as Tango does;
+/// a value Docker would refuse in a container name stops tangod at start,
+/// naming the variable.
+#[test]
+fn docker_deployment_sets_the_prefix_and_a_bad_one_is_refused() {
+    let run = |value: &str| {
+        Command::new(env!("CARGO_BIN_EXE_tangod"))
+            .args(["--print-config", "--key", "k"])
+            .env("DOCKER_DEPLOYMENT", value)
+            .output()
+            .expect("run tangod")
+    };
+    let out = run("Prod-2");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: toml::Table = toml::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    assert_eq!(
+        lookup(&printed, "engine.prefix").and_then(|v| v.as_str()),
+        Some("prod-2")
+    );
+    for bad in ["my course", "-x", "a:b"] {
+        let out = run(bad);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "DOCKER_DEPLOYMENT={bad:?} was taken");
+        assert!(
+            stderr.contains("DOCKER_DEPLOYMENT") && stderr.contains("cannot prefix VM names"),
+            "DOCKER_DEPLOYMENT={bad:?}: {stderr}"
+        );
+    }
+}

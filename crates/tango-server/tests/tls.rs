@@ -290,6 +290,7 @@ async fn the_tango_client_verifies_the_certificate() {
             .args(extra)
             .arg("info")
             .env_remove("TANGO_CA_CERT")
+            .env_remove("SSL_CERT_FILE")
             .env("HOME", dir.path());
         if let Some(ca) = env_ca {
             cmd.env("TANGO_CA_CERT", ca);
@@ -323,6 +324,20 @@ async fn the_tango_client_verifies_the_certificate() {
     assert!(stderr.contains("--ca-cert"), "{stderr}");
     assert!(stderr.contains("certificate"), "{stderr}");
     assert!(!stderr.contains(KEY), "the key leaked: {stderr}");
+    // A CA in the host's trust store (here the bundle in SSL_CERT_FILE, as
+    // the container image sets it) is trusted without --ca-cert.
+    let out = Command::new(&tango)
+        .args(["--url", &t.url, "--key", KEY, "info"])
+        .env_remove("TANGO_CA_CERT")
+        .env("SSL_CERT_FILE", &server.ca)
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "a CA in SSL_CERT_FILE was not trusted: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Nor does another CA do.
     let other = new_ca("another CA");
     let other_file = dir.path().join("other-ca.pem");

@@ -138,17 +138,39 @@ fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
     files
 }
 
-/// tangod on `data` until it exits: its status and standard error.
+/// tangod on `data` until it exits (at most a minute: a tangod that took
+/// the data dir would serve for ever): its status and standard error.
 fn run_tangod(data: &Path) -> (std::process::ExitStatus, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tangod"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tangod"))
         .arg("--data-dir")
         .arg(data)
         .arg("--listen")
         .arg("127.0.0.1:0")
         .arg("--key")
         .arg(KEY)
-        .output()
+        // Its own VM prefix: the refusal must not hinge on another tangod
+        // of this host holding the default one.
+        .env(
+            "DOCKER_DEPLOYMENT",
+            format!("upgrade-{}", std::process::id()),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "tangod still ran after 60 s on a data dir it should refuse: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
     (
         out.status,
         String::from_utf8_lossy(&out.stderr).into_owned(),

@@ -45,19 +45,21 @@ pub fn check_component(what: &'static str, name: &str) -> Result<(), InvalidName
     Ok(())
 }
 
+/// Whether `name` is made of what Docker takes in a container name,
+/// `[A-Za-z0-9._-]` (and `extra`), starting with a letter or digit.
+fn docker_safe(name: &str, extra: &[char]) -> bool {
+    name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| {
+            c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') || extra.contains(&c)
+        })
+}
+
 /// Image names are stricter than file names: they become container names,
 /// directory names and Docker references, so only `[A-Za-z0-9._-]` (and a
 /// `:tag` suffix) are accepted, starting with an alphanumeric.
 pub fn check_image(name: &str) -> Result<(), InvalidName> {
     check_component("image name", name)?;
-    let ok_first = name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric());
-    let ok_rest = name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'));
-    if !ok_first || !ok_rest || name.len() > 128 {
+    if !docker_safe(name, &[':']) || name.len() > 128 {
         return Err(InvalidName {
             what: "image name",
             reason: "use at most 128 characters of letters, digits, '.', '_', '-' and ':', starting with a letter or digit",
@@ -66,9 +68,34 @@ pub fn check_image(name: &str) -> Result<(), InvalidName> {
     Ok(())
 }
 
+/// A VM prefix as Docker takes it at the head of a container name: only
+/// `[A-Za-z0-9._-]`, starting with an alphanumeric.
+pub fn check_docker_prefix(name: &str) -> Result<(), InvalidName> {
+    check_component("VM prefix", name)?;
+    if !docker_safe(name, &[]) {
+        return Err(InvalidName {
+            what: "VM prefix",
+            reason: "use letters, digits, '_', '.' and '-', starting with a letter or digit",
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn docker_prefixes_are_what_a_container_name_takes() {
+        for good in ["tango", "prod-2", "a.b_c"] {
+            assert!(check_docker_prefix(good).is_ok(), "{good:?}");
+        }
+        for bad in ["", "my course", "-x", ".x", "a:b", "a/b", "caf\u{e9}"] {
+            assert!(check_docker_prefix(bad).is_err(), "{bad:?}");
+        }
+        // An image may carry a tag; a prefix may not.
+        assert!(check_image("a:b").is_ok());
+    }
 
     #[test]
     fn rejects_traversal_and_junk() {

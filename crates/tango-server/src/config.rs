@@ -344,17 +344,12 @@ impl Config {
             if !deployment.is_empty() {
                 let prefix = deployment.to_lowercase();
                 // It names every container: what Docker takes in a name.
-                let plain = prefix.starts_with(|c: char| c.is_ascii_alphanumeric())
-                    && prefix
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-                if !plain {
-                    anyhow::bail!(
-                        "DOCKER_DEPLOYMENT={deployment:?} cannot prefix VM names: use letters, \
-                         digits, '_', '.' and '-', starting with a letter or digit (or unset \
+                tango_core::names::check_docker_prefix(&prefix).map_err(|e| {
+                    anyhow::anyhow!(
+                        "DOCKER_DEPLOYMENT={deployment:?} cannot prefix VM names: {e} (or unset \
                          it to use [engine] prefix)"
-                    );
-                }
+                    )
+                })?;
                 config.engine.prefix = prefix;
             }
         }

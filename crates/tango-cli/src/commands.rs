@@ -37,9 +37,10 @@ impl std::error::Error for AnsweredError {}
 pub async fn dispatch(cli: Cli) -> Result<u8> {
     let global = cli.global;
     let file = config::load_config(global.config.as_deref())?;
+    let ca_cert = global.ca_cert.clone().or_else(|| file.ca_cert.clone());
     match cli.command {
-        Command::Health => health(global, file).await,
-        command => dispatch_with_key(global, file, command).await,
+        Command::Health => health(global, file, ca_cert).await,
+        command => dispatch_with_key(global, file, ca_cert, command).await,
     }
 }
 
@@ -47,6 +48,7 @@ pub async fn dispatch(cli: Cli) -> Result<u8> {
 async fn dispatch_with_key(
     global: crate::Global,
     file: config::ConfigFile,
+    ca_cert: Option<std::path::PathBuf>,
     command: Command,
 ) -> Result<u8> {
     let image_from_command = match &command {
@@ -54,7 +56,6 @@ async fn dispatch_with_key(
         Command::Bench(args) => args.run.image.clone(),
         _ => None,
     };
-    let ca_cert = global.ca_cert.or_else(|| file.ca_cert.clone());
     let settings = config::resolve(global.url, global.key, image_from_command, file)?;
     let client = TangoClient::new(
         &settings.url,
@@ -377,7 +378,11 @@ async fn info(client: &TangoClient, json: bool) -> Result<u8> {
 /// key is at hand. Runs before the usual settings, which require a key:
 /// inside tangod's container the key is only in RESTFUL_KEY, tangod's own
 /// variable.
-async fn health(global: crate::Global, file: config::ConfigFile) -> Result<u8> {
+async fn health(
+    global: crate::Global,
+    file: config::ConfigFile,
+    ca_cert: Option<std::path::PathBuf>,
+) -> Result<u8> {
     let url = global
         .url
         .filter(|u| !u.is_empty())
@@ -388,7 +393,6 @@ async fn health(global: crate::Global, file: config::ConfigFile) -> Result<u8> {
         .or(file.key)
         .or_else(|| std::env::var("RESTFUL_KEY").ok())
         .filter(|k| !k.is_empty());
-    let ca_cert = global.ca_cert.or(file.ca_cert);
     let client = TangoClient::new(
         &url,
         key.as_deref().unwrap_or_default(),

@@ -69,18 +69,6 @@ exec chroot "$root" "$@""#;
     c
 }
 
-fn run_ok(mut cmd: Command, what: &str) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 /// The copied root; removed only once no mount is left inside it (a
 /// recursive delete through a bound /dev or /sys would reach the host's).
 struct Root(Option<tempfile::TempDir>);
@@ -160,11 +148,11 @@ fn installed_package_serves_a_job_with_its_packaged_config() {
     let root = root_guard.0.as_ref().unwrap().path().join("root");
     let mut cp = Command::new("cp");
     cp.arg("-a").arg(&fresh).arg(&root);
-    run_ok(cp, "copying the test root");
+    common::run_ok(&mut cp, "copying the test root");
     std::fs::copy(&deb, root.join("tmp").join(&name)).unwrap();
 
-    let install = in_root(&root, &["dpkg", "-i", &format!("/tmp/{name}")]);
-    run_ok(install, "dpkg -i");
+    let mut install = in_root(&root, &["dpkg", "-i", &format!("/tmp/{name}")]);
+    common::run_ok(&mut install, "dpkg -i");
 
     // What the package and its postinst put there.
     for file in [
@@ -199,8 +187,8 @@ fn installed_package_serves_a_job_with_its_packaged_config() {
         "enabled as {}",
         target.display()
     );
-    let conffiles = run_ok(
-        in_root(&root, &["dpkg-query", "-W", "-f=${Conffiles}", "tango-rs"]),
+    let conffiles = common::run_ok(
+        &mut in_root(&root, &["dpkg-query", "-W", "-f=${Conffiles}", "tango-rs"]),
         "dpkg-query",
     );
     assert!(
@@ -209,8 +197,8 @@ fn installed_package_serves_a_job_with_its_packaged_config() {
         String::from_utf8_lossy(&conffiles.stdout)
     );
     // A reinstall (an upgrade) keeps the key Autolab was given.
-    run_ok(
-        in_root(&root, &["dpkg", "-i", &format!("/tmp/{name}")]),
+    common::run_ok(
+        &mut in_root(&root, &["dpkg", "-i", &format!("/tmp/{name}")]),
         "dpkg -i again",
     );
     let again = std::fs::read_to_string(&key_path).unwrap();
@@ -219,8 +207,8 @@ fn installed_package_serves_a_job_with_its_packaged_config() {
     // The unit, with the units it names, as systemd would load it there;
     // systemd-analyze only warns (exit 0) about unknown or invalid
     // settings, so any output fails.
-    let verify = run_ok(
-        {
+    let verify = common::run_ok(
+        &mut {
             let mut c = Command::new("systemd-analyze");
             c.arg("verify")
                 .arg(format!("--root={}", root.display()))
@@ -447,7 +435,7 @@ fn under_systemd(root: &Path) {
         run.args(["--cgroupns=host", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw"]);
     }
     run.args([&booted.name, "/lib/systemd/systemd"]);
-    run_ok(run, "docker run (systemd)");
+    common::run_ok(&mut run, "docker run (systemd)");
 
     // `is-system-running --wait` waits for the boot to finish, but only once
     // systemd's bus is up, which nothing outside the container can wait
@@ -504,8 +492,8 @@ fn under_systemd(root: &Path) {
         String::from_utf8_lossy(&hog.stderr)
     );
 
-    run_ok(
-        {
+    common::run_ok(
+        &mut {
             let mut c = Command::new("docker");
             c.args(["exec", &booted.name, "systemctl", "stop", "tangod"]);
             c

@@ -20,24 +20,12 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn run(command: &mut Command) -> Output {
-    let output = command.output().expect("run a command");
-    assert!(
-        output.status.success(),
-        "{command:?} failed ({}):\n{}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).trim().to_string()
 }
 
 fn docker(args: &[&str]) -> String {
-    stdout(&run(Command::new("docker").args(args)))
+    stdout(&run_ok(Command::new("docker").args(args), "docker"))
 }
 
 /// The test's container, volume and job containers, removed however the
@@ -168,9 +156,12 @@ fn tango_client() -> PathBuf {
 }
 
 fn tango(url: &str, args: &[&str]) -> Output {
-    run(Command::new(tango_client())
-        .args(["--url", url, "--key", KEY, "--http-timeout", "30"])
-        .args(args))
+    run_ok(
+        Command::new(tango_client())
+            .args(["--url", url, "--key", KEY, "--http-timeout", "30"])
+            .args(args),
+        "tango",
+    )
 }
 
 #[test]
@@ -180,10 +171,13 @@ fn the_image_runs_jobs_through_the_docker_socket_and_keeps_them_across_a_restart
         return;
     }
     let started = Instant::now();
-    let built = run(Command::new(repo_root().join("scripts/build-image.sh"))
-        .env("TANGO_RS_IMAGE", IMAGE)
-        .env("CARGO_TARGET_DIR", target_dir_of_tests())
-        .stderr(Stdio::inherit()));
+    let built = run_ok(
+        Command::new(repo_root().join("scripts/build-image.sh"))
+            .env("TANGO_RS_IMAGE", IMAGE)
+            .env("CARGO_TARGET_DIR", target_dir_of_tests())
+            .stderr(Stdio::inherit()),
+        "scripts/build-image.sh",
+    );
     eprintln!(
         "scripts/build-image.sh took {:.1} s",
         started.elapsed().as_secs_f64()

@@ -11,6 +11,8 @@ use crate::model::{now_ms, CloudCredentials, InputFile, Job, JobId, JobState, Ma
 use crate::names::{check_component, check_image};
 use crate::output::{cap_output, compose_output};
 use crate::store::{OutboxEntry, Store, StoreError};
+mod scheduler;
+
 use crate::vmms::{RunOutcome, RunRequest, RunStatus, Vmms, VmmsError};
 use async_trait::async_trait;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};

@@ -1,0 +1,311 @@
+//! Unit tests of the scheduling policy.
+
+use super::*;
+use proptest::prelude::*;
+
+fn class(image: &str) -> Class {
+    Class {
+        image: image.into(),
+        vmms: "fake".into(),
+        own_account: false,
+    }
+}
+
+/// A scheduler with jobs queued as (id, courselab, submitter, image).
+fn queue(policy: Policy, jobs: &[(JobId, &str, &str, &str)], labs: &[(&str, LabPolicy)]) -> Scheduler {
+    let mut s = Scheduler::new(policy);
+    for &(id, lab, sub, image) in jobs {
+        let policy = labs
+            .iter()
+            .find(|(name, _)| *name == lab)
+            .map_or(LabPolicy::default(), |(_, p)| *p);
+        assert!(s.push(QueuedJob {
+            id,
+            courselab: lab,
+            submitter: sub,
+            class: &class(image),
+            lab: policy,
+        }));
+    }
+    s
+}
+
+/// Starts every job (finishing each at once), in the order chosen.
+fn drain(s: &mut Scheduler) -> Vec<JobId> {
+    let mut order = Vec::new();
+    while let Some(id) = s.next(|_| true) {
+        assert!(s.finished(id));
+        order.push(id);
+    }
+    order
+}
+
+#[test]
+fn round_robin_across_submitters_oldest_first_each() {
+    // "a" queues 1..=4, then "b" 5, 6 and "c" 7.
+    let mut jobs = vec![];
+    for id in 1..=4 {
+        jobs.push((id, "lab", "a", "img"));
+    }
+    jobs.extend([(5, "lab", "b", "img"), (6, "lab", "b", "img"), (7, "lab", "c", "img")]);
+    let mut s = queue(Policy::Fair, &jobs, &[]);
+    assert_eq!(drain(&mut s), vec![1, 5, 7, 2, 6, 3, 4]);
+}
+
+#[test]
+fn fifo_keeps_the_order_of_arrival() {
+    let jobs = [(1, "lab", "a", "img"), (2, "lab", "a", "img"), (3, "lab", "b", "img"), (4, "x", "c", "img")];
+    let mut s = queue(Policy::Fifo, &jobs, &[]);
+    assert_eq!(drain(&mut s), vec![1, 2, 3, 4]);
+}
+
+#[test]
+fn a_late_submitter_goes_before_second_jobs_of_others() {
+    let mut s = queue(Policy::Fair, &[(1, "lab", "a", "img"), (2, "lab", "a", "img"), (3, "lab", "a", "img")], &[]);
+    assert_eq!(s.next(|_| true), Some(1));
+    // "a" has had a job started: a newcomer's first job comes before "a"'s
+    // second, although it is younger.
+    s.push(QueuedJob {
+        id: 10,
+        courselab: "lab",
+        submitter: "late",
+        class: &class("img"),
+        lab: LabPolicy::default(),
+    });
+    assert_eq!(s.next(|_| true), Some(10));
+    assert_eq!(s.next(|_| true), Some(2));
+}
+
+#[test]
+fn a_submitter_whose_queue_emptied_starts_a_new_first_round() {
+    let mut s = queue(Policy::Fair, &[(1, "lab", "a", "img"), (2, "lab", "b", "img"), (3, "lab", "b", "img")], &[]);
+    assert_eq!(s.next(|_| true), Some(1));
+    assert_eq!(s.next(|_| true), Some(2));
+    // "a" had nothing queued: its new job is a first one, before "b"'s second.
+    s.push(QueuedJob {
+        id: 4,
+        courselab: "lab",
+        submitter: "a",
+        class: &class("img"),
+        lab: LabPolicy::default(),
+    });
+    assert_eq!(s.next(|_| true), Some(4));
+    assert_eq!(s.next(|_| true), Some(3));
+}
+
+#[test]
+fn courselabs_take_turns() {
+    let mut jobs = vec![];
+    for id in 1..=4 {
+        jobs.push((id, "big", if id % 2 == 0 { "x" } else { "y" }, "img"));
+    }
+    jobs.extend([(10, "small", "s", "img"), (11, "small", "t", "img")]);
+    let mut s = queue(Policy::Fair, &jobs, &[]);
+    assert_eq!(drain(&mut s), vec![1, 10, 2, 11, 3, 4]);
+}
+
+#[test]
+fn weights_share_starts_between_courselabs() {
+    let mut jobs = vec![];
+    for id in 1..=8 {
+        jobs.push((id, "heavy", "h", "img"));
+    }
+    for id in 101..=8 + 100 {
+        jobs.push((id, "light", "l", "img"));
+    }
+    let heavy = LabPolicy {
+        weight: 3,
+        max_running: None,
+    };
+    let mut s = queue(Policy::Fair, &jobs, &[("heavy", heavy)]);
+    let order = drain(&mut s);
+    let first_eight: Vec<bool> = order[..8].iter().map(|id| *id < 100).collect();
+    assert_eq!(first_eight.iter().filter(|heavy| **heavy).count(), 6, "{order:?}");
+}
+
+#[test]
+fn an_idle_courselab_banks_no_share() {
+    let mut jobs = vec![];
+    for id in 1..=20 {
+        jobs.push((id, "busy", "b", "img"));
+    }
+    let mut s = queue(Policy::Fair, &jobs, &[]);
+    for _ in 0..10 {
+        let id = s.next(|_| true).unwrap();
+        s.finished(id);
+    }
+    // Ten starts later, a new courselab gets every other start, not ten in a row.
+    for id in 100..104 {
+        s.push(QueuedJob {
+            id,
+            courselab: "new",
+            submitter: &format!("n{id}"),
+            class: &class("img"),
+            lab: LabPolicy::default(),
+        });
+    }
+    let order: Vec<JobId> = (0..4).filter_map(|_| s.next(|_| true)).collect();
+    assert_eq!(order.iter().filter(|id| **id >= 100).count(), 2, "{order:?}");
+}
+
+#[test]
+fn max_running_holds_a_courselab_back_until_a_job_ends() {
+    let capped = LabPolicy {
+        weight: 1,
+        max_running: Some(1),
+    };
+    let mut s = queue(Policy::Fair, &[(1, "cap", "a", "img"), (2, "cap", "b", "img"), (3, "other", "c", "img")], &[("cap", capped)]);
+    assert_eq!(s.next(|_| true), Some(1));
+    assert_eq!(s.next(|_| true), Some(3));
+    assert_eq!(s.next(|_| true), None, "the courselab is at its cap");
+    assert_eq!(s.running_of("cap"), 1);
+    assert!(s.finished(1));
+    assert!(!s.finished(1), "finished twice");
+    assert_eq!(s.next(|_| true), Some(2));
+}
+
+#[test]
+fn a_job_that_can_start_goes_when_the_fair_choice_cannot() {
+    // "a"'s job needs image x, which has no VM now; "b"'s second job can run
+    // on a free VM of y: no VM idles while a job could run on it.
+    let mut s = queue(Policy::Fair, &[(1, "lab", "b", "y"), (2, "lab", "a", "x"), (3, "lab", "b", "y")], &[]);
+    assert_eq!(s.next(|_| true), Some(1));
+    let mut asked = Vec::new();
+    let next = s.next(|c| {
+        asked.push(c.image.clone());
+        c.image == "y"
+    });
+    assert_eq!(next, Some(3));
+    asked.sort();
+    assert_eq!(asked, ["x", "y"], "each class is asked once");
+    assert_eq!(s.next(|c| c.image == "y"), None);
+    assert_eq!(s.next(|_| true), Some(2));
+}
+
+#[test]
+fn remove_and_counts() {
+    let mut s = queue(Policy::Fair, &[(1, "lab", "a", "img"), (2, "lab", "a", "img"), (3, "lab", "b", "img")], &[]);
+    assert_eq!(s.len(), 3);
+    assert_eq!(s.queued_of("lab", "a"), 2);
+    assert_eq!(s.queued_of("lab", "nobody"), 0);
+    assert_eq!(s.oldest(), Some(1));
+    assert!(!s.push(QueuedJob {
+        id: 1,
+        courselab: "lab",
+        submitter: "a",
+        class: &class("img"),
+        lab: LabPolicy::default(),
+    }));
+    assert!(s.remove(1));
+    assert!(!s.remove(1));
+    assert_eq!(s.oldest(), Some(2));
+    assert_eq!(drain(&mut s), vec![2, 3]);
+    assert!(s.is_empty());
+    assert!(s.labs.is_empty() && s.subs.is_empty() && s.lanes.is_empty(), "nothing kept for an empty queue");
+}
+
+#[test]
+fn a_retried_job_goes_back_to_its_place() {
+    let mut s = queue(Policy::Fair, &[(1, "lab", "a", "img"), (2, "lab", "a", "img"), (3, "lab", "b", "img")], &[]);
+    assert_eq!(s.next(|_| true), Some(1));
+    s.finished(1);
+    s.push(QueuedJob {
+        id: 1,
+        courselab: "lab",
+        submitter: "a",
+        class: &class("img"),
+        lab: LabPolicy::default(),
+    });
+    // "a" is in its second round, so "b" first; then "a"'s oldest, job 1.
+    assert_eq!(drain(&mut s), vec![3, 1, 2]);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Push { lab: u8, sub: u8, image: u8 },
+    Next { allowed: u8 },
+    Finish { pick: u8 },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0u8..3, 0u8..5, 0u8..2).prop_map(|(lab, sub, image)| Op::Push { lab, sub, image }),
+        2 => (0u8..4).prop_map(|allowed| Op::Next { allowed }),
+        1 => any::<u8>().prop_map(|pick| Op::Finish { pick }),
+    ]
+}
+
+proptest! {
+    /// Every queued job starts exactly once, caps hold, only allowed classes
+    /// start, and (fair) a submitter's job never starts while another
+    /// submitter of its courselab waits in an earlier round.
+    #[test]
+    fn every_job_starts_once_in_fair_rounds(ops in proptest::collection::vec(op(), 1..200), fifo in any::<bool>()) {
+        let policy = if fifo { Policy::Fifo } else { Policy::Fair };
+        let mut s = Scheduler::new(policy);
+        let capped = LabPolicy { weight: 2, max_running: Some(2) };
+        let mut next_id = 0;
+        let mut queued: BTreeMap<JobId, (u8, u8, u8)> = BTreeMap::new();
+        let mut running: Vec<(JobId, u8)> = Vec::new();
+        let mut started = BTreeSet::new();
+        // Per (lab, sub): jobs started since its queue was last empty.
+        let mut rounds: HashMap<(u8, u8), u64> = HashMap::new();
+        let mut start = |s: &mut Scheduler, allowed: u8, queued: &mut BTreeMap<JobId, (u8, u8, u8)>, running: &mut Vec<(JobId, u8)>| -> Option<JobId> {
+            let id = s.next(|c| allowed & (1 << (c.image.as_bytes()[0] - b'0')) != 0)?;
+            let (lab, sub, image) = queued.remove(&id).expect("a queued job");
+            assert!(allowed & (1 << image) != 0, "job {id} of a class not allowed");
+            assert!(started.insert(id), "job {id} started twice");
+            if lab == 0 {
+                assert!(running.iter().filter(|(_, l)| *l == 0).count() < 2, "cap exceeded");
+            }
+            if policy == Policy::Fair {
+                let mine = rounds.get(&(lab, sub)).copied().unwrap_or(0);
+                let capped_out = |l: u8| l == 0 && running.iter().filter(|(_, x)| *x == 0).count() >= 2;
+                for (other, &(l, o, i)) in queued.iter() {
+                    if l == lab && o != sub && allowed & (1 << i) != 0 && !capped_out(l) {
+                        let theirs = rounds.get(&(l, o)).copied().unwrap_or(0);
+                        assert!(theirs >= mine, "job {id} of round {mine} before job {other} of round {theirs}");
+                    }
+                }
+                let r = rounds.entry((lab, sub)).or_default();
+                *r += 1;
+                if !queued.values().any(|&(l, o, _)| l == lab && o == sub) {
+                    rounds.remove(&(lab, sub));
+                }
+            }
+            running.push((id, lab));
+            Some(id)
+        };
+        for op in ops {
+            match op {
+                Op::Push { lab, sub, image } => {
+                    next_id += 1;
+                    let name = format!("lab{lab}");
+                    let submitter = format!("s{sub}");
+                    let policy = if lab == 0 { capped } else { LabPolicy::default() };
+                    let pushed = s.push(QueuedJob { id: next_id, courselab: &name, submitter: &submitter, class: &class(&image.to_string()), lab: policy });
+                    prop_assert!(pushed);
+                    queued.insert(next_id, (lab, sub, image));
+                }
+                Op::Next { allowed } => {
+                    start(&mut s, allowed, &mut queued, &mut running);
+                }
+                Op::Finish { pick } => {
+                    if !running.is_empty() {
+                        let (id, _) = running.remove(usize::from(pick) % running.len());
+                        prop_assert!(s.finished(id));
+                    }
+                }
+            }
+            prop_assert_eq!(s.len(), queued.len());
+        }
+        // Drain: everything still queued starts once VMs are free.
+        while !queued.is_empty() {
+            while let Some((id, _)) = running.pop() {
+                prop_assert!(s.finished(id));
+            }
+            prop_assert!(start(&mut s, 0b11, &mut queued, &mut running).is_some(), "a queued job never starts");
+        }
+        prop_assert!(s.is_empty());
+    }
+}

@@ -4,7 +4,7 @@
 
 use super::pools::{evict_idle, Pool};
 use super::worker::{Step, SystemFailure};
-use super::{EngineError, Inner};
+use super::{EngineError, Inner, State};
 use crate::model::{now_ms, JobId, JobState};
 use std::sync::Arc;
 use tracing::{info, Instrument};
@@ -51,10 +51,10 @@ impl Inner {
                 requeued += 1;
             }
             let mut st = self.lock();
-            st.queue.insert(job.id);
+            st.enqueue(job.id);
             st.live.insert(job.id, job);
         }
-        let queued = self.lock().queue.len();
+        let queued = self.lock().queued();
         if queued > 0 {
             info!(queued, requeued, "recovered jobs from the store");
         }
@@ -78,7 +78,7 @@ impl Inner {
             return;
         }
         let max_vms = self.config.max_vms;
-        let candidates: Vec<JobId> = st.queue.iter().copied().collect();
+        let candidates: Vec<JobId> = st.queued_ids().collect();
         for id in candidates {
             let no_free_anywhere = st.pools.values().all(|p| p.free.is_empty());
             if no_free_anywhere && st.vm_count >= max_vms {
@@ -132,6 +132,25 @@ impl Inner {
             self.workers
                 .spawn(async move { inner.run_worker(job, warm).await }.instrument(span));
         }
+    }
+}
+
+/// The queue, as the rest of the engine sees it: a job goes in, the
+/// dispatcher decides what comes out.
+impl State {
+    /// Queues a job whose record is in `live`.
+    pub(super) fn enqueue(&mut self, id: JobId) {
+        self.queue.insert(id);
+    }
+
+    /// How many jobs are queued.
+    pub(super) fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// The queued jobs, in the order they may start.
+    pub(super) fn queued_ids(&self) -> impl Iterator<Item = JobId> + '_ {
+        self.queue.iter().copied()
     }
 }
 

@@ -132,6 +132,8 @@ pub struct PoolView {
 
 #[derive(Default)]
 struct State {
+    /// Read and changed only through the methods in `dispatch.rs`, where
+    /// the order jobs start in is decided.
     queue: BTreeSet<JobId>,
     live: HashMap<JobId, Job>,
     pools: HashMap<String, Pool>,
@@ -249,12 +251,11 @@ impl Engine {
     pub fn queue_stats(&self) -> (usize, Option<i64>) {
         let st = self.inner.lock();
         let oldest = st
-            .queue
-            .iter()
-            .filter_map(|id| st.live.get(id))
+            .queued_ids()
+            .filter_map(|id| st.live.get(&id))
             .filter_map(|job| job.phases.added)
             .min();
-        (st.queue.len(), oldest.map(|added| now_ms() - added))
+        (st.queued(), oldest.map(|added| now_ms() - added))
     }
 
     /// Live jobs by state: (queued, running).
@@ -308,7 +309,7 @@ impl Engine {
         info!(job = id, courselab = %job.courselab, image = %job.image, "job added");
         {
             let mut st = inner.lock();
-            st.queue.insert(id);
+            st.enqueue(id);
             st.live.insert(id, job);
         }
         inner.dispatch_wake.notify_one();
@@ -362,7 +363,7 @@ impl Engine {
     }
 
     pub fn queue_len(&self) -> usize {
-        self.inner.lock().queue.len()
+        self.inner.lock().queued()
     }
 
     /// Output printed so far by a running job.

@@ -377,7 +377,7 @@ impl Inner {
                     _ = tokio::time::sleep(Duration::from_millis(delay_ms)) => {}
                     _ = inner.stop.cancelled() => return,
                 }
-                inner.lock().queue.insert(id);
+                inner.lock().enqueue(id);
                 inner.dispatch_wake.notify_one();
             });
             return;
@@ -407,7 +407,7 @@ impl Inner {
             warn!(job = job.id, "cannot record the retry: {e}");
         }
         let mut st = self.lock();
-        st.queue.insert(job.id);
+        st.enqueue(job.id);
         st.live.insert(job.id, job);
     }
 

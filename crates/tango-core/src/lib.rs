@@ -1,8 +1,14 @@
 //! tango-core owns the model of tango-rs (jobs, machines, input files,
 //! traces), the [`Vmms`] trait every backend implements, the [`Store`] trait
-//! the engine persists through, the job engine (queue, dispatcher, pools,
-//! worker steps, retries, callback outbox), the data directory layout and
-//! the output-file format.
+//! the engine persists through, the job engine, the data directory layout
+//! and the output-file format.
+//!
+//! The job engine ([`engine`]) is a folder, one concern per file:
+//! `engine/mod.rs` the public API, shared state and validation;
+//! `engine/dispatch.rs` the queue (what starts next) and restart recovery;
+//! `engine/pools.rs` VM pools and placement; `engine/worker.rs` one job's
+//! steps and retries; `engine/outbox.rs` callback delivery;
+//! `engine/sweeps.rs` the orphan-VM and unused-blob sweeps.
 //!
 //! It knows nothing of HTTP servers, SQL or any particular backend.
 
@@ -17,9 +23,6 @@ pub mod store;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod vmms;
-
-#[cfg(test)]
-mod engine_tests;
 
 pub use config::{EngineConfig, Timeouts};
 pub use engine::{CallbackSender, Engine, EngineError, NewJob, MAX_POOL_SIZE};

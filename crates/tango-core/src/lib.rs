@@ -21,7 +21,7 @@ pub mod vmms;
 #[cfg(test)]
 mod engine_tests;
 
-pub use config::{EngineConfig, Timeouts};
+pub use config::{CourselabPolicy, EngineConfig, Scheduling, Timeouts};
 pub use engine::{CallbackSender, Engine, EngineError, NewJob, MAX_POOL_SIZE};
 pub use model::*;
 pub use store::{OutboxEntry, Store, StoreError};

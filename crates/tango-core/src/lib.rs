@@ -24,7 +24,7 @@ pub mod store;
 pub mod testing;
 pub mod vmms;
 
-pub use config::{EngineConfig, Timeouts};
+pub use config::{CourselabPolicy, EngineConfig, Scheduling, Timeouts};
 pub use engine::{CallbackSender, Engine, EngineError, NewJob, MAX_POOL_SIZE};
 pub use model::*;
 pub use store::{OutboxEntry, Store, StoreError};

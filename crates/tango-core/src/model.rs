@@ -2,6 +2,7 @@
 //! and the HTTP layer.
 
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::path::PathBuf;
 
 pub type JobId = u64;
@@ -140,6 +141,11 @@ pub struct Job {
     /// The courselab's name alone (without the key), for logs and metrics.
     #[serde(default)]
     pub courselab: String,
+    /// Who submitted the job, the unit of fairness within a courselab (see
+    /// [`submitter_from_job_name`]). Records stored by builds before it
+    /// have none: [`Job::submitter_or_derived`] derives it for them.
+    #[serde(default)]
+    pub submitter: String,
     pub image: String,
     pub vmms: String,
     pub inputs: Vec<InputFile>,
@@ -170,7 +176,8 @@ pub struct Job {
 }
 
 impl Job {
-    /// A queued job with no inputs or limits yet, added now.
+    /// A queued job with no inputs or limits yet, added now; its submitter
+    /// is the one its name shows ([`submitter_from_job_name`]).
     pub fn new(
         name: String,
         courselab_dir: String,
@@ -180,6 +187,7 @@ impl Job {
     ) -> Job {
         Job {
             id: 0,
+            submitter: submitter_from_job_name(&name),
             name,
             courselab_dir,
             courselab,
@@ -207,12 +215,62 @@ impl Job {
         }
     }
 
+    /// The submitter the job was given, or for a job without one (stored
+    /// before submitters were recorded, or made without one) the submitter
+    /// its name shows.
+    pub fn submitter_or_derived(&self) -> Cow<'_, str> {
+        if self.submitter.is_empty() {
+            Cow::Owned(submitter_from_job_name(&self.name))
+        } else {
+            Cow::Borrowed(&self.submitter)
+        }
+    }
+
     pub fn add_trace(&mut self, message: impl Into<String>) {
         self.trace.push(TraceEntry {
             at_ms: now_ms(),
             message: message.into(),
         });
     }
+}
+
+/// Longest submitter kept, in bytes: it is a key the scheduler holds for
+/// every queued job, and a job name may be up to 1 KiB of a client's text.
+pub const MAX_SUBMITTER_BYTES: usize = 255;
+
+/// Who submitted a job, from its `jobName`. Autolab names a job
+/// `<course>_<assessment>_<version>_<email>` (its `get_job_name`), so the
+/// submitter is what follows the last `_<digits>_`; a name without one (other
+/// clients, or nothing after it) is its own submitter. An email that itself
+/// holds `_<digits>_` loses its head (`ann_12_b@x` gives `b@x`): the split
+/// key is then narrower than the student, still one per student. Cut to
+/// [`MAX_SUBMITTER_BYTES`] on a character boundary.
+pub fn submitter_from_job_name(name: &str) -> String {
+    let bytes = name.as_bytes();
+    // Each candidate is an underscore closing a run of digits that an
+    // underscore opens; from the right, each byte is looked at a bounded
+    // number of times, so hostile names cost linear time.
+    let mut end = bytes.len();
+    let mut start = 0;
+    while let Some(close) = bytes[..end].iter().rposition(|&b| b == b'_') {
+        let digits = bytes[..close]
+            .iter()
+            .rev()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        let open = close - digits;
+        if digits > 0 && open > 0 && bytes[open - 1] == b'_' && close + 1 < bytes.len() {
+            start = close + 1;
+            break;
+        }
+        end = close;
+    }
+    let submitter = &name[start..];
+    let mut cut = submitter.len().min(MAX_SUBMITTER_BYTES);
+    while !submitter.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    submitter[..cut].to_string()
 }
 
 pub fn now_ms() -> i64 {
@@ -245,6 +303,94 @@ mod tests {
         assert_eq!(parse_machine_name("tango", "tango-x-a"), None);
         assert_eq!(parse_machine_name("tango", "tango-1-"), None);
         assert_eq!(parse_machine_name("other", &m.name), None);
+    }
+
+    #[test]
+    fn submitters_of_autolab_job_names() {
+        let cases = [
+            // Autolab: <course>_<assessment>_<version>_<email>.
+            (
+                "15213-f26_datalab_3_ann@andrew.cmu.edu",
+                "ann@andrew.cmu.edu",
+            ),
+            (
+                "15213-f26_datalab_12_john_doe99@cmu.edu",
+                "john_doe99@cmu.edu",
+            ),
+            // Digits and underscores in course and assessment names.
+            ("cs_101_lab_2_part_1_7_bo_b@x.edu", "bo_b@x.edu"),
+            ("15-213_lab3_1_x_2@y.org", "x_2@y.org"),
+            // An email holding `_<digits>_` keeps only what follows it.
+            ("c_a_4_ann_12_b@x", "b@x"),
+            // No version: the whole name.
+            ("handin-ann@x.edu", "handin-ann@x.edu"),
+            ("course_lab_ann@x.edu", "course_lab_ann@x.edu"),
+            ("course_lab_v2_ann", "course_lab_v2_ann"),
+            // Nothing after the version: the whole name.
+            ("course_lab_3_", "course_lab_3_"),
+            // A version at the very start has no `_` before it.
+            ("3_ann", "3_ann"),
+            ("_3_ann", "ann"),
+            ("", ""),
+            ("_", "_"),
+            ("__", "__"),
+            ("_1_", "_1_"),
+            ("\u{e9}t\u{e9}_l_1_\u{e9}l\u{e8}ve@x", "\u{e9}l\u{e8}ve@x"),
+        ];
+        for (name, submitter) in cases {
+            assert_eq!(submitter_from_job_name(name), submitter, "{name:?}");
+        }
+    }
+
+    #[test]
+    fn hostile_job_names_give_bounded_submitters() {
+        let long = format!("c_a_1_{}", "\u{e9}".repeat(1000));
+        let s = submitter_from_job_name(&long);
+        assert!(s.len() <= MAX_SUBMITTER_BYTES && s.len() >= MAX_SUBMITTER_BYTES - 1);
+        assert!(s.chars().all(|c| c == '\u{e9}'));
+        for name in [
+            "_".repeat(5000),
+            "_1".repeat(5000),
+            "1_".repeat(5000),
+            "9".repeat(5000),
+            format!("{}_", "_1".repeat(3000)),
+        ] {
+            let s = submitter_from_job_name(&name);
+            assert!(s.len() <= MAX_SUBMITTER_BYTES, "{}", s.len());
+            assert!(name.ends_with(&s) || name.starts_with(&s));
+        }
+    }
+
+    #[test]
+    fn submitter_or_derived_prefers_the_recorded_one() {
+        let mut job = Job::new(
+            "c_lab_2_ann@x.edu".into(),
+            "k-c-lab".into(),
+            "c-lab".into(),
+            "img".into(),
+            "sandbox".into(),
+        );
+        assert_eq!(job.submitter, "ann@x.edu");
+        job.submitter = "bob@x.edu".into();
+        assert_eq!(job.submitter_or_derived(), "bob@x.edu");
+        job.submitter.clear();
+        assert_eq!(job.submitter_or_derived(), "ann@x.edu");
+    }
+
+    #[test]
+    fn records_without_a_submitter_still_load() {
+        let job = Job::new(
+            "c_lab_2_ann@x.edu".into(),
+            "k-c-lab".into(),
+            "c-lab".into(),
+            "img".into(),
+            "sandbox".into(),
+        );
+        let mut record = serde_json::to_value(&job).unwrap();
+        record.as_object_mut().unwrap().remove("submitter");
+        let old: Job = serde_json::from_value(record).unwrap();
+        assert_eq!(old.submitter, "");
+        assert_eq!(old.submitter_or_derived(), "ann@x.edu");
     }
 
     #[test]

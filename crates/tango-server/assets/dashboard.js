@@ -212,18 +212,19 @@ function renderPools(pools) {
 
 function renderQueue(queued, now) {
   $("c-queue").textContent = queued.length ? "(" + queued.length + ")" : "";
-  // Oldest first: the order the dispatcher serves them. A deadline queue
-  // can be long; the first rows are the ones that matter.
+  // Oldest first: the longest waits lead (fair scheduling may start a
+  // later job of another submitter first). A deadline queue can be long;
+  // the first rows are the ones that matter.
   const rows = queued.slice().reverse();
   fillTable(
     $("queue"),
     rows.slice(0, QUEUE_ROWS),
-    (j) => ["#" + j.id, j.name, j.courselab, j.image, duration(span(j.phases.added, now))],
+    (j) => ["#" + j.id, j.name, j.submitter, j.courselab, j.image, duration(span(j.phases.added, now))],
     "nothing waiting",
   );
   if (rows.length > QUEUE_ROWS) {
     $("queue").tBodies[0].append(
-      el("tr", {}, el("td", { class: "empty", colspan: 5 }, "… and " + (rows.length - QUEUE_ROWS) + " more")),
+      el("tr", {}, el("td", { class: "empty", colspan: 6 }, "… and " + (rows.length - QUEUE_ROWS) + " more")),
     );
   }
 }
@@ -239,6 +240,7 @@ function renderRunning(running, details, now) {
         "div",
         { class: "head" },
         el("span", { class: "name" }, "#" + job.id + " " + job.name),
+        el("span", { class: "meta" }, "by " + job.submitter),
         el("span", { class: "meta" }, job.courselab + " · " + job.image + " · " + (job.vm || "")),
         el("span", { class: "meta" }, "running " + duration(span(job.phases.copied_in || job.phases.assigned, now)) + " of " + job.timeout_secs + " s"),
       ),

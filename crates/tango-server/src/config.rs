@@ -4,7 +4,7 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use tango_core::{EngineConfig, MAX_POOL_SIZE};
+use tango_core::{CourselabPolicy, EngineConfig, MAX_POOL_SIZE};
 
 /// tangod: a drop-in Tango v1 job server for Autolab.
 ///
@@ -99,6 +99,9 @@ pub struct Config {
     pub docker: DockerSettings,
     /// Pools preallocated at every start (`[[pools]]`), as `/prealloc` does.
     pub pools: Vec<PoolSettings>,
+    /// Weights and caps of courselabs for the fair scheduler
+    /// (`[[courselabs]]`), first match wins; handed to the engine.
+    pub courselabs: Vec<CourselabPolicy>,
     /// Read whether or not tangod was built with the `ec2` feature, so a
     /// config file means the same to every build.
     pub ec2: Ec2Settings,
@@ -126,6 +129,7 @@ impl Default for Config {
             sandbox: SandboxSettings::default(),
             docker: DockerSettings::default(),
             pools: vec![],
+            courselabs: vec![],
             ec2: Ec2Settings::default(),
         }
     }
@@ -385,6 +389,8 @@ impl Config {
                 .map_err(|e| anyhow::anyhow!("{e}: keys become directory names"))?;
         }
         config.check_pools()?;
+        config.engine.courselabs = config.courselabs.clone();
+        config.engine.validate()?;
         Ok(config)
     }
 

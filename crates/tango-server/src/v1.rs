@@ -503,7 +503,9 @@ async fn info(State(state): State<AppState>, V1Path(key): V1Path<String>) -> Res
     .into_response()
 }
 
-/// A job record in Tango's `/jobs` shape, plus `state` and `phases`.
+/// A job record in Tango's `/jobs` shape, plus `state`, `phases` and
+/// `submitter` (Autolab reads the fields it knows by name and passes over
+/// others).
 pub fn job_json(job: &Job) -> Value {
     let dir = &job.courselab_dir;
     let vm = job.vm.as_ref();
@@ -534,6 +536,7 @@ pub fn job_json(job: &Job) -> Value {
         "trace": job.trace.iter().map(|t| format!("{}|{}", ctime(t.at_ms), t.message)).collect::<Vec<_>>(),
         "state": job.state.as_str(),
         "phases": job.phases,
+        "submitter": job.submitter_or_derived(),
     })
 }
 

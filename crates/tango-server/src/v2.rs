@@ -166,6 +166,7 @@ fn job_summary(caller: &Caller, job: &Job) -> Value {
         "id": job.id,
         "name": job.name,
         "courselab": courselab_name(caller, &job.courselab_dir),
+        "submitter": job.submitter_or_derived(),
         "state": job.state.as_str(),
         "outcome": job.outcome,
         "image": job.image,

@@ -856,3 +856,102 @@ async fn json_log_lines_about_a_job_name_its_courselab() {
         );
     }
 }
+
+/// The submitter (the email in Autolab's jobName) of queued and running
+/// jobs, in v1 `/jobs`, in `/v2/jobs` and on the dashboard (issue 20).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_show_their_submitters() {
+    if !root_or_skip("jobs_show_their_submitters") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // One VM: the first job runs, the others wait behind it.
+    let server = Tangod::start(
+        &dir.path().join("data"),
+        "[engine]\nmax_vms = 1\nshutdown_grace_secs = 1\n",
+    );
+    let c = server.client();
+    let lab = "15213-f26-datalab";
+    c.open(lab).await;
+    c.upload(lab, "Makefile", b"all:\n\t@sleep 60\n").await;
+    // Autolab's `<course>_<assessment>_<version>_<email>`, emails with
+    // underscores and digits, and a name from another client.
+    let jobs = [
+        (
+            "15213-f26_datalab_1_ann_lee7@andrew.cmu.edu",
+            "ann_lee7@andrew.cmu.edu",
+        ),
+        ("15213-f26_datalab_12_bob@cmu.edu", "bob@cmu.edu"),
+        ("15213-f26_data_lab_2_3_c_99@cmu.edu", "c_99@cmu.edu"),
+        ("nightly-regrade", "nightly-regrade"),
+    ];
+    let mut ids = Vec::new();
+    for (i, (name, _)) in jobs.iter().enumerate() {
+        let v = c
+            .add_job(lab, &job(name, &format!("out{i}"), None, 120))
+            .await;
+        assert_eq!(v["statusId"], 0, "{v}");
+        ids.push(v["jobId"].as_str().unwrap().parse::<u64>().unwrap());
+    }
+    let start = Instant::now();
+    loop {
+        let (_, v) = v2(&c, &format!("/v2/jobs/{}", ids[0]), Some(KEY)).await;
+        if v["state"] == "running" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the first job never ran: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let by_name = |list: &Value| -> BTreeMap<String, String> {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|j| {
+                let submitter = j["submitter"].as_str().unwrap_or_else(|| panic!("{j}"));
+                (
+                    j["name"].as_str().unwrap().to_string(),
+                    submitter.to_string(),
+                )
+            })
+            .collect()
+    };
+    let expected: BTreeMap<String, String> = jobs
+        .iter()
+        .map(|(n, s)| (n.to_string(), s.to_string()))
+        .collect();
+    let v1 = c.get(&format!("/jobs/{KEY}/0/")).await;
+    assert_eq!(by_name(&v1["jobs"]), expected, "{v1}");
+    let (status, listed) = v2(&c, "/v2/jobs", Some(KEY)).await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(by_name(&listed["jobs"]), expected, "{listed}");
+    let (_, one) = v2(&c, &format!("/v2/jobs/{}", ids[1]), Some(KEY)).await;
+    assert_eq!(one["submitter"], "bob@cmu.edu", "{one}");
+
+    let Some(dom) = chromium(
+        &format!("{}/dashboard#key={KEY}", c.url),
+        &["--dump-dom".into()],
+    )
+    .await
+    else {
+        eprintln!(
+            "SKIPPED the browser part of jobs_show_their_submitters: no `chromium` \
+             (apt-get install -y chromium)"
+        );
+        return;
+    };
+    let queue = table_body(&dom, "queue");
+    for (_, submitter) in &jobs[1..] {
+        assert!(
+            queue.contains(&format!("<td>{submitter}</td>")),
+            "{submitter} is not in the queue's Submitter column:\n{queue}"
+        );
+    }
+    assert!(
+        dom.contains("by ann_lee7@andrew.cmu.edu"),
+        "the running job's submitter is not on its card:\n{dom}"
+    );
+}

@@ -107,7 +107,7 @@ fn packaged_config_names_every_setting_with_its_default() {
         settings.len()
     );
     // The package's own values, and what the file's examples set.
-    let package_values = ["data_dir", "keys", "pools", "ec2.images"];
+    let package_values = ["data_dir", "keys", "pools", "courselabs", "ec2.images"];
     let mut wrong = Vec::new();
     for (path, default) in &settings {
         match lookup(&on, path) {
@@ -202,5 +202,89 @@ fn docker_deployment_sets_the_prefix_and_a_bad_one_is_refused() {
             stderr.contains("DOCKER_DEPLOYMENT") && stderr.contains("cannot prefix VM names"),
             "DOCKER_DEPLOYMENT={bad:?}: {stderr}"
         );
+    }
+}
+
+/// The scheduling settings (issue 20) as `--print-config` shows them, and
+/// the mistakes tangod refuses at start, each with what to do instead.
+#[test]
+fn scheduling_settings_are_printed_and_mistakes_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tangod.toml");
+    let with = |text: &str| {
+        std::fs::write(&config, text).unwrap();
+        tangod(&[
+            "--config".as_ref(),
+            config.as_os_str(),
+            "--print-config".as_ref(),
+        ])
+    };
+    let out = with(
+        "[engine]\nscheduling = \"fifo\"\nmax_queued_per_submitter = 20\n\n\
+         [[courselabs]]\nname = \"15213-f26-*\"\nweight = 3\nmax_running = 8\n\n\
+         [[courselabs]]\nname = \"15122-?26-lab\"\n",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let printed: toml::Table = toml::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    assert_eq!(
+        lookup(&printed, "engine.scheduling").and_then(|v| v.as_str()),
+        Some("fifo")
+    );
+    assert_eq!(
+        lookup(&printed, "engine.max_queued_per_submitter").and_then(|v| v.as_integer()),
+        Some(20)
+    );
+    let courselabs = printed["courselabs"].as_array().unwrap();
+    assert_eq!(courselabs.len(), 2);
+    assert_eq!(courselabs[0]["name"].as_str(), Some("15213-f26-*"));
+    assert_eq!(courselabs[0]["weight"].as_integer(), Some(3));
+    assert_eq!(courselabs[0]["max_running"].as_integer(), Some(8));
+    // Defaults: weight 1, no cap.
+    assert_eq!(courselabs[1]["weight"].as_integer(), Some(1));
+    assert!(courselabs[1].get("max_running").is_none());
+    let defaults = print_config(&[]);
+    assert_eq!(
+        lookup(&defaults, "engine.scheduling").and_then(|v| v.as_str()),
+        Some("fair")
+    );
+    assert!(lookup(&defaults, "engine.max_queued_per_submitter").is_none());
+
+    for (text, words) in [
+        (
+            "[[courselabs]]\nname = \"a-*\"\nweight = 0\n",
+            &["\"a-*\"", "weight = 0", "from 1"][..],
+        ),
+        (
+            "[[courselabs]]\nname = \"a\"\nmax_running = 0\n",
+            &["max_running = 0", "leave max_running out"][..],
+        ),
+        (
+            "[[courselabs]]\nname = \"lab[12]\"\n",
+            &["\"lab[12]\"", "only `*` and `?` are wildcards"][..],
+        ),
+        (
+            "[[courselabs]]\nname = \"a\"\n\n[[courselabs]]\nname = \"a\"\n",
+            &["listed twice"][..],
+        ),
+        (
+            "[engine]\nmax_queued_per_submitter = 0\n",
+            &["max_queued_per_submitter = 0", "1 or more"][..],
+        ),
+        (
+            "[engine]\nscheduling = \"lottery\"\n",
+            &["lottery", "fair", "fifo"][..],
+        ),
+        (
+            "[[courselabs]]\nname = \"a\"\nwieght = 2\n",
+            &["wieght"][..],
+        ),
+    ] {
+        let out = with(text);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text:?} was taken");
+        for word in words {
+            assert!(stderr.contains(word), "{text:?}: {word:?} not in {stderr}");
+        }
     }
 }

@@ -80,6 +80,8 @@ async fn the_previous_release_data_dir_opens_and_every_job_goes_on() {
         .find(|j| j["id"] == 1)
         .unwrap_or_else(|| panic!("job 1 is not among the dead jobs: {dead}"));
     assert_eq!(finished["name"], "finished");
+    // Stored before jobs had a submitter: the one its name shows.
+    assert_eq!(finished["submitter"], "finished", "{finished}");
     let last = finished["trace"].as_array().unwrap().last().unwrap();
     assert!(
         last.as_str()

@@ -416,6 +416,7 @@ mod tests {
             name: format!("job{id}"),
             courselab_dir: "k-lab".into(),
             courselab: "lab".into(),
+            submitter: format!("student{id}@x.edu"),
             image: "host".into(),
             vmms: "sandbox".into(),
             inputs: vec![],

@@ -1,11 +1,14 @@
 //! The queue side of the engine: what starts next. The dispatcher gives
-//! queued jobs, oldest first, a warm VM or a slot for a new one; at start,
-//! jobs left queued or running by the previous run are queued again.
+//! queued jobs, in the order the scheduler's policy chooses, a warm VM or a
+//! slot for a new one; at start, jobs left queued or running by the
+//! previous run are queued again.
 
 use super::pools::{evict_idle, Pool};
+use super::scheduler::{Class, LabPolicy, QueuedJob};
 use super::worker::{Step, SystemFailure};
 use super::{EngineError, Inner, State};
-use crate::model::{now_ms, JobId, JobState};
+use crate::config::EngineConfig;
+use crate::model::{now_ms, Job, JobId, JobState, Machine};
 use std::sync::Arc;
 use tracing::{info, Instrument};
 
@@ -51,8 +54,8 @@ impl Inner {
                 requeued += 1;
             }
             let mut st = self.lock();
-            st.enqueue(job.id);
-            st.live.insert(job.id, job);
+            st.enqueue(&job, &self.config);
+            st.insert_live(job);
         }
         let queued = self.lock().queued();
         if queued > 0 {
@@ -71,53 +74,69 @@ impl Inner {
         }
     }
 
-    /// Gives every queued job that can have a VM now its VM, oldest first.
+    /// Gives queued jobs VMs while any can have one (a free VM of its
+    /// image, or room for a new VM), in the order the scheduler chooses.
     fn dispatch(self: &Arc<Self>) {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         if self.stop.is_cancelled() {
             return;
         }
         let max_vms = self.config.max_vms;
-        let candidates: Vec<JobId> = st.queued_ids().collect();
-        for id in candidates {
-            let no_free_anywhere = st.pools.values().all(|p| p.free.is_empty());
-            if no_free_anywhere && st.vm_count >= max_vms {
+        loop {
+            // Room for a new VM (or an idle VM of another image whose slot
+            // can be had): any job can start.
+            let room = st.vm_count < max_vms
+                || st
+                    .pools
+                    .values()
+                    .any(|p| !p.free.is_empty() && p.all.len() > p.target);
+            let pools = &st.pools;
+            let Some(id) = st.queue.next(|class| {
+                room || (!class.own_account
+                    && pools
+                        .get(&class.image)
+                        .is_some_and(|pool| pool.free.iter().any(|vm| fits(vm, class))))
+            }) else {
                 break;
-            }
-            let Some((image, vmms, own_account)) = st
-                .live
-                .get(&id)
-                .map(|j| (j.image.clone(), j.vmms.clone(), j.credentials.is_some()))
-            else {
-                st.queue.remove(&id);
+            };
+            let Some(job) = st.live.get(&id) else {
+                st.queue.finished(id);
                 continue;
             };
-            let pool = st.pools.entry(image.clone()).or_insert_with(|| Pool {
-                vmms: vmms.clone(),
+            let class = class_of(job);
+            let pool = st.pools.entry(class.image.clone()).or_insert_with(|| Pool {
+                vmms: class.vmms.clone(),
                 ..Pool::default()
             });
             // Only a VM of the job's own backend can run it. A job with its
             // own cloud credentials runs on a fresh VM in that account,
             // never on a pool VM of the server's.
-            let warm = if own_account {
+            let warm = if class.own_account {
                 None
             } else {
                 pool.free
                     .iter()
-                    .position(|vm| vm.vmms == vmms && vm.credentials.is_none())
+                    .position(|vm| fits(vm, &class))
                     .and_then(|at| pool.free.remove(at))
             };
             if warm.is_none() {
                 if st.vm_count < max_vms {
                     st.vm_count += 1;
-                } else if let Some(idle) = evict_idle(&mut st) {
+                } else if let Some(idle) = evict_idle(st) {
                     // The slot of an idle VM of another image goes to this job.
                     self.clone().spawn_destroy_keep_count(idle);
                 } else {
-                    continue;
+                    // Not reached: the scheduler gave a job only where
+                    // `room` or a free VM said it could start.
+                    st.queue.finished(id);
+                    if let Some(job) = st.live.get(&id) {
+                        let job = job.clone();
+                        st.enqueue(&job, &self.config);
+                    }
+                    break;
                 }
             }
-            st.queue.remove(&id);
             let Some(job) = st.live.get_mut(&id) else {
                 continue;
             };
@@ -135,22 +154,48 @@ impl Inner {
     }
 }
 
+/// The kind of VM `job` needs.
+fn class_of(job: &Job) -> Class {
+    Class {
+        image: job.image.clone(),
+        vmms: job.vmms.clone(),
+        own_account: job.credentials.is_some(),
+    }
+}
+
+/// Whether a free VM of the server's can run jobs of `class`.
+fn fits(vm: &Machine, class: &Class) -> bool {
+    vm.vmms == class.vmms && vm.credentials.is_none()
+}
+
 /// The queue, as the rest of the engine sees it: a job goes in, the
-/// dispatcher decides what comes out.
+/// scheduler decides what comes out.
 impl State {
-    /// Queues a job whose record is in `live`.
-    pub(super) fn enqueue(&mut self, id: JobId) {
-        self.queue.insert(id);
+    /// Queues a job whose record is (or is about to be) in `live`.
+    pub(super) fn enqueue(&mut self, job: &Job, config: &EngineConfig) {
+        let (weight, max_running) = config.courselab_policy(&job.courselab);
+        let submitter = job.submitter_or_derived();
+        self.queue.push(QueuedJob {
+            id: job.id,
+            courselab: &job.courselab_dir,
+            submitter: &submitter,
+            class: &class_of(job),
+            lab: LabPolicy {
+                weight,
+                max_running,
+            },
+        });
+    }
+
+    /// A job the scheduler gave out stopped running (it ended, or goes back
+    /// to the queue): its courselab may start another.
+    pub(super) fn stopped_running(&mut self, id: JobId) {
+        self.queue.finished(id);
     }
 
     /// How many jobs are queued.
     pub(super) fn queued(&self) -> usize {
         self.queue.len()
-    }
-
-    /// The queued jobs, in the order they may start.
-    pub(super) fn queued_ids(&self) -> impl Iterator<Item = JobId> + '_ {
-        self.queue.iter().copied()
     }
 }
 

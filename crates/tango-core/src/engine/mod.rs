@@ -21,6 +21,7 @@ mod test_harness;
 mod worker;
 
 use pools::Pool;
+use scheduler::Scheduler;
 
 use crate::config::EngineConfig;
 use crate::files::{DataDir, FilesError};
@@ -29,7 +30,7 @@ use crate::names::{check_component, check_image};
 use crate::store::{Store, StoreError};
 use crate::vmms::{Vmms, VmmsError};
 use async_trait::async_trait;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -133,16 +134,69 @@ pub struct PoolView {
 
 #[derive(Default)]
 struct State {
-    /// Read and changed only through the methods in `dispatch.rs`, where
-    /// the order jobs start in is decided.
-    queue: BTreeSet<JobId>,
-    live: HashMap<JobId, Job>,
+    /// Changed only through the methods in `dispatch.rs`, where the order
+    /// jobs start in is decided.
+    queue: Scheduler,
+    /// Queued and running jobs, by id (so pages of them are cheap).
+    live: BTreeMap<JobId, Job>,
+    /// Live jobs by a hash of what makes an addJob the same (see
+    /// [`same_request`]), so a repeated addJob is found without a walk of
+    /// the queue.
+    by_request: HashMap<u64, Vec<JobId>>,
     pools: HashMap<String, Pool>,
     /// VMs that exist or are being created, in every pool.
     vm_count: usize,
     /// Names of VMs this engine owns; anything else with the prefix is an orphan.
     owned: HashSet<String>,
     accepting: bool,
+}
+
+impl State {
+    fn insert_live(&mut self, job: Job) {
+        let ids = self.by_request.entry(request_hash(&job)).or_default();
+        if !ids.contains(&job.id) {
+            ids.push(job.id);
+        }
+        self.live.insert(job.id, job);
+    }
+
+    fn remove_live(&mut self, id: JobId) -> Option<Job> {
+        let job = self.live.remove(&id)?;
+        let key = request_hash(&job);
+        if let Some(ids) = self.by_request.get_mut(&key) {
+            ids.retain(|other| *other != id);
+            if ids.is_empty() {
+                self.by_request.remove(&key);
+            }
+        }
+        Some(job)
+    }
+
+    /// The live job an identical addJob made, if any.
+    fn same_live_request(&self, job: &Job) -> Option<&Job> {
+        self.by_request
+            .get(&request_hash(job))?
+            .iter()
+            .filter_map(|id| self.live.get(id))
+            .find(|live| same_request(live, job))
+    }
+}
+
+/// Whether two jobs came from the same addJob (a client sending it twice).
+fn same_request(a: &Job, b: &Job) -> bool {
+    a.courselab_dir == b.courselab_dir
+        && a.output_file == b.output_file
+        && a.name == b.name
+        && a.inputs == b.inputs
+        && a.callback_url == b.callback_url
+}
+
+/// A hash of part of what [`same_request`] compares.
+fn request_hash(job: &Job) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (&job.courselab_dir, &job.output_file, &job.name).hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Largest pool a `/prealloc` request or a `[[pools]]` entry may ask for.
@@ -195,6 +249,10 @@ impl Engine {
                 config.default_vmms
             )));
         }
+        config
+            .validate()
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        let scheduling = config.scheduling;
         let inner = Arc::new(Inner {
             config,
             store,
@@ -203,6 +261,7 @@ impl Engine {
             callbacks,
             state: Mutex::new(State {
                 accepting: true,
+                queue: Scheduler::new(scheduling),
                 ..State::default()
             }),
             dispatch_wake: Notify::new(),
@@ -248,26 +307,23 @@ impl Engine {
         &self.inner.metrics
     }
 
-    /// Queued jobs, and the age in ms of the oldest one waiting.
+    /// Queued jobs, and the age in ms of the oldest one waiting (ids grow
+    /// with time, so the oldest is the lowest id).
     pub fn queue_stats(&self) -> (usize, Option<i64>) {
         let st = self.inner.lock();
         let oldest = st
-            .queued_ids()
-            .filter_map(|id| st.live.get(&id))
-            .filter_map(|job| job.phases.added)
-            .min();
+            .queue
+            .oldest()
+            .and_then(|id| st.live.get(&id))
+            .and_then(|job| job.phases.added);
         (st.queued(), oldest.map(|added| now_ms() - added))
     }
 
     /// Live jobs by state: (queued, running).
     pub fn live_counts(&self) -> (usize, usize) {
         let st = self.inner.lock();
-        let running = st
-            .live
-            .values()
-            .filter(|j| j.state == JobState::Running)
-            .count();
-        (st.live.len() - running, running)
+        let running = st.queue.running_len();
+        (st.live.len().saturating_sub(running), running)
     }
 
     pub fn backend_names(&self) -> Vec<String> {
@@ -286,19 +342,23 @@ impl Engine {
         let job = inner.validate(new).await?;
         {
             let st = inner.lock();
-            if let Some(existing) = st.live.values().find(|j| {
-                j.courselab_dir == job.courselab_dir
-                    && j.output_file == job.output_file
-                    && j.name == job.name
-                    && j.inputs == job.inputs
-                    && j.callback_url == job.callback_url
-            }) {
+            if let Some(existing) = st.same_live_request(&job) {
                 info!(
                     job = existing.id,
                     courselab = %existing.courselab,
                     "duplicate addJob answered with the live job"
                 );
                 return Ok(existing.id);
+            }
+            if let Some(max) = inner.config.max_queued_per_submitter {
+                let queued = st.queue.queued_of(&job.courselab_dir, &job.submitter);
+                if queued >= max {
+                    return Err(EngineError::Invalid(format!(
+                        "{} already has {queued} jobs queued in courselab {} (the server's \
+                         max_queued_per_submitter is {max}): wait for one to start, then submit again",
+                        job.submitter, job.courselab
+                    )));
+                }
             }
         }
         let mut job = job;
@@ -310,8 +370,8 @@ impl Engine {
         info!(job = id, courselab = %job.courselab, image = %job.image, "job added");
         {
             let mut st = inner.lock();
-            st.enqueue(id);
-            st.live.insert(id, job);
+            st.enqueue(&job, &inner.config);
+            st.insert_live(job);
         }
         inner.dispatch_wake.notify_one();
         Ok(id)
@@ -342,10 +402,41 @@ impl Engine {
 
     /// Live jobs (queued or running), oldest first.
     pub fn live_jobs(&self) -> Vec<Job> {
+        self.inner.lock().live.values().cloned().collect()
+    }
+
+    /// Up to `limit` live jobs that `wanted` accepts, newest first, older
+    /// than `before` if given: a page, without copying the whole queue.
+    /// Running jobs alone (`running_only`) are found without a walk of the
+    /// queued ones.
+    pub fn live_jobs_page(
+        &self,
+        before: Option<JobId>,
+        limit: usize,
+        running_only: bool,
+        mut wanted: impl FnMut(&Job) -> bool,
+    ) -> Vec<Job> {
         let st = self.inner.lock();
-        let mut jobs: Vec<Job> = st.live.values().cloned().collect();
-        jobs.sort_by_key(|j| j.id);
-        jobs
+        let below = ..before.unwrap_or(JobId::MAX);
+        if running_only {
+            let mut ids: Vec<JobId> = st.queue.running().filter(|id| below.contains(id)).collect();
+            ids.sort_unstable_by(|a, b| b.cmp(a));
+            return ids
+                .into_iter()
+                .filter_map(|id| st.live.get(&id))
+                .filter(|job| job.state == JobState::Running && wanted(job))
+                .take(limit)
+                .cloned()
+                .collect();
+        }
+        st.live
+            .range(below)
+            .rev()
+            .map(|(_, job)| job)
+            .filter(|job| wanted(job))
+            .take(limit)
+            .cloned()
+            .collect()
     }
 
     /// Finished jobs, oldest first, at most `dead_jobs_listed` of the newest.
@@ -401,13 +492,7 @@ impl Engine {
     pub fn info(&self) -> Info {
         let c = &self.inner.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let running = self
-            .inner
-            .lock()
-            .live
-            .values()
-            .filter(|j| j.state == JobState::Running)
-            .count() as u64;
+        let running = self.inner.lock().queue.running_len() as u64;
         Info {
             elapsed_secs: self.inner.started.elapsed().as_secs(),
             job_requests: get(&c.job_requests),

@@ -28,13 +28,7 @@ use crate::model::JobId;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-/// How the next job is chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Policy {
-    #[default]
-    Fair,
-    Fifo,
-}
+pub use crate::config::Scheduling as Policy;
 
 /// What kind of VM a job needs: jobs of one class can share VMs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -102,6 +96,11 @@ struct Submitter {
     /// The classes in which the submitter has queued jobs (almost always one).
     classes: Vec<ClassId>,
 }
+
+/// Where a candidate job stands: the lowest starts first. Fair: its
+/// courselab's pass (ties to the older courselab), its submitter's round,
+/// its id. Fifo: its id alone.
+type OrderKey = (u64, LabId, u64, JobId);
 
 /// A submitter's place in a courselab's line within one class: its round,
 /// then its oldest queued job of that class.
@@ -182,6 +181,16 @@ impl Scheduler {
             .map_or(0, |lab| lab.running)
     }
 
+    /// Jobs started and not yet finished.
+    pub fn running_len(&self) -> usize {
+        self.running.len()
+    }
+
+    /// The jobs started and not yet finished, in no order.
+    pub fn running(&self) -> impl Iterator<Item = JobId> + '_ {
+        self.running.keys().copied()
+    }
+
     /// Queues a job. A job already queued is left where it is (false).
     pub fn push(&mut self, job: QueuedJob<'_>) -> bool {
         if self.queued.contains_key(&job.id) {
@@ -224,7 +233,7 @@ impl Scheduler {
     /// takes it out of the queue and counts it running until
     /// [`Scheduler::finished`]. `can_start` is asked at most once per class.
     pub fn next(&mut self, mut can_start: impl FnMut(&Class) -> bool) -> Option<JobId> {
-        let mut best: Option<((u64, LabId, u64, JobId), ClassId, SubId)> = None;
+        let mut best: Option<(OrderKey, ClassId, SubId)> = None;
         for (class, queue) in self.class_queues.iter().enumerate() {
             if queue.labs.is_empty() || !can_start(&self.classes[class]) {
                 continue;

@@ -12,7 +12,11 @@ fn class(image: &str) -> Class {
 }
 
 /// A scheduler with jobs queued as (id, courselab, submitter, image).
-fn queue(policy: Policy, jobs: &[(JobId, &str, &str, &str)], labs: &[(&str, LabPolicy)]) -> Scheduler {
+fn queue(
+    policy: Policy,
+    jobs: &[(JobId, &str, &str, &str)],
+    labs: &[(&str, LabPolicy)],
+) -> Scheduler {
     let mut s = Scheduler::new(policy);
     for &(id, lab, sub, image) in jobs {
         let policy = labs
@@ -47,21 +51,38 @@ fn round_robin_across_submitters_oldest_first_each() {
     for id in 1..=4 {
         jobs.push((id, "lab", "a", "img"));
     }
-    jobs.extend([(5, "lab", "b", "img"), (6, "lab", "b", "img"), (7, "lab", "c", "img")]);
+    jobs.extend([
+        (5, "lab", "b", "img"),
+        (6, "lab", "b", "img"),
+        (7, "lab", "c", "img"),
+    ]);
     let mut s = queue(Policy::Fair, &jobs, &[]);
     assert_eq!(drain(&mut s), vec![1, 5, 7, 2, 6, 3, 4]);
 }
 
 #[test]
 fn fifo_keeps_the_order_of_arrival() {
-    let jobs = [(1, "lab", "a", "img"), (2, "lab", "a", "img"), (3, "lab", "b", "img"), (4, "x", "c", "img")];
+    let jobs = [
+        (1, "lab", "a", "img"),
+        (2, "lab", "a", "img"),
+        (3, "lab", "b", "img"),
+        (4, "x", "c", "img"),
+    ];
     let mut s = queue(Policy::Fifo, &jobs, &[]);
     assert_eq!(drain(&mut s), vec![1, 2, 3, 4]);
 }
 
 #[test]
 fn a_late_submitter_goes_before_second_jobs_of_others() {
-    let mut s = queue(Policy::Fair, &[(1, "lab", "a", "img"), (2, "lab", "a", "img"), (3, "lab", "a", "img")], &[]);
+    let mut s = queue(
+        Policy::Fair,
+        &[
+            (1, "lab", "a", "img"),
+            (2, "lab", "a", "img"),
+            (3, "lab", "a", "img"),
+        ],
+        &[],
+    );
     assert_eq!(s.next(|_| true), Some(1));
     // "a" has had a job started: a newcomer's first job comes before "a"'s
     // second, although it is younger.
@@ -78,7 +99,15 @@ fn a_late_submitter_goes_before_second_jobs_of_others() {
 
 #[test]
 fn a_submitter_whose_queue_emptied_starts_a_new_first_round() {
-    let mut s = queue(Policy::Fair, &[(1, "lab", "a", "img"), (2, "lab", "b", "img"), (3, "lab", "b", "img")], &[]);
+    let mut s = queue(
+        Policy::Fair,
+        &[
+            (1, "lab", "a", "img"),
+            (2, "lab", "b", "img"),
+            (3, "lab", "b", "img"),
+        ],
+        &[],
+    );
     assert_eq!(s.next(|_| true), Some(1));
     assert_eq!(s.next(|_| true), Some(2));
     // "a" had nothing queued: its new job is a first one, before "b"'s second.
@@ -120,7 +149,11 @@ fn weights_share_starts_between_courselabs() {
     let mut s = queue(Policy::Fair, &jobs, &[("heavy", heavy)]);
     let order = drain(&mut s);
     let first_eight: Vec<bool> = order[..8].iter().map(|id| *id < 100).collect();
-    assert_eq!(first_eight.iter().filter(|heavy| **heavy).count(), 6, "{order:?}");
+    assert_eq!(
+        first_eight.iter().filter(|heavy| **heavy).count(),
+        6,
+        "{order:?}"
+    );
 }
 
 #[test]
@@ -145,7 +178,11 @@ fn an_idle_courselab_banks_no_share() {
         });
     }
     let order: Vec<JobId> = (0..4).filter_map(|_| s.next(|_| true)).collect();
-    assert_eq!(order.iter().filter(|id| **id >= 100).count(), 2, "{order:?}");
+    assert_eq!(
+        order.iter().filter(|id| **id >= 100).count(),
+        2,
+        "{order:?}"
+    );
 }
 
 #[test]
@@ -154,7 +191,15 @@ fn max_running_holds_a_courselab_back_until_a_job_ends() {
         weight: 1,
         max_running: Some(1),
     };
-    let mut s = queue(Policy::Fair, &[(1, "cap", "a", "img"), (2, "cap", "b", "img"), (3, "other", "c", "img")], &[("cap", capped)]);
+    let mut s = queue(
+        Policy::Fair,
+        &[
+            (1, "cap", "a", "img"),
+            (2, "cap", "b", "img"),
+            (3, "other", "c", "img"),
+        ],
+        &[("cap", capped)],
+    );
     assert_eq!(s.next(|_| true), Some(1));
     assert_eq!(s.next(|_| true), Some(3));
     assert_eq!(s.next(|_| true), None, "the courselab is at its cap");
@@ -168,7 +213,15 @@ fn max_running_holds_a_courselab_back_until_a_job_ends() {
 fn a_job_that_can_start_goes_when_the_fair_choice_cannot() {
     // "a"'s job needs image x, which has no VM now; "b"'s second job can run
     // on a free VM of y: no VM idles while a job could run on it.
-    let mut s = queue(Policy::Fair, &[(1, "lab", "b", "y"), (2, "lab", "a", "x"), (3, "lab", "b", "y")], &[]);
+    let mut s = queue(
+        Policy::Fair,
+        &[
+            (1, "lab", "b", "y"),
+            (2, "lab", "a", "x"),
+            (3, "lab", "b", "y"),
+        ],
+        &[],
+    );
     assert_eq!(s.next(|_| true), Some(1));
     let mut asked = Vec::new();
     let next = s.next(|c| {
@@ -184,7 +237,15 @@ fn a_job_that_can_start_goes_when_the_fair_choice_cannot() {
 
 #[test]
 fn remove_and_counts() {
-    let mut s = queue(Policy::Fair, &[(1, "lab", "a", "img"), (2, "lab", "a", "img"), (3, "lab", "b", "img")], &[]);
+    let mut s = queue(
+        Policy::Fair,
+        &[
+            (1, "lab", "a", "img"),
+            (2, "lab", "a", "img"),
+            (3, "lab", "b", "img"),
+        ],
+        &[],
+    );
     assert_eq!(s.len(), 3);
     assert_eq!(s.queued_of("lab", "a"), 2);
     assert_eq!(s.queued_of("lab", "nobody"), 0);
@@ -201,12 +262,23 @@ fn remove_and_counts() {
     assert_eq!(s.oldest(), Some(2));
     assert_eq!(drain(&mut s), vec![2, 3]);
     assert!(s.is_empty());
-    assert!(s.labs.is_empty() && s.subs.is_empty() && s.lanes.is_empty(), "nothing kept for an empty queue");
+    assert!(
+        s.labs.is_empty() && s.subs.is_empty() && s.lanes.is_empty(),
+        "nothing kept for an empty queue"
+    );
 }
 
 #[test]
 fn a_retried_job_goes_back_to_its_place() {
-    let mut s = queue(Policy::Fair, &[(1, "lab", "a", "img"), (2, "lab", "a", "img"), (3, "lab", "b", "img")], &[]);
+    let mut s = queue(
+        Policy::Fair,
+        &[
+            (1, "lab", "a", "img"),
+            (2, "lab", "a", "img"),
+            (3, "lab", "b", "img"),
+        ],
+        &[],
+    );
     assert_eq!(s.next(|_| true), Some(1));
     s.finished(1);
     s.push(QueuedJob {

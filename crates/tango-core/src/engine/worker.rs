@@ -345,7 +345,11 @@ impl Inner {
         }
         .fetch_add(1, Ordering::Relaxed);
         info!(job = job.id, state = state.as_str(), "job finished");
-        self.lock().live.remove(&job.id);
+        {
+            let mut st = self.lock();
+            st.remove_live(job.id);
+            st.stopped_running(job.id);
+        }
         if callback.is_some() {
             self.outbox_wake.notify_one();
         }
@@ -370,14 +374,22 @@ impl Inner {
                 warn!(job = job.id, "cannot record the wait: {e}");
             }
             let id = job.id;
-            self.lock().live.insert(id, job);
+            {
+                let mut st = self.lock();
+                st.stopped_running(id);
+                st.live.insert(id, job);
+            }
             let inner = self.clone();
             tokio::spawn(async move {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(delay_ms)) => {}
                     _ = inner.stop.cancelled() => return,
                 }
-                inner.lock().enqueue(id);
+                let mut st = inner.lock();
+                if let Some(job) = st.live.get(&id).cloned() {
+                    st.enqueue(&job, &inner.config);
+                }
+                drop(st);
                 inner.dispatch_wake.notify_one();
             });
             return;
@@ -407,7 +419,8 @@ impl Inner {
             warn!(job = job.id, "cannot record the retry: {e}");
         }
         let mut st = self.lock();
-        st.enqueue(job.id);
+        st.stopped_running(job.id);
+        st.enqueue(&job, &self.config);
         st.live.insert(job.id, job);
     }
 

@@ -40,7 +40,7 @@ use tango_core::files::DataDir;
 use tango_core::testing::MemoryStore;
 use tango_core::{
     parse_machine_name, CallbackSender, Engine, EngineConfig, InputFile, JobState, Machine, NewJob,
-    RunOutcome, RunRequest, RunStatus, Vmms, VmmsError,
+    RunOutcome, RunRequest, RunStatus, Scheduling as Policy, Vmms, VmmsError,
 };
 use tokio::time::Instant;
 
@@ -48,18 +48,11 @@ type Error = Box<dyn std::error::Error>;
 
 const IMAGE: &str = "autograding_image";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Policy {
-    Fair,
-    Fifo,
-}
 
 /// The engine settings of one run: the one place the policy is chosen.
 fn engine_config(policy: Policy) -> EngineConfig {
-    // TODO(scheduling): set `scheduling` from `policy` (Fair / Fifo) once
-    // EngineConfig has the field; until then both runs dispatch FIFO.
-    let _ = policy;
     EngineConfig {
+        scheduling: policy,
         default_vmms: "sim".into(),
         max_vms: 32,
         reuse_vms: true,

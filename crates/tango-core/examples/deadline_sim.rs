@@ -48,7 +48,6 @@ type Error = Box<dyn std::error::Error>;
 
 const IMAGE: &str = "autograding_image";
 
-
 /// The engine settings of one run: the one place the policy is chosen.
 fn engine_config(policy: Policy) -> EngineConfig {
     EngineConfig {

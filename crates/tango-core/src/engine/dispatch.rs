@@ -92,7 +92,7 @@ impl Inner {
                     .values()
                     .any(|p| !p.free.is_empty() && p.all.len() > p.target);
             let pools = &st.pools;
-            let Some(id) = st.queue.next(|class| {
+            let Some(id) = st.queue.next(clock_now(), |class| {
                 room || (!class.own_account
                     && pools
                         .get(&class.image)
@@ -101,7 +101,7 @@ impl Inner {
                 break;
             };
             let Some(job) = st.live.get(&id) else {
-                st.queue.finished(id);
+                st.queue.finished(id, clock_now());
                 continue;
             };
             let class = class_of(job);
@@ -129,7 +129,7 @@ impl Inner {
                 } else {
                     // Not reached: the scheduler gave a job only where
                     // `room` or a free VM said it could start.
-                    st.queue.finished(id);
+                    st.queue.finished(id, clock_now());
                     if let Some(job) = st.live.get(&id) {
                         let job = job.clone();
                         st.enqueue(&job, &self.config);
@@ -163,6 +163,11 @@ fn class_of(job: &Job) -> Class {
     }
 }
 
+/// Now, by tokio's clock (which a simulation may pause and advance).
+fn clock_now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 /// Whether a free VM of the server's can run jobs of `class`.
 fn fits(vm: &Machine, class: &Class) -> bool {
     vm.vmms == class.vmms && vm.credentials.is_none()
@@ -190,7 +195,7 @@ impl State {
     /// A job the scheduler gave out stopped running (it ended, or goes back
     /// to the queue): its courselab may start another.
     pub(super) fn stopped_running(&mut self, id: JobId) {
-        self.queue.finished(id);
+        self.queue.finished(id, clock_now());
     }
 
     /// How many jobs are queued.

@@ -5,9 +5,16 @@
 //! [`Scheduler::finished`] when a started job stops running.
 //!
 //! **Fair** (the default): the next job is chosen round-robin across the
-//! courselabs with queued jobs, weighted by stride scheduling (a courselab
-//! of weight 3 starts three jobs for every one of a weight-1 courselab while
-//! both have jobs waiting), and within a courselab by rounds across its
+//! courselabs with queued jobs, weighted by stride scheduling over VM time:
+//! each courselab's turn comes as its share of the VM time used says (a
+//! courselab of weight 3 gets three times the VM time of a weight-1
+//! courselab while both have jobs waiting). A turn is counted in VM time,
+//! not in jobs started, because courses differ: with turns counted in jobs,
+//! a course of 2-minute jobs would hold 24 times the VMs of a course of
+//! 5-second jobs and the big course's students would wait behind the small
+//! one's. A start is charged the courselab's recent mean run time and
+//! corrected to the real one when the job ends (at least 1 ms per job, so
+//! equal jobs simply alternate). Within a courselab, by rounds across its
 //! submitters: a submitter's job of round k (its k-th job started since its
 //! queue was last empty) never starts while another submitter of that
 //! courselab has a queued job of an earlier round. Each submitter's jobs
@@ -27,6 +34,7 @@
 use crate::model::JobId;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::Instant;
 
 pub use crate::config::Scheduling as Policy;
 
@@ -72,9 +80,13 @@ type ClassId = usize;
 type LabId = u64;
 type SubId = u64;
 
-/// A courselab's pass grows by `STRIDE / weight` per started job; 720,720
-/// is divisible by every weight up to 16, so common weights are exact.
+/// A courselab's pass grows by `STRIDE / weight` per ms of VM time its jobs
+/// use; 720,720 is divisible by every weight up to 16, so common weights
+/// are exact.
 const STRIDE: u64 = 720_720;
+
+/// The VM time a start is charged before any job of the server has ended.
+const FIRST_ESTIMATE_MS: u64 = 1;
 
 #[derive(Debug)]
 struct Lab {
@@ -84,6 +96,17 @@ struct Lab {
     pass: u64,
     queued: usize,
     running: usize,
+    /// Recent mean run time of the courselab's jobs (ms), once one ended.
+    mean_ms: Option<u64>,
+}
+
+/// A job `next` gave out, until it stops running.
+#[derive(Debug)]
+struct Started {
+    lab: LabId,
+    at: Instant,
+    /// VM time charged to its courselab at the start (ms).
+    charged_ms: u64,
 }
 
 #[derive(Debug)]
@@ -128,7 +151,10 @@ pub struct Scheduler {
     /// Each submitter's queued jobs of one class, oldest first.
     lanes: HashMap<(ClassId, SubId), BTreeSet<JobId>>,
     queued: BTreeMap<JobId, (ClassId, SubId)>,
-    running: HashMap<JobId, LabId>,
+    running: HashMap<JobId, Started>,
+    /// Recent mean run time of every courselab's jobs (ms): the first
+    /// estimate of a courselab none of whose jobs has ended yet.
+    mean_ms: Option<u64>,
     /// The pass of the courselab that started a job last: a courselab whose
     /// queue was empty starts from here, so it banks no share while idle.
     virtual_time: u64,
@@ -225,14 +251,18 @@ impl Scheduler {
         let Some((class, sub)) = self.queued.get(&id).copied() else {
             return false;
         };
-        self.unqueue(id, class, sub, false);
+        self.unqueue(id, class, sub, None);
         true
     }
 
     /// Chooses the job to start now among the classes `can_start` accepts,
     /// takes it out of the queue and counts it running until
     /// [`Scheduler::finished`]. `can_start` is asked at most once per class.
-    pub fn next(&mut self, mut can_start: impl FnMut(&Class) -> bool) -> Option<JobId> {
+    pub fn next(
+        &mut self,
+        now: Instant,
+        mut can_start: impl FnMut(&Class) -> bool,
+    ) -> Option<JobId> {
         let mut best: Option<(OrderKey, ClassId, SubId)> = None;
         for (class, queue) in self.class_queues.iter().enumerate() {
             if queue.labs.is_empty() || !can_start(&self.classes[class]) {
@@ -258,24 +288,38 @@ impl Scheduler {
             }
         }
         let ((.., id), class, sub) = best?;
-        self.unqueue(id, class, sub, true);
+        self.unqueue(id, class, sub, Some(now));
         Some(id)
     }
 
     /// A job `next` gave out stopped running (finished, failed, or back to
     /// the queue). False if it was not running.
-    pub fn finished(&mut self, id: JobId) -> bool {
-        let Some(lab_id) = self.running.remove(&id) else {
+    /// `now` says how much VM time it used, which its courselab is charged.
+    pub fn finished(&mut self, id: JobId, now: Instant) -> bool {
+        let Some(started) = self.running.remove(&id) else {
             return false;
         };
-        if let Some(lab) = self.labs.get_mut(&lab_id) {
+        let used_ms = u64::try_from(now.saturating_duration_since(started.at).as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.mean_ms = Some(moving_mean(self.mean_ms, used_ms));
+        if let Some(lab) = self.labs.get_mut(&started.lab) {
             lab.running = lab.running.saturating_sub(1);
+            lab.mean_ms = Some(moving_mean(lab.mean_ms, used_ms));
+            // The start was charged an estimate: now the real VM time.
+            let weight = u64::from(lab.policy.weight.max(1));
+            let stride = |ms: u64| ms.saturating_mul(STRIDE) / weight;
+            lab.pass = lab
+                .pass
+                .saturating_add(stride(used_ms))
+                .saturating_sub(stride(started.charged_ms));
         }
-        self.forget_lab_if_idle(lab_id);
+        self.forget_lab_if_idle(started.lab);
         true
     }
 
-    fn unqueue(&mut self, id: JobId, class: ClassId, sub: SubId, started: bool) {
+    /// Takes a job out of the queue, started at `started` or not at all.
+    fn unqueue(&mut self, id: JobId, class: ClassId, sub: SubId, started: Option<Instant>) {
         self.detach(sub);
         self.queued.remove(&id);
         if let Some(lane) = self.lanes.get_mut(&(class, sub)) {
@@ -288,20 +332,30 @@ impl Scheduler {
             return;
         };
         s.queued = s.queued.saturating_sub(1);
-        if started && self.policy == Policy::Fair {
+        if started.is_some() && self.policy == Policy::Fair {
             s.round += 1;
         }
         let lab_id = s.lab;
+        let server_mean = self.mean_ms.unwrap_or(FIRST_ESTIMATE_MS);
         if let Some(lab) = self.labs.get_mut(&lab_id) {
             lab.queued = lab.queued.saturating_sub(1);
-            if started {
+            if let Some(at) = started {
                 lab.running += 1;
                 self.virtual_time = lab.pass;
-                lab.pass += STRIDE / u64::from(lab.policy.weight.max(1));
+                let charged_ms = lab.mean_ms.unwrap_or(server_mean).max(1);
+                let weight = u64::from(lab.policy.weight.max(1));
+                lab.pass = lab
+                    .pass
+                    .saturating_add(charged_ms.saturating_mul(STRIDE) / weight);
+                self.running.insert(
+                    id,
+                    Started {
+                        lab: lab_id,
+                        at,
+                        charged_ms,
+                    },
+                );
             }
-        }
-        if started {
-            self.running.insert(id, lab_id);
         }
         self.attach(sub);
         self.forget_lab_if_idle(lab_id);
@@ -386,6 +440,7 @@ impl Scheduler {
                 pass: self.virtual_time,
                 queued: 0,
                 running: 0,
+                mean_ms: None,
             },
         );
         self.lab_ids.insert(name, id);
@@ -415,6 +470,14 @@ impl Scheduler {
     fn fresh_id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
+    }
+}
+
+/// A mean that follows recent values (each new one weighs 1/8).
+fn moving_mean(mean: Option<u64>, value: u64) -> u64 {
+    match mean {
+        None => value,
+        Some(mean) => mean - mean / 8 + value / 8,
     }
 }
 

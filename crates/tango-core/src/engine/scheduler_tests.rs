@@ -3,6 +3,12 @@
 use super::*;
 use proptest::prelude::*;
 
+/// One instant for every call: jobs take no time (each is charged 1 ms).
+fn t0() -> Instant {
+    static T0: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+    *T0
+}
+
 fn class(image: &str) -> Class {
     Class {
         image: image.into(),
@@ -37,8 +43,8 @@ fn queue(
 /// Starts every job (finishing each at once), in the order chosen.
 fn drain(s: &mut Scheduler) -> Vec<JobId> {
     let mut order = Vec::new();
-    while let Some(id) = s.next(|_| true) {
-        assert!(s.finished(id));
+    while let Some(id) = s.next(t0(), |_| true) {
+        assert!(s.finished(id, t0()));
         order.push(id);
     }
     order
@@ -83,7 +89,7 @@ fn a_late_submitter_goes_before_second_jobs_of_others() {
         ],
         &[],
     );
-    assert_eq!(s.next(|_| true), Some(1));
+    assert_eq!(s.next(t0(), |_| true), Some(1));
     // "a" has had a job started: a newcomer's first job comes before "a"'s
     // second, although it is younger.
     s.push(QueuedJob {
@@ -93,8 +99,8 @@ fn a_late_submitter_goes_before_second_jobs_of_others() {
         class: &class("img"),
         lab: LabPolicy::default(),
     });
-    assert_eq!(s.next(|_| true), Some(10));
-    assert_eq!(s.next(|_| true), Some(2));
+    assert_eq!(s.next(t0(), |_| true), Some(10));
+    assert_eq!(s.next(t0(), |_| true), Some(2));
 }
 
 #[test]
@@ -108,8 +114,8 @@ fn a_submitter_whose_queue_emptied_starts_a_new_first_round() {
         ],
         &[],
     );
-    assert_eq!(s.next(|_| true), Some(1));
-    assert_eq!(s.next(|_| true), Some(2));
+    assert_eq!(s.next(t0(), |_| true), Some(1));
+    assert_eq!(s.next(t0(), |_| true), Some(2));
     // "a" had nothing queued: its new job is a first one, before "b"'s second.
     s.push(QueuedJob {
         id: 4,
@@ -118,8 +124,8 @@ fn a_submitter_whose_queue_emptied_starts_a_new_first_round() {
         class: &class("img"),
         lab: LabPolicy::default(),
     });
-    assert_eq!(s.next(|_| true), Some(4));
-    assert_eq!(s.next(|_| true), Some(3));
+    assert_eq!(s.next(t0(), |_| true), Some(4));
+    assert_eq!(s.next(t0(), |_| true), Some(3));
 }
 
 #[test]
@@ -164,8 +170,8 @@ fn an_idle_courselab_banks_no_share() {
     }
     let mut s = queue(Policy::Fair, &jobs, &[]);
     for _ in 0..10 {
-        let id = s.next(|_| true).unwrap();
-        s.finished(id);
+        let id = s.next(t0(), |_| true).unwrap();
+        s.finished(id, t0());
     }
     // Ten starts later, a new courselab gets every other start, not ten in a row.
     for id in 100..104 {
@@ -177,11 +183,41 @@ fn an_idle_courselab_banks_no_share() {
             lab: LabPolicy::default(),
         });
     }
-    let order: Vec<JobId> = (0..4).filter_map(|_| s.next(|_| true)).collect();
+    let order: Vec<JobId> = (0..4).filter_map(|_| s.next(t0(), |_| true)).collect();
     assert_eq!(
         order.iter().filter(|id| **id >= 100).count(),
         2,
         "{order:?}"
+    );
+}
+
+#[test]
+fn courselabs_share_vm_time_not_starts() {
+    // One VM; "long" jobs take 120 ms, "short" ones 5 ms: both courselabs
+    // get about the same VM time, so "short" starts far more jobs.
+    let mut jobs = vec![];
+    for id in 1..=400 {
+        jobs.push((id, "long", "l", "img"));
+        jobs.push((1000 + id, "short", "s", "img"));
+    }
+    let mut s = queue(Policy::Fair, &jobs, &[]);
+    let mut now = t0();
+    let (mut long_ms, mut short_ms) = (0u32, 0u32);
+    for _ in 0..200 {
+        let id = s.next(now, |_| true).unwrap();
+        let ms: u32 = if id < 1000 { 120 } else { 5 };
+        if id < 1000 {
+            long_ms += ms;
+        } else {
+            short_ms += ms;
+        }
+        now += std::time::Duration::from_millis(u64::from(ms));
+        assert!(s.finished(id, now));
+    }
+    let share = f64::from(short_ms) / f64::from(long_ms + short_ms);
+    assert!(
+        (0.4..0.6).contains(&share),
+        "short's share of VM time {share}"
     );
 }
 
@@ -200,13 +236,13 @@ fn max_running_holds_a_courselab_back_until_a_job_ends() {
         ],
         &[("cap", capped)],
     );
-    assert_eq!(s.next(|_| true), Some(1));
-    assert_eq!(s.next(|_| true), Some(3));
-    assert_eq!(s.next(|_| true), None, "the courselab is at its cap");
+    assert_eq!(s.next(t0(), |_| true), Some(1));
+    assert_eq!(s.next(t0(), |_| true), Some(3));
+    assert_eq!(s.next(t0(), |_| true), None, "the courselab is at its cap");
     assert_eq!(s.running_of("cap"), 1);
-    assert!(s.finished(1));
-    assert!(!s.finished(1), "finished twice");
-    assert_eq!(s.next(|_| true), Some(2));
+    assert!(s.finished(1, t0()));
+    assert!(!s.finished(1, t0()), "finished twice");
+    assert_eq!(s.next(t0(), |_| true), Some(2));
 }
 
 #[test]
@@ -222,17 +258,17 @@ fn a_job_that_can_start_goes_when_the_fair_choice_cannot() {
         ],
         &[],
     );
-    assert_eq!(s.next(|_| true), Some(1));
+    assert_eq!(s.next(t0(), |_| true), Some(1));
     let mut asked = Vec::new();
-    let next = s.next(|c| {
+    let next = s.next(t0(), |c| {
         asked.push(c.image.clone());
         c.image == "y"
     });
     assert_eq!(next, Some(3));
     asked.sort();
     assert_eq!(asked, ["x", "y"], "each class is asked once");
-    assert_eq!(s.next(|c| c.image == "y"), None);
-    assert_eq!(s.next(|_| true), Some(2));
+    assert_eq!(s.next(t0(), |c| c.image == "y"), None);
+    assert_eq!(s.next(t0(), |_| true), Some(2));
 }
 
 #[test]
@@ -279,8 +315,8 @@ fn a_retried_job_goes_back_to_its_place() {
         ],
         &[],
     );
-    assert_eq!(s.next(|_| true), Some(1));
-    s.finished(1);
+    assert_eq!(s.next(t0(), |_| true), Some(1));
+    s.finished(1, t0());
     s.push(QueuedJob {
         id: 1,
         courselab: "lab",
@@ -323,7 +359,7 @@ proptest! {
         // Per (lab, sub): jobs started since its queue was last empty.
         let mut rounds: HashMap<(u8, u8), u64> = HashMap::new();
         let mut start = |s: &mut Scheduler, allowed: u8, queued: &mut BTreeMap<JobId, (u8, u8, u8)>, running: &mut Vec<(JobId, u8)>| -> Option<JobId> {
-            let id = s.next(|c| allowed & (1 << (c.image.as_bytes()[0] - b'0')) != 0)?;
+            let id = s.next(t0(), |c| allowed & (1 << (c.image.as_bytes()[0] - b'0')) != 0)?;
             let (lab, sub, image) = queued.remove(&id).expect("a queued job");
             assert!(allowed & (1 << image) != 0, "job {id} of a class not allowed");
             assert!(started.insert(id), "job {id} started twice");
@@ -365,7 +401,7 @@ proptest! {
                 Op::Finish { pick } => {
                     if !running.is_empty() {
                         let (id, _) = running.remove(usize::from(pick) % running.len());
-                        prop_assert!(s.finished(id));
+                        prop_assert!(s.finished(id, t0()));
                     }
                 }
             }
@@ -374,7 +410,7 @@ proptest! {
         // Drain: everything still queued starts once VMs are free.
         while !queued.is_empty() {
             while let Some((id, _)) = running.pop() {
-                prop_assert!(s.finished(id));
+                prop_assert!(s.finished(id, t0()));
             }
             prop_assert!(start(&mut s, 0b11, &mut queued, &mut running).is_some(), "a queued job never starts");
         }

@@ -250,7 +250,21 @@ async fn list_jobs(
         jobs.extend(dead_jobs(&state).await?.into_iter().map(|j| (j.id, j)));
     }
     if want_live {
-        for job in state.engine.live_jobs() {
+        // One page more than asked at most: a queue of 100,000 jobs is not
+        // copied for a page of it.
+        let page = state.engine.live_jobs_page(
+            before_id,
+            limit + 1,
+            wanted == Some(JobState::Running),
+            |job| {
+                wanted.is_none_or(|s| job.state == s)
+                    && courselab_dir
+                        .as_deref()
+                        .is_none_or(|d| job.courselab_dir == d)
+                    && is_callers(&state, &caller, job)
+            },
+        );
+        for job in page {
             jobs.entry(job.id).or_insert(job);
         }
     }

@@ -15,8 +15,8 @@
 //! one's. A start is charged the courselab's recent mean run time and
 //! corrected to the real one when the job ends (at least 1 ms per job, so
 //! equal jobs simply alternate). Within a courselab, by rounds across its
-//! submitters: a submitter's job of round k (its k-th job started since its
-//! queue was last empty) never starts while another submitter of that
+//! submitters: a submitter's job of round k (its k-th job started since it
+//! last had nothing queued or running) never starts while another submitter of that
 //! courselab has a queued job of an earlier round. Each submitter's jobs
 //! start oldest first; ties go to the older job, so the order is
 //! deterministic. **Fifo**: oldest job first.
@@ -104,6 +104,7 @@ struct Lab {
 #[derive(Debug)]
 struct Started {
     lab: LabId,
+    sub: SubId,
     at: Instant,
     /// VM time charged to its courselab at the start (ms).
     charged_ms: u64,
@@ -113,9 +114,10 @@ struct Started {
 struct Submitter {
     lab: LabId,
     name: Arc<str>,
-    /// Jobs started since the submitter's queue was last empty.
+    /// Jobs started since the submitter last had nothing queued or running.
     round: u64,
     queued: usize,
+    running: usize,
     /// The classes in which the submitter has queued jobs (almost always one).
     classes: Vec<ClassId>,
 }
@@ -314,6 +316,10 @@ impl Scheduler {
                 .saturating_add(stride(used_ms))
                 .saturating_sub(stride(started.charged_ms));
         }
+        if let Some(s) = self.subs.get_mut(&started.sub) {
+            s.running = s.running.saturating_sub(1);
+        }
+        self.forget_sub_if_idle(started.sub);
         self.forget_lab_if_idle(started.lab);
         true
     }
@@ -332,8 +338,11 @@ impl Scheduler {
             return;
         };
         s.queued = s.queued.saturating_sub(1);
-        if started.is_some() && self.policy == Policy::Fair {
-            s.round += 1;
+        if started.is_some() {
+            s.running += 1;
+            if self.policy == Policy::Fair {
+                s.round += 1;
+            }
         }
         let lab_id = s.lab;
         let server_mean = self.mean_ms.unwrap_or(FIRST_ESTIMATE_MS);
@@ -351,6 +360,7 @@ impl Scheduler {
                     id,
                     Started {
                         lab: lab_id,
+                        sub,
                         at,
                         charged_ms,
                     },
@@ -380,18 +390,15 @@ impl Scheduler {
         }
     }
 
-    /// Puts the submitter's lanes back after [`Scheduler::detach`], and
-    /// forgets a submitter with nothing queued (its next job is a first one).
+    /// Puts the submitter's lanes back after [`Scheduler::detach`].
     fn attach(&mut self, sub: SubId) {
         let Some(s) = self.subs.get_mut(&sub) else {
             return;
         };
         let lanes = &self.lanes;
         s.classes.retain(|class| lanes.contains_key(&(*class, sub)));
-        if s.queued == 0 || s.classes.is_empty() {
-            let key = (s.lab, s.name.clone());
-            self.subs.remove(&sub);
-            self.sub_ids.remove(&key);
+        if s.classes.is_empty() {
+            self.forget_sub_if_idle(sub);
             return;
         }
         for &class in &s.classes {
@@ -401,6 +408,18 @@ impl Scheduler {
                     .entry(s.lab)
                     .or_default()
                     .insert((s.round, oldest, sub));
+            }
+        }
+    }
+
+    /// Forgets a submitter with nothing queued or running: its next job is
+    /// a first one again.
+    fn forget_sub_if_idle(&mut self, sub: SubId) {
+        if let Some(s) = self.subs.get(&sub) {
+            if s.queued == 0 && s.running == 0 {
+                let key = (s.lab, s.name.clone());
+                self.subs.remove(&sub);
+                self.sub_ids.remove(&key);
             }
         }
     }
@@ -460,6 +479,7 @@ impl Scheduler {
                 name: key.1.clone(),
                 round: 0,
                 queued: 0,
+                running: 0,
                 classes: Vec::new(),
             },
         );

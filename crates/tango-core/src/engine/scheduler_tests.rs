@@ -104,28 +104,38 @@ fn a_late_submitter_goes_before_second_jobs_of_others() {
 }
 
 #[test]
-fn a_submitter_whose_queue_emptied_starts_a_new_first_round() {
-    let mut s = queue(
-        Policy::Fair,
-        &[
-            (1, "lab", "a", "img"),
-            (2, "lab", "b", "img"),
-            (3, "lab", "b", "img"),
-        ],
-        &[],
-    );
+fn a_submitter_starts_a_new_first_round_once_nothing_of_its_is_queued_or_running() {
+    let jobs = [
+        (1, "lab", "a", "img"),
+        (2, "lab", "b", "img"),
+        (3, "lab", "b", "img"),
+    ];
+    let mut s = queue(Policy::Fair, &jobs, &[]);
     assert_eq!(s.next(t0(), |_| true), Some(1));
     assert_eq!(s.next(t0(), |_| true), Some(2));
-    // "a" had nothing queued: its new job is a first one, before "b"'s second.
-    s.push(QueuedJob {
-        id: 4,
+    let a = class("img");
+    let job = |id, submitter| QueuedJob {
+        id,
         courselab: "lab",
-        submitter: "a",
-        class: &class("img"),
+        submitter,
+        class: &a,
         lab: LabPolicy::default(),
-    });
-    assert_eq!(s.next(t0(), |_| true), Some(4));
+    };
+    // "a"'s job 1 still runs: its new job 4 is its second, after "b"'s 3.
+    s.push(job(4, "a"));
     assert_eq!(s.next(t0(), |_| true), Some(3));
+    assert_eq!(s.next(t0(), |_| true), Some(4));
+    for id in [1, 2, 3, 4] {
+        assert!(s.finished(id, t0()));
+    }
+    // "b" keeps a job running, "a" has nothing left: "a"'s job 6 is a first
+    // one again, before "b"'s job 7 (its second since job 5).
+    s.push(job(5, "b"));
+    assert_eq!(s.next(t0(), |_| true), Some(5));
+    s.push(job(7, "b"));
+    s.push(job(6, "a"));
+    assert_eq!(s.next(t0(), |_| true), Some(6));
+    assert_eq!(s.next(t0(), |_| true), Some(7));
 }
 
 #[test]
@@ -328,6 +338,22 @@ fn a_retried_job_goes_back_to_its_place() {
     assert_eq!(drain(&mut s), vec![3, 1, 2]);
 }
 
+/// The model's rule: a submitter with nothing queued or running starts
+/// over at round 0.
+fn forget_if_idle(
+    rounds: &mut HashMap<(u8, u8), u64>,
+    queued: &BTreeMap<JobId, (u8, u8, u8)>,
+    running: &[(JobId, u8, u8)],
+    lab: u8,
+    sub: u8,
+) {
+    let busy = queued.values().any(|&(l, o, _)| l == lab && o == sub)
+        || running.iter().any(|&(_, l, o)| l == lab && o == sub);
+    if !busy {
+        rounds.remove(&(lab, sub));
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Push { lab: u8, sub: u8, image: u8 },
@@ -354,34 +380,30 @@ proptest! {
         let capped = LabPolicy { weight: 2, max_running: Some(2) };
         let mut next_id = 0;
         let mut queued: BTreeMap<JobId, (u8, u8, u8)> = BTreeMap::new();
-        let mut running: Vec<(JobId, u8)> = Vec::new();
+        let mut running: Vec<(JobId, u8, u8)> = Vec::new();
         let mut started = BTreeSet::new();
         // Per (lab, sub): jobs started since its queue was last empty.
         let mut rounds: HashMap<(u8, u8), u64> = HashMap::new();
-        let mut start = |s: &mut Scheduler, allowed: u8, queued: &mut BTreeMap<JobId, (u8, u8, u8)>, running: &mut Vec<(JobId, u8)>| -> Option<JobId> {
+        let mut start = |s: &mut Scheduler, allowed: u8, queued: &mut BTreeMap<JobId, (u8, u8, u8)>, running: &mut Vec<(JobId, u8, u8)>, rounds: &mut HashMap<(u8, u8), u64>| -> Option<JobId> {
             let id = s.next(t0(), |c| allowed & (1 << (c.image.as_bytes()[0] - b'0')) != 0)?;
             let (lab, sub, image) = queued.remove(&id).expect("a queued job");
             assert!(allowed & (1 << image) != 0, "job {id} of a class not allowed");
             assert!(started.insert(id), "job {id} started twice");
             if lab == 0 {
-                assert!(running.iter().filter(|(_, l)| *l == 0).count() < 2, "cap exceeded");
+                assert!(running.iter().filter(|(_, l, _)| *l == 0).count() < 2, "cap exceeded");
             }
             if policy == Policy::Fair {
                 let mine = rounds.get(&(lab, sub)).copied().unwrap_or(0);
-                let capped_out = |l: u8| l == 0 && running.iter().filter(|(_, x)| *x == 0).count() >= 2;
+                let capped_out = |l: u8| l == 0 && running.iter().filter(|(_, x, _)| *x == 0).count() >= 2;
                 for (other, &(l, o, i)) in queued.iter() {
                     if l == lab && o != sub && allowed & (1 << i) != 0 && !capped_out(l) {
                         let theirs = rounds.get(&(l, o)).copied().unwrap_or(0);
                         assert!(theirs >= mine, "job {id} of round {mine} before job {other} of round {theirs}");
                     }
                 }
-                let r = rounds.entry((lab, sub)).or_default();
-                *r += 1;
-                if !queued.values().any(|&(l, o, _)| l == lab && o == sub) {
-                    rounds.remove(&(lab, sub));
-                }
+                *rounds.entry((lab, sub)).or_default() += 1;
             }
-            running.push((id, lab));
+            running.push((id, lab, sub));
             Some(id)
         };
         for op in ops {
@@ -396,12 +418,13 @@ proptest! {
                     queued.insert(next_id, (lab, sub, image));
                 }
                 Op::Next { allowed } => {
-                    start(&mut s, allowed, &mut queued, &mut running);
+                    start(&mut s, allowed, &mut queued, &mut running, &mut rounds);
                 }
                 Op::Finish { pick } => {
                     if !running.is_empty() {
-                        let (id, _) = running.remove(usize::from(pick) % running.len());
+                        let (id, lab, sub) = running.remove(usize::from(pick) % running.len());
                         prop_assert!(s.finished(id, t0()));
+                        forget_if_idle(&mut rounds, &queued, &running, lab, sub);
                     }
                 }
             }
@@ -409,10 +432,11 @@ proptest! {
         }
         // Drain: everything still queued starts once VMs are free.
         while !queued.is_empty() {
-            while let Some((id, _)) = running.pop() {
+            while let Some((id, lab, sub)) = running.pop() {
                 prop_assert!(s.finished(id, t0()));
+                forget_if_idle(&mut rounds, &queued, &running, lab, sub);
             }
-            prop_assert!(start(&mut s, 0b11, &mut queued, &mut running).is_some(), "a queued job never starts");
+            prop_assert!(start(&mut s, 0b11, &mut queued, &mut running, &mut rounds).is_some(), "a queued job never starts");
         }
         prop_assert!(s.is_empty());
     }

@@ -101,7 +101,7 @@ async fn finished_jobs(c: &Client) -> Vec<Ran> {
 /// The 40-job submitter and the 10 single-job ones, `max_vms = 2`: their
 /// jobs as run, with the ten's waits printed; None where the sandbox
 /// cannot run.
-async fn resubmitter_against_ten(test: &str, scheduling: &str) -> Option<(Vec<Ran>, Vec<Ran>)> {
+async fn resubmitter_against_ten(test: &str, scheduling: &str) -> Option<Scenario> {
     const HOG_JOBS: usize = 40;
     if !root_or_skip(test) {
         return None;
@@ -119,6 +119,7 @@ async fn resubmitter_against_ten(test: &str, scheduling: &str) -> Option<(Vec<Ra
     for i in 0..10 {
         add(&c, &receiver, &format!("s{i}"), 1).await;
     }
+    let all_queued = now_ms();
     receiver
         .wait_for(HOG_JOBS + 10, Duration::from_secs(150))
         .await;
@@ -129,7 +130,20 @@ async fn resubmitter_against_ten(test: &str, scheduling: &str) -> Option<(Vec<Ra
         .partition(|j| j.submitter == submitter("hog"));
     assert_eq!(hog.len(), HOG_JOBS);
     print_waits(scheduling, &hog, &ten);
-    Some((hog, ten))
+    Some(Scenario {
+        hog,
+        ten,
+        all_queued,
+    })
+}
+
+struct Scenario {
+    /// The 40-job submitter's jobs.
+    hog: Vec<Ran>,
+    /// The ten single jobs.
+    ten: Vec<Ran>,
+    /// When every one of the ten was queued (its addJob answered).
+    all_queued: i64,
 }
 
 /// Prints the ten's waits (added to finished) in job-lengths: the hog's
@@ -160,8 +174,11 @@ fn print_waits(scheduling: &str, hog: &[Ran], ten: &[Ran]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fair_ten_single_jobs_overtake_one_students_forty() {
-    let Some((hog, ten)) =
-        resubmitter_against_ten("fair_ten_single_jobs_overtake_one_students_forty", "fair").await
+    let Some(Scenario {
+        hog,
+        ten,
+        all_queued,
+    }) = resubmitter_against_ten("fair_ten_single_jobs_overtake_one_students_forty", "fair").await
     else {
         return;
     };
@@ -171,11 +188,10 @@ async fn fair_ten_single_jobs_overtake_one_students_forty() {
     // afresh), so its oldest queued job is of round 1 too and, older than
     // the ten's, may start first; none of its later rounds may start
     // until the last of the ten has.
-    let last_added = ten.iter().map(|j| j.added).max().unwrap();
     let last_started = ten.iter().map(|j| j.assigned).max().unwrap();
     let cut_in: Vec<&Ran> = hog
         .iter()
-        .filter(|j| j.assigned > last_added && j.assigned < last_started)
+        .filter(|j| j.assigned > all_queued && j.assigned < last_started)
         .collect();
     assert!(
         cut_in.len() <= 1,
@@ -197,7 +213,7 @@ async fn fair_ten_single_jobs_overtake_one_students_forty() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifo_ten_single_jobs_wait_for_one_students_forty() {
-    let Some((hog, ten)) =
+    let Some(Scenario { hog, ten, .. }) =
         resubmitter_against_ten("fifo_ten_single_jobs_wait_for_one_students_forty", "fifo").await
     else {
         return;

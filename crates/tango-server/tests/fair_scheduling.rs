@@ -183,23 +183,22 @@ async fn fair_ten_single_jobs_overtake_one_students_forty() {
         return;
     };
     // Once the ten are all queued, each has a job of its first round
-    // queued. The hog's first jobs started as soon as they came (its queue
-    // was empty each time, and an empty queue starts a submitter's rounds
-    // afresh), so its oldest queued job is of round 1 too and, older than
-    // the ten's, may start first; none of its later rounds may start
-    // until the last of the ten has.
+    // queued, and the hog, whose first jobs started as they came (and
+    // still run or have run while more of its jobs were queued), only jobs
+    // of later rounds: none of them may start until the last of the ten
+    // has.
     let last_started = ten.iter().map(|j| j.assigned).max().unwrap();
     let cut_in: Vec<&Ran> = hog
         .iter()
         .filter(|j| j.assigned > all_queued && j.assigned < last_started)
         .collect();
     assert!(
-        cut_in.len() <= 1,
+        cut_in.is_empty(),
         "the hog's jobs {cut_in:?} started while one of the ten waited: {ten:?}"
     );
-    // So the ten are done long before the forty: at most the hog's jobs
-    // that ran before the ten arrived, and the one or two that take the
-    // VMs the last of the ten leave, start before the last of the ten ends.
+    // So the ten are done long before the forty: only the hog's jobs that
+    // ran before the ten arrived, and the one or two that take the VMs the
+    // last of the ten leave, start before the last of the ten ends.
     let last_finished = ten.iter().map(|j| j.finished).max().unwrap();
     let hog_before = hog.iter().filter(|j| j.assigned < last_finished).count();
     eprintln!(

@@ -76,7 +76,7 @@ struct Scenario {
 }
 
 impl Scenario {
-    fn deadline(seed: u64) -> Scenario {
+    fn deadline(seed: u64, run_secs: [u64; 3]) -> Scenario {
         let course = |name, students, secs| Course {
             name,
             students,
@@ -84,9 +84,9 @@ impl Scenario {
         };
         Scenario {
             courses: vec![
-                course("15213-f26", 600, 5),
-                course("15122-f26", 200, 30),
-                course("98317-f26", 50, 120),
+                course("15213-f26", 600, run_secs[0]),
+                course("15122-f26", 200, run_secs[1]),
+                course("98317-f26", 50, run_secs[2]),
             ],
             submissions: 5000,
             window: Duration::from_secs(30 * 60),
@@ -557,13 +557,23 @@ fn compare(s: &Scenario, fair: &Report, fifo: &Report) {
     );
 }
 
-const USAGE: &str = "usage: deadline_sim [--policy fair|fifo|both] [--seed N]";
+const USAGE: &str =
+    "usage: deadline_sim [--policy fair|fifo|both] [--seed N] [--run-secs BIG,MID,SMALL]";
+
+/// Mean job run times of the 600, 200 and 50-student courses (seconds).
+const RUN_SECS: [u64; 3] = [5, 30, 120];
+
+/// What the command line asks for.
+struct Args {
+    policies: Vec<Policy>,
+    seed: u64,
+    run_secs: [u64; 3],
+}
 
 /// The policies to run and the seed; None when help was asked for.
-fn parse_args(
-    mut args: impl Iterator<Item = String>,
-) -> Result<Option<(Vec<Policy>, u64)>, String> {
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
     let (mut policies, mut seed) = (vec![Policy::Fair, Policy::Fifo], 1);
+    let mut run_secs = RUN_SECS;
     while let Some(arg) = args.next() {
         if arg == "--help" || arg == "-h" {
             return Ok(None);
@@ -578,14 +588,28 @@ fn parse_args(
                     .parse()
                     .map_err(|_| format!("--seed {n:?} is not a whole number"))?
             }
+            ("--run-secs", Some(list)) => {
+                let secs: Vec<u64> = list
+                    .split(',')
+                    .map(|n| n.trim().parse().ok().filter(|n| *n > 0))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| format!("--run-secs {list:?}: give three whole numbers > 0"))?;
+                run_secs = secs
+                    .try_into()
+                    .map_err(|_| format!("--run-secs {list:?}: give three, e.g. 5,30,120"))?;
+            }
             _ => return Err(format!("unknown or incomplete argument {arg:?}")),
         }
     }
-    Ok(Some((policies, seed)))
+    Ok(Some(Args {
+        policies,
+        seed,
+        run_secs,
+    }))
 }
 
 fn main() -> ExitCode {
-    let (policies, seed) = match parse_args(std::env::args().skip(1)) {
+    let args = match parse_args(std::env::args().skip(1)) {
         Ok(Some(args)) => args,
         Ok(None) => {
             println!("{USAGE}");
@@ -596,11 +620,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let scenario = Scenario::deadline(seed);
+    let scenario = Scenario::deadline(args.seed, args.run_secs);
     let plan = plan(&scenario);
     describe(&scenario, &plan);
     let mut reports = Vec::new();
-    for &policy in &policies {
+    for &policy in &args.policies {
         match simulate(&scenario, &plan, policy) {
             Ok(outcome) => reports.push(report(&scenario, &plan, policy, &outcome)),
             Err(e) => {
@@ -624,7 +648,7 @@ mod tests {
     /// the same waits when run again.
     #[test]
     fn scaled_down_deadline_gives_every_job_a_result() {
-        let mut scenario = Scenario::deadline(7);
+        let mut scenario = Scenario::deadline(7, RUN_SECS);
         for course in &mut scenario.courses {
             course.students /= 10;
         }

@@ -67,11 +67,22 @@ fn parse_args() -> Result<Args> {
     })
 }
 
-/// Kills tangod when the bench ends, however it ends.
+/// Stops tangod when the bench ends, however it ends.
 struct Server(Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // SIGTERM, so that tangod stops the holding job and removes its
+        // sandbox (a SIGKILL leaves its mount and its `sleep` behind).
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("tangod did not stop within 20 s of SIGTERM; killing it");
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -167,7 +178,7 @@ async fn main() -> Result<()> {
     let config = work.path().join("tangod.toml");
     std::fs::write(
         &config,
-        "vmms = \"sandbox\"\n[engine]\nmax_vms = 1\nprefix = \"qs\"\n",
+        "vmms = \"sandbox\"\n[engine]\nmax_vms = 1\nprefix = \"qs\"\n# The holding job would otherwise delay the stop by 30 s.\nshutdown_grace_secs = 1\n",
     )?;
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let log = std::fs::File::create(work.path().join("tangod.log"))?;

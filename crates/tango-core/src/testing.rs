@@ -136,6 +136,9 @@ pub struct Script {
     pub run_delay: Duration,
     /// Makes `run_job` hang forever (to test the engine's timeouts).
     pub run_hangs: bool,
+    /// `run_job` waits until this turns true (a benchmark holds every VM
+    /// busy while it fills the queue, then lets them all go at once).
+    pub run_gate: Option<tokio::sync::watch::Receiver<bool>>,
     /// The next this many `reset_vm` calls fail.
     pub reset_failures: u32,
     /// The next this many `safe_destroy_vm` calls fail (the VM stays).
@@ -199,17 +202,22 @@ impl Vmms for FakeVmms {
         Ok(())
     }
     async fn run_job(&self, vm: &Machine, req: &RunRequest) -> Result<RunOutcome, VmmsError> {
-        let (status, delay, hangs) = {
+        let (status, delay, hangs, gate) = {
             let mut s = self.script.lock().unwrap();
             (
                 s.run_statuses.pop_front().unwrap_or(RunStatus::Completed),
                 s.run_delay,
                 s.run_hangs,
+                s.run_gate.clone(),
             )
         };
         self.run_order.lock().unwrap().push(req.job_id);
         if hangs {
             std::future::pending::<()>().await;
+        }
+        if let Some(mut gate) = gate {
+            // A dropped sender opens the gate too: nothing could open it later.
+            let _ = gate.wait_for(|open| *open).await;
         }
         tokio::time::sleep(delay).await;
         let mut out = match status {

@@ -145,7 +145,7 @@ impl Inner {
             if let Some(vm) = &warm {
                 job.vm = Some(vm.clone());
             }
-            let job = job.clone();
+            let job = Job::clone(job);
             let inner = self.clone();
             let span = tracing::info_span!("job", job = id, courselab = %job.courselab);
             self.workers

@@ -137,8 +137,11 @@ struct State {
     /// Changed only through the methods in `dispatch.rs`, where the order
     /// jobs start in is decided.
     queue: Scheduler,
-    /// Queued and running jobs, by id (so pages of them are cheap).
-    live: BTreeMap<JobId, Job>,
+    /// Queued and running jobs, by id (so pages of them are cheap). Boxed:
+    /// a B-tree filled in id order leaves its nodes about half empty, and
+    /// a `Job` inline would cost those empty slots at its full size
+    /// (600-odd bytes each), about 500 bytes a queued job.
+    live: BTreeMap<JobId, Box<Job>>,
     /// Live jobs by a hash of what makes an addJob the same (see
     /// [`same_request`]), so a repeated addJob is found without a walk of
     /// the queue.
@@ -153,15 +156,17 @@ struct State {
 
 impl State {
     fn insert_live(&mut self, job: Job) {
-        let ids = self.by_request.entry(request_hash(&job)).or_default();
+        // Almost always one job a hash: a default Vec would reserve four.
+        let ids =
+            (self.by_request.entry(request_hash(&job))).or_insert_with(|| Vec::with_capacity(1));
         if !ids.contains(&job.id) {
             ids.push(job.id);
         }
-        self.live.insert(job.id, job);
+        self.live.insert(job.id, Box::new(job));
     }
 
     fn remove_live(&mut self, id: JobId) -> Option<Job> {
-        let job = self.live.remove(&id)?;
+        let job = *self.live.remove(&id)?;
         let key = request_hash(&job);
         if let Some(ids) = self.by_request.get_mut(&key) {
             ids.retain(|other| *other != id);
@@ -177,7 +182,7 @@ impl State {
         self.by_request
             .get(&request_hash(job))?
             .iter()
-            .filter_map(|id| self.live.get(id))
+            .filter_map(|id| self.live.get(id).map(|live| &**live))
             .find(|live| same_request(live, job))
     }
 }
@@ -402,7 +407,8 @@ impl Engine {
 
     /// Live jobs (queued or running), oldest first.
     pub fn live_jobs(&self) -> Vec<Job> {
-        self.inner.lock().live.values().cloned().collect()
+        let st = self.inner.lock();
+        st.live.values().map(|job| Job::clone(job)).collect()
     }
 
     /// Up to `limit` live jobs that `wanted` accepts, newest first, older
@@ -426,7 +432,7 @@ impl Engine {
                 .filter_map(|id| st.live.get(&id))
                 .filter(|job| job.state == JobState::Running && wanted(job))
                 .take(limit)
-                .cloned()
+                .map(|job| Job::clone(job))
                 .collect();
         }
         st.live
@@ -435,7 +441,7 @@ impl Engine {
             .map(|(_, job)| job)
             .filter(|job| wanted(job))
             .take(limit)
-            .cloned()
+            .map(|job| Job::clone(job))
             .collect()
     }
 
@@ -449,7 +455,7 @@ impl Engine {
 
     pub fn get_job(&self, id: JobId) -> Result<Option<Job>, EngineError> {
         if let Some(job) = self.inner.lock().live.get(&id) {
-            return Ok(Some(job.clone()));
+            return Ok(Some(Job::clone(job)));
         }
         Ok(self.inner.store.get_job(id)?)
     }

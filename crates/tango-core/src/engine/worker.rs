@@ -60,7 +60,7 @@ struct Ran {
 impl Inner {
     fn update_live(&self, job: &Job) {
         if let Some(slot) = self.lock().live.get_mut(&job.id) {
-            *slot = job.clone();
+            **slot = job.clone();
         }
     }
 
@@ -377,7 +377,7 @@ impl Inner {
             {
                 let mut st = self.lock();
                 st.stopped_running(id);
-                st.live.insert(id, job);
+                st.live.insert(id, Box::new(job));
             }
             let inner = self.clone();
             tokio::spawn(async move {
@@ -421,7 +421,7 @@ impl Inner {
         let mut st = self.lock();
         st.stopped_running(job.id);
         st.enqueue(&job, &self.config);
-        st.live.insert(job.id, job);
+        st.live.insert(job.id, Box::new(job));
     }
 
     /// Ends a job that could not run after every retry: an output file that

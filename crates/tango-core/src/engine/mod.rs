@@ -369,6 +369,9 @@ impl Engine {
         let mut job = job;
         job.id = inner.store.next_job_id()?;
         job.add_trace(format!("Added job {}:{} to queue", job.name, job.id));
+        // A queued job's record stays in memory until it runs: no spare
+        // room in its trace (the next entry comes when it is dispatched).
+        job.trace.shrink_to_fit();
         inner.store.save_job(&job)?;
         inner.counters.job_requests.fetch_add(1, Ordering::Relaxed);
         let id = job.id;

@@ -414,6 +414,36 @@ async fn unknown_images_and_unreachable_endpoints() {
     assert!(matches!(error, VmmsError::Unavailable(_)), "{error}");
 }
 
+/// The generic conformance suite (`tango_vmms::conformance`), minus what
+/// cannot hold when every "instance" is this one host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_ec2_backend_conforms() {
+    use tango_vmms::conformance::{run, Check, Damage, Target};
+    let Some((moto, sshd)) = fixtures("the_ec2_backend_conforms") else {
+        return;
+    };
+    let work = sshd.scratch("work");
+    let config = config(&moto, &sshd, &work, 64111);
+    let remote_autodriver = std::path::PathBuf::from(&config.remote_autodriver);
+    let ec2 = Ec2::connect(config).await.unwrap();
+    // An instance that lost its autodriver (a damaged disk or AMI).
+    let damage: Damage = std::sync::Arc::new(move |_vm| {
+        let path = remote_autodriver.clone();
+        Box::pin(async move { std::fs::remove_file(&path).map_err(|e| e.to_string()) })
+    });
+    let shared = "every instance of these tests is this host, with one grading uid, \
+                  and the autodriver kills all of that uid's processes after each job";
+    let target = Target::new(std::sync::Arc::new(ec2), "host", &prefix("conform"))
+        .skip(Check::Concurrent, shared)
+        .skip(
+            Check::HostileJobs,
+            "every instance of these tests is this host: a memory hog there has no \
+             limit but the host's memory",
+        )
+        .with_damage(damage);
+    run(&target).await.assert_passed();
+}
+
 /// In CI (`CI` or `TANGO_TEST_EC2=1`, which scripts/test.sh runs these
 /// tests with) a missing moto or sshd is a failure, not a skip.
 fn must_run() -> bool {

@@ -206,38 +206,6 @@ async fn a_job_runs_on_an_instance_over_ssh() {
 }
 
 #[tokio::test]
-async fn a_job_past_its_time_limit_times_out() {
-    let Some((moto, sshd)) = fixtures("a_job_past_its_time_limit_times_out") else {
-        return;
-    };
-    let work = sshd.scratch("work");
-    let ec2 = Ec2::connect(config(&moto, &sshd, &work, 64103))
-        .await
-        .unwrap();
-    let prefix = prefix("timeout");
-    let vm = Machine::new(&prefix, 1, "host", "ec2");
-    ec2.initialize_vm(&vm).await.unwrap();
-    ec2.wait_vm(&vm, Duration::from_secs(30)).await.unwrap();
-    ec2.copy_in(
-        &vm,
-        &[input(
-            &work,
-            "Makefile",
-            "all:\n\t@echo start\n\tsleep 30\n",
-        )],
-    )
-    .await
-    .unwrap();
-    let mut req = request(1, true);
-    req.timeout_secs = 1;
-    let started = std::time::Instant::now();
-    let outcome = ec2.run_job(&vm, &req).await.unwrap();
-    assert_eq!(outcome.status, RunStatus::TimedOut, "{outcome:?}");
-    assert!(started.elapsed() < Duration::from_secs(20));
-    ec2.safe_destroy_vm(&vm).await.unwrap();
-}
-
-#[tokio::test]
 async fn wait_vm_timeout_terminates_the_instance() {
     let Some((moto, mut sshd)) = fixtures("wait_vm_timeout_terminates_the_instance") else {
         return;

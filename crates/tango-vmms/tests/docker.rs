@@ -7,7 +7,6 @@ mod common;
 
 use common::{machine, request, require_docker, BOOKWORM, BUSYBOX};
 use futures_util::TryStreamExt;
-use std::collections::HashMap;
 use std::time::Duration;
 use tango_core::vmms::{RunStatus, Vmms, VmmsError};
 use tango_vmms::docker::{container_name, Docker};

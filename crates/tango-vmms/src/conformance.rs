@@ -146,8 +146,9 @@ pub type Damage =
 /// The backend under test and how to drive it.
 pub struct Target {
     pub vmms: Arc<dyn Vmms>,
-    /// An image in `get_images()` with a POSIX shell, make, cat, md5sum and
-    /// head (Debian, busybox or the host).
+    /// An image in `get_images()` with a POSIX shell and make, cat, cut,
+    /// grep, head, ls, md5sum, sleep, tr, wc and yes (Debian, busybox or the
+    /// host).
     pub image: String,
     /// A prefix no other VM of this backend uses; a rerun first removes
     /// what a failed run left under it.

@@ -238,6 +238,7 @@ pub async fn run_checks(target: &Target, checks: &[Check]) -> Report {
             report.skipped.push((check, why.clone()));
             continue;
         }
+        let started = Instant::now();
         let result = match check {
             Check::Lifecycle => lifecycle(&ctx).await,
             Check::GetVmsPrefix => get_vms_prefix(&ctx).await,
@@ -262,6 +263,12 @@ pub async fn run_checks(target: &Target, checks: &[Check]) -> Report {
             },
             Check::HostileJobs => hostile_jobs(&ctx).await,
         };
+        // Per check, so a slow backend step shows in the test log.
+        eprintln!(
+            "conformance: {check} {} in {:.1?}",
+            if result.is_ok() { "passed" } else { "FAILED" },
+            started.elapsed()
+        );
         match result {
             Ok(()) => report.passed.push(check),
             Err(seen) => report.failures.push(Failure {
@@ -1070,7 +1077,14 @@ async fn os_error(ctx: &Ctx<'_>, damage: &Damage) -> CheckResult {
     damage(vm.clone())
         .await
         .map_err(|e| broken("(test setup) damaging the VM", e))?;
-    let run = ctx.vmms().run_job(&vm, &ctx.request(30)).await;
+    let started = Instant::now();
+    // A short limit: a backend that notices the damage only by waiting
+    // for the run then waits less.
+    let run = ctx.vmms().run_job(&vm, &ctx.request(5)).await;
+    eprintln!(
+        "conformance: run_job on a damaged VM: {run:?} after {:.1?}",
+        started.elapsed()
+    );
     ctx.destroy(&vm).await?;
     require(
         match &run {

@@ -26,6 +26,8 @@ if [ -S /var/run/docker.sock ] && [ -x scripts/build-docker-test-image.sh ]; the
 fi
 
 cargo test --workspace "$@"
+# tangod built with the worked example backend of docs/writing-a-vmms.md.
+cargo test -p tango-server --features local-example --test local_example "$@"
 # The ec2 backend (feature ec2, not in the default build) against moto and a
 # local sshd: TANGO_TEST_EC2=1 (CI sets it).
 if [ "${TANGO_TEST_EC2:-0}" = 1 ]; then

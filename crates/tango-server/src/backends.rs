@@ -22,6 +22,14 @@ pub async fn start(config: &Config) -> anyhow::Result<Vec<Arc<dyn Vmms>>> {
                 "this tangod was built without the ec2 backend; rebuild it with \
                  `cargo build --release -p tango-server --features ec2`"
             ),
+            #[cfg(feature = "local-example")]
+            "local" => Arc::new(local(config)?),
+            #[cfg(not(feature = "local-example"))]
+            "local" => anyhow::bail!(
+                "this tangod was built without the example backend `local`; rebuild it with \
+                 `cargo build -p tango-server --features local-example` (it isolates nothing: \
+                 for development only)"
+            ),
             other => anyhow::bail!("unknown backend {other:?}: use sandbox, docker or ec2"),
         });
     }
@@ -59,6 +67,17 @@ async fn sandbox(config: &Config) -> anyhow::Result<tango_vmms::sandbox::Sandbox
         tracing::info!(removed, "removed sandboxes left by a previous run");
     }
     Ok(sandbox)
+}
+
+/// The worked example of docs/writing-a-vmms.md: no isolation at all.
+#[cfg(feature = "local-example")]
+fn local(config: &Config) -> anyhow::Result<tango_local_vmms::Local> {
+    use tango_local_vmms::{Local, LocalConfig};
+    tracing::warn!(
+        "the `local` backend runs jobs as host processes with no isolation: development only"
+    );
+    let local_config = LocalConfig::new(config.data_dir.join("local"), config.find_autodriver()?);
+    Local::new(local_config).context("cannot start the local example backend")
 }
 
 async fn docker(config: &Config) -> anyhow::Result<tango_vmms::docker::Docker> {

@@ -3,6 +3,8 @@
 //! implement [`tango_core::Vmms`].
 #[cfg(any(feature = "sandbox", feature = "docker"))]
 mod cgroupfs;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 #[cfg(feature = "docker")]
 pub mod docker;
 #[cfg(feature = "ec2")]

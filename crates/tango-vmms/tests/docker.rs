@@ -7,7 +7,6 @@ mod common;
 
 use common::{machine, request, require_docker, BOOKWORM, BUSYBOX};
 use futures_util::TryStreamExt;
-use std::collections::HashMap;
 use std::time::Duration;
 use tango_core::vmms::{RunStatus, Vmms, VmmsError};
 use tango_vmms::docker::{container_name, Docker};
@@ -363,46 +362,6 @@ async fn busybox_image_runs_a_job_and_the_next_sees_nothing_of_it() {
     docker.safe_destroy_vm(&vm).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn job_timeout_is_reported_and_partial_output_is_live() {
-    require_docker!();
-    let (work, docker, prefix) = common::fresh_backend("tmo").await;
-    let docker = std::sync::Arc::new(docker);
-    let vm = machine(&prefix, 1, BOOKWORM);
-    docker.initialize_vm(&vm).await.unwrap();
-    docker.wait_vm(&vm, Duration::from_secs(10)).await.unwrap();
-    let slow = "all:\n\t@echo started\n\t@sleep 60\n";
-    let files = common::inputs(work.path(), &[("Makefile", slow)]);
-    docker.copy_in(&vm, &files).await.unwrap();
-    let started = std::time::Instant::now();
-    let running = {
-        let (docker, vm) = (docker.clone(), vm.clone());
-        tokio::spawn(async move { docker.run_job(&vm, &request(51, 3)).await })
-    };
-    // While the job sleeps, its first line is visible.
-    let mut partial = Vec::new();
-    while started.elapsed() < Duration::from_secs(3) && partial.is_empty() {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        partial = docker.partial_output(&vm, 1 << 20).await.unwrap();
-    }
-    assert_eq!(String::from_utf8_lossy(&partial), "started\n");
-    assert!(!running.is_finished());
-
-    let outcome = running.await.unwrap().unwrap();
-    assert!(started.elapsed() < Duration::from_secs(30));
-    let dest = work.path().join("out");
-    docker.copy_out(&vm, &dest).await.unwrap();
-    let output = std::fs::read_to_string(&dest).unwrap();
-    assert_eq!(outcome.status, RunStatus::TimedOut, "{output}");
-    assert!(
-        output.starts_with("Autodriver: Job timed out after 3 seconds"),
-        "{output}"
-    );
-    // The VM stays usable for the next job.
-    docker.reset_vm(&vm).await.unwrap();
-    docker.safe_destroy_vm(&vm).await.unwrap();
-}
-
 #[tokio::test]
 async fn get_vms_finds_exactly_the_prefix() {
     require_docker!();
@@ -672,44 +631,6 @@ async fn build_image_from_docker_save() {
             )
             .await;
     }
-}
-
-#[tokio::test]
-async fn concurrent_jobs_on_separate_vms() {
-    require_docker!();
-    let (work, docker, prefix) = common::fresh_backend("conc").await;
-    let docker = std::sync::Arc::new(docker);
-    let mut tasks = Vec::new();
-    for id in 1..=4u64 {
-        let docker = docker.clone();
-        let prefix = prefix.clone();
-        let dir = work.path().join(id.to_string());
-        std::fs::create_dir(&dir).unwrap();
-        tasks.push(tokio::spawn(async move {
-            let vm = machine(&prefix, id, BOOKWORM);
-            let makefile = format!("all:\n\t@echo job {id}\n");
-            let (outcome, output) = common::run_once(
-                &docker,
-                &vm,
-                &dir,
-                &[("Makefile", &makefile)],
-                &request(id, 20),
-            )
-            .await;
-            docker.destroy_vm(&vm).await.unwrap();
-            (id, outcome.status, output)
-        }));
-    }
-    let mut seen = HashMap::new();
-    for task in tasks {
-        let (id, status, output) = task.await.unwrap();
-        assert_eq!(status, RunStatus::Completed);
-        seen.insert(id, output);
-    }
-    for (id, output) in seen {
-        assert!(output.contains(&format!("job {id}\n")), "{output}");
-    }
-    assert!(docker.get_vms(&prefix).await.unwrap().is_empty());
 }
 
 /// Timings of the backend's steps (not a pass/fail test): run with

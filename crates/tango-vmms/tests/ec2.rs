@@ -206,38 +206,6 @@ async fn a_job_runs_on_an_instance_over_ssh() {
 }
 
 #[tokio::test]
-async fn a_job_past_its_time_limit_times_out() {
-    let Some((moto, sshd)) = fixtures("a_job_past_its_time_limit_times_out") else {
-        return;
-    };
-    let work = sshd.scratch("work");
-    let ec2 = Ec2::connect(config(&moto, &sshd, &work, 64103))
-        .await
-        .unwrap();
-    let prefix = prefix("timeout");
-    let vm = Machine::new(&prefix, 1, "host", "ec2");
-    ec2.initialize_vm(&vm).await.unwrap();
-    ec2.wait_vm(&vm, Duration::from_secs(30)).await.unwrap();
-    ec2.copy_in(
-        &vm,
-        &[input(
-            &work,
-            "Makefile",
-            "all:\n\t@echo start\n\tsleep 30\n",
-        )],
-    )
-    .await
-    .unwrap();
-    let mut req = request(1, true);
-    req.timeout_secs = 1;
-    let started = std::time::Instant::now();
-    let outcome = ec2.run_job(&vm, &req).await.unwrap();
-    assert_eq!(outcome.status, RunStatus::TimedOut, "{outcome:?}");
-    assert!(started.elapsed() < Duration::from_secs(20));
-    ec2.safe_destroy_vm(&vm).await.unwrap();
-}
-
-#[tokio::test]
 async fn wait_vm_timeout_terminates_the_instance() {
     let Some((moto, mut sshd)) = fixtures("wait_vm_timeout_terminates_the_instance") else {
         return;
@@ -412,6 +380,36 @@ async fn unknown_images_and_unreachable_endpoints() {
     let vm = Machine::new(&prefix("down"), 1, "host", "ec2");
     let error = down.initialize_vm(&vm).await.unwrap_err();
     assert!(matches!(error, VmmsError::Unavailable(_)), "{error}");
+}
+
+/// The generic conformance suite (`tango_vmms::conformance`), minus what
+/// cannot hold when every "instance" is this one host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_ec2_backend_conforms() {
+    use tango_vmms::conformance::{run, Check, Damage, Target};
+    let Some((moto, sshd)) = fixtures("the_ec2_backend_conforms") else {
+        return;
+    };
+    let work = sshd.scratch("work");
+    let config = config(&moto, &sshd, &work, 64111);
+    let remote_autodriver = std::path::PathBuf::from(&config.remote_autodriver);
+    let ec2 = Ec2::connect(config).await.unwrap();
+    // An instance that lost its autodriver (a damaged disk or AMI).
+    let damage: Damage = std::sync::Arc::new(move |_vm| {
+        let path = remote_autodriver.clone();
+        Box::pin(async move { std::fs::remove_file(&path).map_err(|e| e.to_string()) })
+    });
+    let shared = "every instance of these tests is this host, with one grading uid, \
+                  and the autodriver kills all of that uid's processes after each job";
+    let target = Target::new(std::sync::Arc::new(ec2), "host", &prefix("conform"))
+        .skip(Check::Concurrent, shared)
+        .skip(
+            Check::HostileJobs,
+            "every instance of these tests is this host: a memory hog there has no \
+             limit but the host's memory",
+        )
+        .with_damage(damage);
+    run(&target).await.assert_passed();
 }
 
 /// In CI (`CI` or `TANGO_TEST_EC2=1`, which scripts/test.sh runs these

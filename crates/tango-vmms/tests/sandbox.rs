@@ -521,54 +521,6 @@ async fn a_disk_filler_is_bounded_by_the_vm_tmpfs() {
 }
 
 #[tokio::test]
-async fn partial_output_while_running_and_timeouts() {
-    require_root!();
-    let env = env("t-part");
-    let vm = env.machine(1, "host");
-    env.sandbox.initialize_vm(&vm).await.expect("init");
-    let inputs = env.inputs(
-        1,
-        &[(
-            "Makefile",
-            "all:\n\t@echo first-line-printed\n\t@sleep 30\n",
-        )],
-    );
-    env.sandbox.copy_in(&vm, &inputs).await.expect("copy_in");
-    let started = std::time::Instant::now();
-    let req = request(3);
-    let run = env.sandbox.run_job(&vm, &req);
-    tokio::pin!(run);
-    let mut seen = Vec::new();
-    let outcome = loop {
-        tokio::select! {
-            outcome = &mut run => break outcome.expect("run"),
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {
-                let partial = env.sandbox.partial_output(&vm, 1 << 16).await.expect("partial");
-                if !partial.is_empty() {
-                    seen = partial;
-                }
-            }
-        }
-    };
-    let elapsed = started.elapsed();
-    assert_eq!(outcome.status, RunStatus::TimedOut);
-    assert_eq!(outcome.exit_code, Some(2));
-    assert!(elapsed < Duration::from_secs(15), "{elapsed:?}");
-    assert!(
-        String::from_utf8_lossy(&seen).contains("first-line-printed"),
-        "{seen:?}"
-    );
-    let tiny = env.sandbox.partial_output(&vm, 5).await.expect("partial");
-    assert!(tiny.len() <= 5);
-    let dest = env.dir.path().join("out");
-    env.sandbox.copy_out(&vm, &dest).await.expect("copy_out");
-    let output = std::fs::read_to_string(&dest).expect("output");
-    assert!(output.contains("timed out"), "{output}");
-    env.sandbox.destroy_vm(&vm).await.expect("destroy");
-    assert_clean(&env);
-}
-
-#[tokio::test]
 async fn dropping_run_job_kills_the_job() {
     require_root!();
     let env = env("t-drop");

@@ -1748,6 +1748,9 @@ impl Vmms for Docker {
     /// runs (its PID 1 may have been killed, e.g. by the OOM killer).
     async fn reset_vm(&self, vm: &Machine) -> Result<(), VmmsError> {
         let name = container_name(vm);
+        // The next job may be asked for partial output before its copy-in:
+        // it must not see this job's stream.
+        self.with_state(&name, |state| state.stream = None);
         // Seen running just after the job (the OOM check asks): no need to
         // ask again a moment later.
         if self.with_state(&name, |state| std::mem::take(&mut state.running_after_job)) {

@@ -1246,6 +1246,9 @@ impl Vmms for Ec2 {
                 vm.name
             )));
         }
+        // The next job may be asked for partial output before its copy-in:
+        // the stream file still holds this job's until its run starts.
+        self.with_state(&vm.name, |s| s.run_started = false);
         self.session(vm).await.map(|_| ())
     }
 }

@@ -163,8 +163,9 @@ pub struct Job {
     pub state: JobState,
     /// System-error retries used so far.
     pub retries: u32,
-    /// VM the job is (or was last) assigned to.
-    pub vm: Option<Machine>,
+    /// VM the job is (or was last) assigned to. Boxed: most live jobs are
+    /// queued, without one, and a queued job's record stays in memory.
+    pub vm: Option<Box<Machine>>,
     pub trace: Vec<TraceEntry>,
     pub phases: Phases,
     /// Outcome line written to the output file, once finished.

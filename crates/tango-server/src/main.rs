@@ -115,18 +115,19 @@ async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListe
 
 /// glibc gives each thread that allocates its own malloc arena (up to 8
 /// per core); a queue of 100,000 jobs built by tokio's worker threads then
-/// leaves memory scattered over all of them: 2.2 KB per queued job against
-/// 1.7 KB with one arena (bench/queue_scale.sh). Two arenas keep most of
-/// that saving without making every thread contend for one lock. An
-/// operator's own `MALLOC_ARENA_MAX` wins. (musl, as in the container
-/// image, has no arenas.)
+/// leaves memory scattered over all of them. One arena (threads still keep
+/// their own small caches) measured 1.6 KB a queued job against 2.1 KB
+/// with two and 2.2 KB with glibc's default, with no loss of addJob rate
+/// (bench/queue_scale.sh). An operator's own
+/// `MALLOC_ARENA_MAX` wins. (musl, as in the container image, has no
+/// arenas.)
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
         // SAFETY: mallopt only sets a malloc parameter, and no other thread
         // exists yet.
         unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
+            libc::mallopt(libc::M_ARENA_MAX, 1);
         }
     }
 }

@@ -143,7 +143,7 @@ impl Inner {
             job.state = JobState::Running;
             job.phases.assigned = Some(now_ms());
             if let Some(vm) = &warm {
-                job.vm = Some(vm.clone());
+                job.vm = Some(Box::new(vm.clone()));
             }
             let job = Job::clone(job);
             let inner = self.clone();

@@ -150,7 +150,7 @@ impl Inner {
                     .new_machine(&job.image, &job.vmms, job.cores, job.memory_mb, true)
                     .map_err(|e| fail(Step::Initialize, e, None))?;
                 vm.credentials = job.credentials.clone();
-                job.vm = Some(vm.clone());
+                job.vm = Some(Box::new(vm.clone()));
                 // Recorded before it exists: after a crash only this
                 // record finds a VM in the job's own account.
                 if let Err(e) = self.store.save_job(job) {
@@ -167,7 +167,7 @@ impl Inner {
                 .await
                 .map_err(|(step, e, vm)| fail(step, e, vm.as_ref()))?,
         };
-        job.vm = Some(vm.clone());
+        job.vm = Some(Box::new(vm.clone()));
         job.phases.vm_ready = Some(now_ms());
         job.add_trace(format!("Assigned job to VM {}", vm.name));
         self.update_live(job);

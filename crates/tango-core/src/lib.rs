@@ -4,8 +4,10 @@
 //! and the output-file format.
 //!
 //! The job engine ([`engine`]) is a folder, one concern per file:
-//! `engine/mod.rs` the public API, shared state and validation;
-//! `engine/dispatch.rs` the queue (what starts next) and restart recovery;
+//! `engine/mod.rs` the public API and shared state; `engine/validate.rs`
+//! what `addJob` checks; `engine/scheduler.rs` the scheduling policy (a
+//! pure type: fair or fifo); `engine/dispatch.rs` the queue (what starts
+//! next, in the scheduler's order) and restart recovery;
 //! `engine/pools.rs` VM pools and placement; `engine/worker.rs` one job's
 //! steps and retries; `engine/outbox.rs` callback delivery;
 //! `engine/sweeps.rs` the orphan-VM and unused-blob sweeps.

@@ -355,24 +355,32 @@ impl Inner {
         }
     }
 
+    /// Marks a job that failed a step as queued again (without its VM),
+    /// with why in its trace, and records it; `what` names the record in
+    /// the warning if the store cannot take it.
+    fn record_back_in_queue(&self, job: &mut Job, trace: String, what: &str) {
+        job.state = JobState::Queued;
+        job.vm = None;
+        job.add_trace(trace);
+        if let Err(e) = self.store.save_job(job) {
+            warn!(job = job.id, "cannot record {what}: {e}");
+        }
+    }
+
     async fn retry_or_fail(self: &Arc<Self>, mut job: Job, failure: SystemFailure) {
         let waited = job.backend_wait_ms;
         if failure.unavailable && waited < self.config.backend_wait_max_secs * 1000 {
             // Doubling waits from 1 s up to 30 s, not counted as retries.
             let delay_ms = waited.clamp(1000, 30_000);
             job.backend_wait_ms += delay_ms;
-            job.state = JobState::Queued;
-            job.vm = None;
-            job.add_trace(format!(
+            warn!(job = job.id, "backend unavailable: {}", failure.message);
+            let trace = format!(
                 "Backend unavailable while {}: {}; trying again in {} s (no retry counted)",
                 failure.step.as_str(),
                 failure.message,
                 delay_ms / 1000
-            ));
-            warn!(job = job.id, "backend unavailable: {}", failure.message);
-            if let Err(e) = self.store.save_job(&job) {
-                warn!(job = job.id, "cannot record the wait: {e}");
-            }
+            );
+            self.record_back_in_queue(&mut job, trace, "the wait");
             let id = job.id;
             {
                 let mut st = self.lock();
@@ -406,18 +414,14 @@ impl Inner {
             self.fail_job(job, failure).await;
             return;
         }
-        job.state = JobState::Queued;
-        job.vm = None;
-        job.add_trace(format!(
+        let trace = format!(
             "System error while {}: {}; retrying (retry {} of {})",
             failure.step.as_str(),
             failure.message,
             job.retries,
             self.config.max_retries
-        ));
-        if let Err(e) = self.store.save_job(&job) {
-            warn!(job = job.id, "cannot record the retry: {e}");
-        }
+        );
+        self.record_back_in_queue(&mut job, trace, "the retry");
         let mut st = self.lock();
         st.stopped_running(job.id);
         st.enqueue(&job, &self.config);

@@ -1,15 +1,16 @@
 //! The job engine: its public API ([`Engine`] and the types it takes and
-//! answers), the shared state every part works on, and job validation.
+//! answers) and the shared state every part works on.
 //!
 //! Every state change is written to the [`Store`] before it is acted on. The
 //! dispatcher sleeps on a [`Notify`] woken by a new job, a freed VM or a new
 //! pool VM; the outbox sleeps until its earliest due callback or a new one.
 //!
 //! Each concern has its own file, an `impl Inner` block and its own tests:
-//! `dispatch` (the queue and what starts next, restart recovery),
-//! `pools` (VM pools and placement), `worker` (one job's steps and
-//! retries), `outbox` (callback delivery) and `sweeps` (orphan VMs and
-//! unused upload blobs).
+//! `validate` (what `addJob` checks), `scheduler` (the policy choosing the
+//! next job, a pure type), `dispatch` (the queue and what starts next,
+//! restart recovery), `pools` (VM pools and placement), `worker` (one job's
+//! steps and retries), `outbox` (callback delivery) and `sweeps` (orphan
+//! VMs and unused upload blobs).
 
 mod dispatch;
 mod outbox;

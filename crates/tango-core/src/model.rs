@@ -37,6 +37,9 @@ pub struct Machine {
     /// Cloud credentials for a per-job VM (EC2); never serialised to clients.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<CloudCredentials>,
+    /// The host of a backend of several machines the VM was placed on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +58,7 @@ impl Machine {
             cores: None,
             memory_mb: None,
             credentials: None,
+            host: None,
         }
     }
 }

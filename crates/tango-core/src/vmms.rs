@@ -28,6 +28,9 @@ pub enum VmmsError {
     },
     #[error("{0}")]
     Backend(String),
+    /// A host name this backend does not know (see [`Vmms::hosts`]).
+    #[error("no host named {0:?}; `tango hosts` lists them")]
+    NoSuchHost(String),
     /// The backend as a whole cannot be reached (its daemon is down). The
     /// engine waits for it to return instead of spending the job's retries.
     #[error("backend unavailable: {0}")]
@@ -119,6 +122,27 @@ pub struct RunOutcome {
     pub notes: Vec<String>,
 }
 
+/// One machine of a backend that spreads its VMs over several (the docker
+/// backend's hosts), as `GET /v2/hosts`, the metrics and the dashboard show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostStatus {
+    pub name: String,
+    /// The backend it belongs to (`docker`).
+    pub vmms: String,
+    /// Where it is reached, never with credentials.
+    pub url: String,
+    /// It answered its last health check.
+    pub up: bool,
+    /// It takes no new VMs; its running jobs finish.
+    pub draining: bool,
+    pub max_vms: usize,
+    /// This server's VMs on it now, busy or idle.
+    pub vms: usize,
+    pub running_jobs: usize,
+    pub vm_starts: u64,
+    pub vm_start_failures: u64,
+}
+
 /// A VM manager. One instance serves every VM of its kind; all methods may
 /// be called concurrently for different VMs.
 #[async_trait]
@@ -168,5 +192,22 @@ pub trait Vmms: Send + Sync + 'static {
     /// Loads an image from a `docker save` tar and tags it `<name>:latest`.
     async fn build_image(&self, _name: &str, _tar: &Path) -> Result<(), VmmsError> {
         Err(VmmsError::Unsupported("building images"))
+    }
+
+    /// The machines this backend spreads VMs over; empty for a backend that
+    /// has no such notion (one machine, or a cloud).
+    fn hosts(&self) -> Vec<HostStatus> {
+        Vec::new()
+    }
+
+    /// Stops (`true`) or resumes (`false`) placing new VMs on `host`; its
+    /// running jobs finish, its idle VMs are removed.
+    async fn set_host_draining(&self, host: &str, _draining: bool) -> Result<(), VmmsError> {
+        Err(VmmsError::NoSuchHost(host.to_string()))
+    }
+
+    /// The host `initialize_vm` placed `vm` on, for the job's record.
+    fn host_of(&self, _vm: &Machine) -> Option<String> {
+        None
     }
 }

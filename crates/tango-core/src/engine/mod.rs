@@ -30,7 +30,7 @@ use crate::files::{DataDir, FilesError};
 use crate::model::{now_ms, CloudCredentials, Job, JobId, JobState, Machine};
 use crate::names::check_image;
 use crate::store::{Store, StoreError};
-use crate::vmms::{Vmms, VmmsError};
+use crate::vmms::{HostStatus, Vmms, VmmsError};
 use async_trait::async_trait;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
@@ -617,6 +617,44 @@ impl Engine {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(vmms);
+        Ok(())
+    }
+
+    /// Every host of the backends that spread their VMs over several
+    /// machines, by backend and name.
+    pub fn hosts(&self) -> Vec<HostStatus> {
+        let mut hosts: Vec<HostStatus> = self
+            .inner
+            .backends
+            .values()
+            .flat_map(|backend| backend.hosts())
+            .collect();
+        hosts.sort_by(|a, b| (&a.vmms, &a.name).cmp(&(&b.vmms, &b.name)));
+        hosts
+    }
+
+    /// Drains `host` (no new VMs go there, its idle VMs are removed, its
+    /// running jobs finish) or, with `draining` false, lets it take VMs again.
+    pub async fn set_host_draining(&self, host: &str, draining: bool) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        let backend = inner
+            .backends
+            .values()
+            .find(|backend| backend.hosts().iter().any(|h| h.name == host))
+            .cloned()
+            .ok_or_else(|| VmmsError::NoSuchHost(host.to_string()))?;
+        call(
+            Duration::from_secs(60),
+            "draining the host",
+            backend.set_host_draining(host, draining),
+        )
+        .await?;
+        if draining {
+            let idle = pools::take_idle_on_host(&mut inner.lock(), host);
+            for vm in idle {
+                inner.clone().spawn_destroy(vm);
+            }
+        }
         Ok(())
     }
 

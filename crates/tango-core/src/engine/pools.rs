@@ -183,8 +183,9 @@ impl Inner {
         let maker = self.clone();
         self.workers.spawn(
             async move {
+                let mut vm = vm;
                 let result = tokio::select! {
-                    result = maker.make_vm(backend.as_ref(), &vm) => result,
+                    result = maker.make_vm(backend.as_ref(), &mut vm) => result,
                     () = maker.abandon.cancelled() => {
                         // As for a job's VM: stopped where it is, and gone.
                         maker.destroy(&vm).await;
@@ -365,8 +366,8 @@ impl Inner {
             };
             let created = async {
                 let backend = self.backend(&vmms)?;
-                let vm = self.new_machine(&image, &vmms, cores, memory_mb, false)?;
-                match self.make_vm(backend.as_ref(), &vm).await {
+                let mut vm = self.new_machine(&image, &vmms, cores, memory_mb, false)?;
+                match self.make_vm(backend.as_ref(), &mut vm).await {
                     Ok(()) => Ok(vm),
                     Err((_, e)) => {
                         // The slot is given back below, not by the destroyer.
@@ -469,6 +470,24 @@ pub(super) fn evict_idle(st: &mut State) -> Option<Machine> {
     let vm = pool.free.pop_front()?;
     pool.all.remove(&vm.id);
     Some(vm)
+}
+
+/// Takes every idle VM that sits on `host` out of the pools (a drained
+/// host keeps only its busy VMs).
+pub(super) fn take_idle_on_host(st: &mut State, host: &str) -> Vec<Machine> {
+    let mut taken = Vec::new();
+    for pool in st.pools.values_mut() {
+        let (on_host, rest): (VecDeque<Machine>, VecDeque<Machine>) = pool
+            .free
+            .drain(..)
+            .partition(|vm| vm.host.as_deref() == Some(host));
+        pool.free = rest;
+        for vm in on_host {
+            pool.all.remove(&vm.id);
+            taken.push(vm);
+        }
+    }
+    taken
 }
 
 #[cfg(test)]

@@ -157,7 +157,7 @@ impl Inner {
                     warn!("cannot record the job's VM: {e}");
                 }
                 self.update_live(job);
-                self.make_vm(backend.as_ref(), &vm)
+                self.make_vm(backend.as_ref(), &mut vm)
                     .await
                     .map_err(|(step, e)| fail(step, e, Some(&vm)))?;
                 vm
@@ -242,16 +242,17 @@ impl Inner {
     pub(super) async fn make_vm(
         &self,
         backend: &dyn Vmms,
-        vm: &Machine,
+        vm: &mut Machine,
     ) -> Result<(), (Step, EngineError)> {
         let t = &self.config.timeouts;
-        call(
+        let initialized = call(
             self.timeout(t.initialize_secs),
             "initializing the VM",
             backend.initialize_vm(vm),
         )
-        .await
-        .map_err(|e| (Step::Initialize, e))?;
+        .await;
+        vm.host = backend.host_of(vm);
+        initialized.map_err(|e| (Step::Initialize, e))?;
         call(
             self.timeout(t.wait_secs),
             "waiting for the VM",

@@ -17,9 +17,13 @@
 //! equal jobs simply alternate). Within a courselab, by rounds across its
 //! submitters: a submitter's job of round k (its k-th job started since it
 //! last had nothing queued or running) never starts while another submitter of that
-//! courselab has a queued job of an earlier round. Each submitter's jobs
-//! start oldest first; ties go to the older job, so the order is
-//! deterministic. **Fifo**: oldest job first.
+//! courselab has a queued job of an earlier round. Within a round, the
+//! submitter with fewer jobs started lately in that courselab goes first
+//! (remembered across the times it had nothing queued), so a student's
+//! first submission of the evening is not behind another's tenth: this is
+//! what cuts the wait for a first result at a deadline (see the README's
+//! deadline simulator). Each submitter's jobs start oldest first; ties go
+//! to the older job, so the order is deterministic. **Fifo**: oldest job first.
 //!
 //! A courselab at its `max_running` starts nothing until one of its jobs
 //! ends.
@@ -85,6 +89,8 @@ type SubId = u64;
 /// are exact.
 const STRIDE: u64 = 720_720;
 
+const MAX_SERVED_REMEMBERED: usize = 100_000;
+
 /// The VM time a start is charged before any job of the server has ended.
 const FIRST_ESTIMATE_MS: u64 = 1;
 
@@ -116,6 +122,9 @@ struct Submitter {
     name: Arc<str>,
     /// Jobs started since the submitter last had nothing queued or running.
     round: u64,
+    /// Jobs of the submitter started in this courselab lately (see
+    /// [`Scheduler::served`]), queued or not in between.
+    served: u64,
     queued: usize,
     running: usize,
     /// The classes in which the submitter has queued jobs (almost always one).
@@ -129,7 +138,7 @@ type OrderKey = (u64, LabId, u64, JobId);
 
 /// A submitter's place in a courselab's line within one class: its round,
 /// then its oldest queued job of that class.
-type LaneKey = (u64, JobId, SubId);
+type LaneKey = (u64, u64, JobId, SubId);
 
 #[derive(Debug, Default)]
 struct ClassQueue {
@@ -149,6 +158,12 @@ pub struct Scheduler {
     lab_ids: HashMap<Arc<str>, LabId>,
     subs: HashMap<SubId, Submitter>,
     sub_ids: HashMap<(LabId, Arc<str>), SubId>,
+    /// Per courselab and submitter, its jobs started lately, kept while it
+    /// has nothing queued: among submitters of the same round, the one
+    /// served least goes first, so a student's first submission ever is
+    /// not behind another's tenth. Forgotten wholesale at
+    /// [`MAX_SERVED_REMEMBERED`] entries, which bounds its memory.
+    served: HashMap<(Arc<str>, Arc<str>), u64>,
     next_id: u64,
     /// Each submitter's queued jobs of one class, oldest first.
     lanes: HashMap<(ClassId, SubId), BTreeSet<JobId>>,
@@ -277,7 +292,7 @@ impl Scheduler {
                 if lab.policy.max_running.is_some_and(|max| lab.running >= max) {
                     continue;
                 }
-                let Some(&(round, oldest, sub)) = line.first() else {
+                let Some(&(round, _, oldest, sub)) = line.first() else {
                     continue;
                 };
                 let key = match self.policy {
@@ -342,6 +357,14 @@ impl Scheduler {
             s.running += 1;
             if self.policy == Policy::Fair {
                 s.round += 1;
+                s.served += 1;
+                if self.served.len() >= MAX_SERVED_REMEMBERED {
+                    self.served.clear();
+                }
+                if let Some(lab) = self.labs.get(&s.lab) {
+                    self.served
+                        .insert((lab.name.clone(), s.name.clone()), s.served);
+                }
             }
         }
         let lab_id = s.lab;
@@ -382,7 +405,7 @@ impl Scheduler {
                 continue;
             };
             if let Some(line) = self.class_queues[class].labs.get_mut(&s.lab) {
-                line.remove(&(s.round, oldest, sub));
+                line.remove(&(s.round, s.served, oldest, sub));
                 if line.is_empty() {
                     self.class_queues[class].labs.remove(&s.lab);
                 }
@@ -407,7 +430,7 @@ impl Scheduler {
                     .labs
                     .entry(s.lab)
                     .or_default()
-                    .insert((s.round, oldest, sub));
+                    .insert((s.round, s.served, oldest, sub));
             }
         }
     }
@@ -471,6 +494,12 @@ impl Scheduler {
         if let Some(&id) = self.sub_ids.get(&key) {
             return id;
         }
+        let served = self
+            .labs
+            .get(&lab)
+            .and_then(|l| self.served.get(&(l.name.clone(), key.1.clone())))
+            .copied()
+            .unwrap_or(0);
         let id = self.fresh_id();
         self.subs.insert(
             id,
@@ -478,6 +507,7 @@ impl Scheduler {
                 lab,
                 name: key.1.clone(),
                 round: 0,
+                served,
                 queued: 0,
                 running: 0,
                 classes: Vec::new(),

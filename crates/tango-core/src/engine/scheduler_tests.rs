@@ -139,6 +139,41 @@ fn a_submitter_starts_a_new_first_round_once_nothing_of_its_is_queued_or_running
 }
 
 #[test]
+fn within_a_round_a_submitter_served_less_goes_first() {
+    let img = class("img");
+    let job = |id, submitter| QueuedJob {
+        id,
+        courselab: "lab",
+        submitter,
+        class: &img,
+        lab: LabPolicy::default(),
+    };
+    let mut s = Scheduler::new(Policy::Fair);
+    // "a" has three jobs graded, each finished before the next was queued.
+    for id in 1..=3 {
+        s.push(job(id, "a"));
+        assert_eq!(s.next(t0(), |_| true), Some(id));
+        assert!(s.finished(id, t0()));
+    }
+    // Both are in their first round now; "a" queued first, but "c" was
+    // never served, so "c" goes first, then "b" (served once), then "a".
+    s.push(job(10, "b"));
+    assert_eq!(s.next(t0(), |_| true), Some(10));
+    assert!(s.finished(10, t0()));
+    s.push(job(11, "a"));
+    s.push(job(12, "b"));
+    s.push(job(13, "c"));
+    assert_eq!(drain(&mut s), vec![13, 12, 11]);
+    // Fifo keeps no such memory.
+    let mut s = Scheduler::new(Policy::Fifo);
+    s.push(job(1, "a"));
+    assert_eq!(drain(&mut s), vec![1]);
+    s.push(job(2, "a"));
+    s.push(job(3, "c"));
+    assert_eq!(drain(&mut s), vec![2, 3]);
+}
+
+#[test]
 fn courselabs_take_turns() {
     let mut jobs = vec![];
     for id in 1..=4 {

@@ -48,8 +48,8 @@ const AUTODRIVER_CAPS: [&str; 8] = [
     "SETGID",
 ];
 /// CPU shares of a container whose job has run longer than
-/// [`DockerConfig::cpu_background_after`]: a tenth of the default, as the
-/// sandbox does (cgroup v1 `cpu.shares`; Docker converts it for v2).
+/// [`super::DockerConfig::cpu_background_after`]: a tenth of the default,
+/// as the sandbox does (cgroup v1 `cpu.shares`; Docker converts it for v2).
 const BACKGROUND_CPU_SHARES: i64 = 102;
 /// The default CPU shares, restored when a reused container's next job
 /// starts. (Containers are created without a value, which means the same.)

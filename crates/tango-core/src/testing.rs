@@ -6,7 +6,7 @@
 use crate::engine::CallbackSender;
 use crate::model::{parse_machine_name, InputFile, Job, JobId, JobState, Machine};
 use crate::store::{OutboxEntry, Store, StoreError};
-use crate::vmms::{RunOutcome, RunRequest, RunStatus, Vmms, VmmsError};
+use crate::vmms::{HostStatus, RunOutcome, RunRequest, RunStatus, Vmms, VmmsError};
 use async_trait::async_trait;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
@@ -159,6 +159,28 @@ pub struct FakeVmms {
     pub destroyed: Mutex<Vec<String>>,
     pub run_order: Mutex<Vec<u64>>,
     pub initialized: AtomicU64,
+    /// Hosts to place VMs on (none: a backend of one machine). A new VM
+    /// goes to the first host that is up and not draining.
+    pub hosts: Mutex<Vec<HostStatus>>,
+    placed: Mutex<HashMap<String, String>>,
+}
+
+impl FakeVmms {
+    /// Adds a host that is up, takes VMs, and holds none.
+    pub fn add_host(&self, name: &str) {
+        self.hosts.lock().unwrap().push(HostStatus {
+            name: name.into(),
+            vmms: "fake".into(),
+            url: format!("fake://{name}"),
+            up: true,
+            draining: false,
+            max_vms: 8,
+            vms: 0,
+            running_jobs: 0,
+            vm_starts: 0,
+            vm_start_failures: 0,
+        });
+    }
 }
 
 #[async_trait]
@@ -180,6 +202,18 @@ impl Vmms for FakeVmms {
             if let Some(err) = script.initialize_failures.pop_front() {
                 return Err(VmmsError::Backend(err));
             }
+        }
+        let host = self
+            .hosts
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|h| h.up && !h.draining)
+            .map(|h| h.name.clone());
+        if let Some(host) = host {
+            self.placed.lock().unwrap().insert(vm.name.clone(), host);
+        } else if !self.hosts.lock().unwrap().is_empty() {
+            return Err(VmmsError::Unavailable("no host takes VMs".into()));
         }
         self.initialized.fetch_add(1, Ordering::SeqCst);
         self.vms.lock().unwrap().insert(vm.name.clone(), vm.clone());
@@ -307,6 +341,21 @@ impl Vmms for FakeVmms {
     }
     async fn partial_output(&self, _vm: &Machine, _max: usize) -> Result<Vec<u8>, VmmsError> {
         Ok(b"partial".to_vec())
+    }
+    fn hosts(&self) -> Vec<HostStatus> {
+        self.hosts.lock().unwrap().clone()
+    }
+    async fn set_host_draining(&self, host: &str, draining: bool) -> Result<(), VmmsError> {
+        let mut hosts = self.hosts.lock().unwrap();
+        let host = hosts
+            .iter_mut()
+            .find(|h| h.name == host)
+            .ok_or_else(|| VmmsError::NoSuchHost(host.to_string()))?;
+        host.draining = draining;
+        Ok(())
+    }
+    fn host_of(&self, vm: &Machine) -> Option<String> {
+        self.placed.lock().unwrap().get(&vm.name).cloned()
     }
 }
 

@@ -284,12 +284,26 @@ impl Inner {
         st.vm_count = st.vm_count.saturating_sub(1);
     }
 
+    /// Whether the VM sits on a host that takes no new jobs (drained, or
+    /// down): such a VM is not kept for reuse.
+    fn on_closed_host(&self, vm: &Machine) -> bool {
+        let Some(host) = vm.host.as_deref() else {
+            return false;
+        };
+        self.backend(&vm.vmms).is_ok_and(|backend| {
+            backend
+                .hosts()
+                .iter()
+                .any(|h| h.name == host && (h.draining || !h.up))
+        })
+    }
+
     /// After a job: keep a healthy VM for the next job (reuse), or destroy it
     /// and top the pool up to its target.
     pub(super) async fn release_vm(self: &Arc<Self>, vm: Machine, healthy: bool) {
         // A VM in a job's own cloud account served that job only.
         let own_account = vm.credentials.is_some();
-        if healthy && self.config.reuse_vms && !own_account {
+        if healthy && self.config.reuse_vms && !own_account && !self.on_closed_host(&vm) {
             let reset = match self.backend(&vm.vmms) {
                 Ok(backend) => call(
                     self.timeout(self.config.timeouts.query_secs),

@@ -218,3 +218,73 @@ async fn a_job_with_its_own_credentials_gets_a_fresh_vm_that_is_not_reused() {
     assert!(h.vmms.vms.lock().unwrap().contains_key(&warm[0]));
     engine.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_drained_host_keeps_no_idle_vm_and_takes_no_new_job() {
+    let h = Harness::new();
+    h.upload("Makefile", b"x").await;
+    h.vmms.add_host("h1");
+    h.vmms.add_host("h2");
+    let engine = h.engine(config()).await;
+    let first = engine.add_job(h.job("a")).await.unwrap();
+    let first_vm = *h.wait_dead(first).await.vm.unwrap();
+    assert_eq!(
+        first_vm.host.as_deref(),
+        Some("h1"),
+        "the job's record names its host"
+    );
+    // Its VM waits for reuse on h1 until h1 is drained.
+    h.wait_free_vm(&engine).await;
+    engine.set_host_draining("h1", true).await.unwrap();
+    let start = Instant::now();
+    while !h.vmms.destroyed.lock().unwrap().contains(&first_vm.name) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the idle VM on h1 stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let second = engine.add_job(h.job("b")).await.unwrap();
+    let second_vm = *h.wait_dead(second).await.vm.unwrap();
+    assert_eq!(second_vm.host.as_deref(), Some("h2"));
+    assert!(engine.hosts().iter().any(|s| s.name == "h1" && s.draining));
+    assert!(matches!(
+        engine.set_host_draining("nope", true).await,
+        Err(crate::engine::EngineError::Vmms(
+            crate::vmms::VmmsError::NoSuchHost(_)
+        ))
+    ));
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_vm_whose_host_was_drained_while_it_ran_is_not_reused() {
+    let h = Harness::new();
+    h.upload("Makefile", b"x").await;
+    h.vmms.add_host("h1");
+    h.vmms.add_host("h2");
+    let (open, gate) = tokio::sync::watch::channel(false);
+    h.vmms.script.lock().unwrap().run_gate = Some(gate);
+    let engine = h.engine(config()).await;
+    let running = engine.add_job(h.job("a")).await.unwrap();
+    while h.vmms.run_order.lock().unwrap().is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    engine.set_host_draining("h1", true).await.unwrap();
+    open.send(true).unwrap();
+    let vm = *h.wait_dead(running).await.vm.unwrap();
+    assert_eq!(vm.host.as_deref(), Some("h1"));
+    assert!(
+        h.output("a").contains("Makefile: x"),
+        "the running job finished"
+    );
+    let start = Instant::now();
+    while !h.vmms.destroyed.lock().unwrap().contains(&vm.name) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the drained host's VM was kept"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    engine.shutdown().await;
+}

@@ -76,12 +76,26 @@ fn build_root(root: &Path, driver: &Path, grader: u32, caller: u32) {
         mkdir(&root.join(dir), 0o1777, 0);
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    let status = Command::new("chroot")
-        .arg(root)
-        .args(["/bin/busybox", "--install", "-s"])
-        .status()
-        .unwrap();
-    assert!(status.success(), "busybox --install failed");
+    // A child forked meanwhile by the other test's thread can hold the
+    // copy's write descriptor until it execs (ETXTBSY): try again then.
+    let mut attempts = 0;
+    loop {
+        let out = Command::new("chroot")
+            .arg(root)
+            .args(["/bin/busybox", "--install", "-s"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        attempts += 1;
+        assert!(
+            stderr.contains("Text file busy") && attempts < 20,
+            "busybox --install failed: {stderr}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let null = std::ffi::CString::new(root.join("dev/null").to_str().unwrap()).unwrap();
     let made = unsafe { libc::mknod(null.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
     assert_eq!(

@@ -11,8 +11,10 @@ use tango_core::{JobState, OutboxEntry, Store};
 
 /// Opens the case's database; each call opens the same one again.
 type Open<'a> = &'a (dyn Fn() -> Arc<dyn Store> + Sync);
+type Opener = Box<dyn Fn() -> Arc<dyn Store> + Sync>;
+type Case = fn(Open);
 
-const SUITE: &[(&str, fn(Open))] = &[
+const SUITE: &[(&str, Case)] = &[
     (
         "ids_never_repeat_across_reopen",
         ids_never_repeat_across_reopen,
@@ -32,7 +34,7 @@ const SUITE: &[(&str, fn(Open))] = &[
 ];
 
 /// Runs every case on a fresh database from `fresh(case name)`.
-fn run_suite(fresh: &dyn Fn(&str) -> Box<dyn Fn() -> Arc<dyn Store> + Sync>) {
+fn run_suite(fresh: &dyn Fn(&str) -> Opener) {
     for (name, case) in SUITE {
         eprintln!("case {name}");
         let open = fresh(name);
@@ -304,8 +306,7 @@ mod postgres {
         let started = Instant::now();
         let e = store
             .save_job(&job(3, JobState::Queued))
-            .err()
-            .expect("no database");
+            .expect_err("no database");
         assert!(
             started.elapsed() < Duration::from_secs(6),
             "{:?}",

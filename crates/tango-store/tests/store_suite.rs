@@ -284,6 +284,30 @@ mod postgres {
     }
 
     #[test]
+    fn a_finished_job_and_its_callback_are_one_transaction() {
+        let Some(server) = PgServer::start("a_finished_job_and_its_callback_are_one_transaction")
+        else {
+            return;
+        };
+        let url = server.create_db("t");
+        let store = PostgresStore::open(&url).unwrap();
+        store.save_job(&job(9, JobState::Running)).unwrap();
+        server.psql(
+            "t",
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$; \
+             CREATE TRIGGER refuse BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION refuse()",
+        );
+        let e = store
+            .finish_job(&job(9, JobState::Done), Some(&super::entry(9, 10)))
+            .expect_err("the callback cannot be written");
+        assert!(e.0.contains("refused by the test"), "{e}");
+        // The job's state was not written without its callback.
+        assert_eq!(store.get_job(9).unwrap(), Some(job(9, JobState::Running)));
+        assert_eq!(store.outbox_len().unwrap(), 0);
+    }
+
+    #[test]
     fn a_restarted_or_stopped_postgres_gives_errors_then_service() {
         let Some(server) = PgServer::start("a_restarted_or_stopped_postgres") else {
             return;

@@ -203,6 +203,13 @@ mod postgres {
     use tango_core::{JobState, Store};
     use tango_store::{PostgresOptions, PostgresStore};
 
+    /// A fresh server with an empty database `t`, and its URL; None to skip.
+    fn server_with_db(test: &str) -> Option<(PgServer, String)> {
+        let server = PgServer::start(test)?;
+        let url = server.create_db("t");
+        Some((server, url))
+    }
+
     #[test]
     fn postgres_suite() {
         let Some(server) = PgServer::start("postgres_suite") else {
@@ -251,11 +258,11 @@ mod postgres {
 
     #[test]
     fn a_database_of_a_newer_schema_is_refused_untouched() {
-        let Some(server) = PgServer::start("a_database_of_a_newer_schema_is_refused_untouched")
+        let Some((server, url)) =
+            server_with_db("a_database_of_a_newer_schema_is_refused_untouched")
         else {
             return;
         };
-        let url = server.create_db("t");
         let store = PostgresStore::open(&url).unwrap();
         store.save_job(&job(1, JobState::Queued)).unwrap();
         drop(store);
@@ -285,11 +292,11 @@ mod postgres {
 
     #[test]
     fn a_finished_job_and_its_callback_are_one_transaction() {
-        let Some(server) = PgServer::start("a_finished_job_and_its_callback_are_one_transaction")
+        let Some((server, url)) =
+            server_with_db("a_finished_job_and_its_callback_are_one_transaction")
         else {
             return;
         };
-        let url = server.create_db("t");
         let store = PostgresStore::open(&url).unwrap();
         store.save_job(&job(9, JobState::Running)).unwrap();
         server.psql(
@@ -309,10 +316,9 @@ mod postgres {
 
     #[test]
     fn a_restarted_or_stopped_postgres_gives_errors_then_service() {
-        let Some(server) = PgServer::start("a_restarted_or_stopped_postgres") else {
+        let Some((server, url)) = server_with_db("a_restarted_or_stopped_postgres") else {
             return;
         };
-        let url = server.create_db("t");
         let options = PostgresOptions {
             call_timeout: Duration::from_secs(3),
             ..PostgresOptions::default()

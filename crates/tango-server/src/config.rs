@@ -34,6 +34,11 @@ pub struct Cli {
     /// TOML configuration file
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Where jobs are kept: sqlite (the file tango.db in the data dir) or a
+    /// PostgreSQL database, postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE
+    /// (PGPASSWORD is read too) [default: sqlite]
+    #[arg(long)]
+    pub store: Option<String>,
     /// Static autodriver binary put into VMs [default: next to tangod, or
     /// target/x86_64-unknown-linux-musl/{release,debug}/autodriver]
     #[arg(long, env = "TANGO_AUTODRIVER")]
@@ -90,6 +95,10 @@ pub struct Config {
     pub max_upload_bytes: u64,
     /// `synchronous=FULL` for SQLite: survive power loss, slower.
     pub full_sync: bool,
+    /// `sqlite` or a PostgreSQL URL (see [`StoreKind`]); its password is
+    /// not printed by `--print-config`.
+    #[serde(serialize_with = "serialize_store")]
+    pub store: String,
     /// Answer `/metrics` only with a key as `Authorization: Bearer <key>`
     /// (it shows counts only, so by default it needs none).
     #[serde(default)]
@@ -124,6 +133,7 @@ impl Default for Config {
             config_file: None,
             max_upload_bytes: 1 << 30,
             full_sync: false,
+            store: "sqlite".into(),
             metrics_require_key: false,
             engine: EngineConfig::default(),
             sandbox: SandboxSettings::default(),
@@ -281,6 +291,56 @@ impl Default for Ec2Settings {
     }
 }
 
+/// Where the engine keeps its jobs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// The SQLite file `tango.db` in the data dir.
+    Sqlite,
+    /// A PostgreSQL database, by URL.
+    Postgres(String),
+}
+
+impl StoreKind {
+    pub fn parse(store: &str) -> anyhow::Result<StoreKind> {
+        if store == "sqlite" {
+            return Ok(StoreKind::Sqlite);
+        }
+        if store.starts_with("postgres://") || store.starts_with("postgresql://") {
+            if !cfg!(feature = "postgres") {
+                anyhow::bail!(
+                    "this tangod was built without PostgreSQL support: build it with the \
+                     `postgres` feature (on by default), or set store = \"sqlite\""
+                );
+            }
+            return Ok(StoreKind::Postgres(store.to_string()));
+        }
+        anyhow::bail!(
+            "store {:?} is neither \"sqlite\" nor a PostgreSQL URL \
+             (postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE): fix --store or store in the config",
+            redact_password(store)
+        )
+    }
+}
+
+/// `url` with the password of its user info, if any, replaced.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    match authority.rsplit_once('@') {
+        Some((userinfo, _)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:REDACTED{}", &rest[userinfo.len()..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn serialize_store<S: serde::Serializer>(store: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_password(store))
+}
+
 /// The key in `path`, without the newline an editor or `echo` adds.
 fn read_key_file(path: &std::path::Path) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(path).map_err(|e| {
@@ -325,6 +385,10 @@ impl Config {
         if let Some(vmms) = &cli.vmms {
             config.vmms = vmms.clone();
         }
+        if let Some(store) = &cli.store {
+            config.store = store.clone();
+        }
+        StoreKind::parse(&config.store)?;
         config
             .keys
             .extend(cli.keys.iter().filter(|k| !k.is_empty()).cloned());

@@ -55,15 +55,41 @@ pub async fn serve(config: config::Config, listener: TcpListener) -> anyhow::Res
         })?),
         _ => None,
     };
+    let store_kind = config::StoreKind::parse(&config.store)?;
     let db = config.data_dir.join("tango.db");
-    // Before anything in the data dir is touched: a newer tangod's data dir
-    // is refused as it is.
-    tango_store::SqliteStore::check_version(&db)?;
+    if store_kind == config::StoreKind::Sqlite {
+        // Before anything in the data dir is touched: a newer tangod's data
+        // dir is refused as it is.
+        tango_store::SqliteStore::check_version(&db)?;
+    }
     let data = Arc::new(
         DataDir::open(&config.data_dir)
             .with_context(|| format!("cannot use data dir {}", config.data_dir.display()))?,
     );
-    let store = Arc::new(tango_store::SqliteStore::open(&db, config.full_sync)?);
+    let store: Arc<dyn tango_core::Store> = match store_kind {
+        config::StoreKind::Sqlite => {
+            Arc::new(tango_store::SqliteStore::open(&db, config.full_sync)?)
+        }
+        #[cfg(feature = "postgres")]
+        config::StoreKind::Postgres(url) => {
+            if db.exists() {
+                tracing::warn!(
+                    "the data dir holds {}, the SQLite store of an earlier run: its jobs are not \
+                     in PostgreSQL and are not served; move it away to silence this",
+                    db.display()
+                );
+            }
+            // Opening waits for PostgreSQL (up to a minute) and migrates.
+            Arc::new(
+                tokio::task::spawn_blocking(move || tango_store::PostgresStore::open(&url))
+                    .await??,
+            )
+        }
+        #[cfg(not(feature = "postgres"))]
+        config::StoreKind::Postgres(_) => {
+            anyhow::bail!("this tangod was built without PostgreSQL support (feature postgres)")
+        }
+    };
     let backends = backends::start(&config).await?;
     let callbacks = Arc::new(callback::HttpCallbacks::new(
         config.callback_ca_cert.as_deref(),

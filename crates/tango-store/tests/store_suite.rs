@@ -1,0 +1,396 @@
+//! The store test suite, run against every store: SQLite always, and a real
+//! PostgreSQL (see `support/postgres.rs`) with the `postgres` feature. Each
+//! case gets a fresh database and a function that opens it (again).
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use support::job::job;
+use tango_core::{JobState, OutboxEntry, Store};
+
+/// Opens the case's database; each call opens the same one again.
+type Open<'a> = &'a (dyn Fn() -> Arc<dyn Store> + Sync);
+type Opener = Box<dyn Fn() -> Arc<dyn Store> + Sync>;
+type Case = fn(Open);
+
+const SUITE: &[(&str, Case)] = &[
+    (
+        "ids_never_repeat_across_reopen",
+        ids_never_repeat_across_reopen,
+    ),
+    (
+        "ids_are_unique_across_stores_and_threads",
+        ids_are_unique_across_stores_and_threads,
+    ),
+    ("jobs_by_state_and_limit", jobs_by_state_and_limit),
+    (
+        "finish_with_callback_and_outbox_order",
+        finish_with_callback_and_outbox_order,
+    ),
+    ("outbox_update_replaces", outbox_update_replaces),
+    ("files", files),
+    ("save_job_time", save_job_time),
+];
+
+/// Runs every case on a fresh database from `fresh(case name)`.
+fn run_suite(fresh: &dyn Fn(&str) -> Opener) {
+    for (name, case) in SUITE {
+        eprintln!("case {name}");
+        let open = fresh(name);
+        case(&*open);
+    }
+}
+
+#[test]
+fn sqlite_suite() {
+    run_suite(&|_| {
+        let dir = tempfile::tempdir().unwrap();
+        Box::new(move || {
+            Arc::new(tango_store::SqliteStore::open(&dir.path().join("t.db"), false).unwrap())
+        })
+    });
+}
+
+fn ids_never_repeat_across_reopen(open: Open) {
+    let store = open();
+    let a = store.next_job_id().unwrap();
+    let b = store.next_job_id().unwrap();
+    assert!(b > a);
+    drop(store);
+    let store = open();
+    assert!(store.next_job_id().unwrap() > b);
+    assert_eq!(store.next_vm_id().unwrap(), 1);
+}
+
+/// Two stores on one database (two servers) taking ids from 4 threads.
+fn ids_are_unique_across_stores_and_threads(open: Open) {
+    let stores = [open(), open()];
+    let ids: Vec<u64> = std::thread::scope(|s| {
+        let takers: Vec<_> = (0..4)
+            .map(|t| {
+                let store = stores[t % 2].clone();
+                s.spawn(move || {
+                    (0..50)
+                        .map(|_| store.next_job_id().unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        takers.into_iter().flat_map(|t| t.join().unwrap()).collect()
+    });
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 200, "{ids:?}");
+}
+
+fn jobs_by_state_and_limit(open: Open) {
+    let store = open();
+    for id in 1..=5 {
+        store.save_job(&job(id, JobState::Done)).unwrap();
+    }
+    store.save_job(&job(6, JobState::Queued)).unwrap();
+    let dead = store
+        .jobs_in_states(&[JobState::Done, JobState::Failed], Some(3))
+        .unwrap();
+    assert_eq!(dead.iter().map(|j| j.id).collect::<Vec<_>>(), vec![3, 4, 5]);
+    let live = store.jobs_in_states(&[JobState::Queued], None).unwrap();
+    assert_eq!(live.len(), 1);
+    assert!(store.jobs_in_states(&[], None).unwrap().is_empty());
+    let mut j = job(6, JobState::Running);
+    j.retries = 2;
+    store.save_job(&j).unwrap();
+    assert_eq!(store.get_job(6).unwrap().unwrap(), j);
+    assert!(store.get_job(99).unwrap().is_none());
+    assert!(store
+        .jobs_in_states(&[JobState::Queued], None)
+        .unwrap()
+        .is_empty());
+    // Kept, as saved, across a reopen.
+    drop(store);
+    assert_eq!(open().get_job(6).unwrap().unwrap(), j);
+}
+
+fn entry(id: u64, due: i64) -> OutboxEntry {
+    OutboxEntry {
+        job_id: id,
+        url: "http://x/".into(),
+        output_file: "o".into(),
+        body_path: "/tmp/o".into(),
+        attempts: 0,
+        next_attempt_ms: due,
+        deadline_ms: 1000,
+        last_error: None,
+    }
+}
+
+fn finish_with_callback_and_outbox_order(open: Open) {
+    let store = open();
+    assert_eq!(store.outbox_next_due().unwrap(), None);
+    store
+        .finish_job(&job(1, JobState::Done), Some(&entry(1, 50)))
+        .unwrap();
+    store.finish_job(&job(3, JobState::Failed), None).unwrap();
+    store.outbox_update(&entry(2, 10)).unwrap();
+    assert_eq!(store.outbox_len().unwrap(), 2);
+    assert_eq!(store.outbox_next_due().unwrap(), Some(10));
+    let due = store.outbox_due(20, 10).unwrap();
+    assert_eq!(due, vec![entry(2, 10)]);
+    assert_eq!(store.outbox_due(100, 1).unwrap(), vec![entry(2, 10)]);
+    store.outbox_remove(2).unwrap();
+    assert_eq!(store.outbox_next_due().unwrap(), Some(50));
+    assert_eq!(store.get_job(1).unwrap().unwrap().state, JobState::Done);
+    assert_eq!(store.get_job(3).unwrap().unwrap().state, JobState::Failed);
+}
+
+fn outbox_update_replaces(open: Open) {
+    let store = open();
+    store.outbox_update(&entry(7, 10)).unwrap();
+    let mut later = entry(7, 500);
+    later.attempts = 3;
+    later.last_error = Some("connection refused".into());
+    store.outbox_update(&later).unwrap();
+    assert_eq!(store.outbox_len().unwrap(), 1);
+    assert_eq!(store.outbox_due(1000, 10).unwrap(), vec![later]);
+}
+
+fn files(open: Open) {
+    let store = open();
+    store.set_file("k-lab", "Makefile", "abc").unwrap();
+    store.set_file("k-lab", "Makefile", "def").unwrap();
+    store.set_file("k-lab", "a.c", "1").unwrap();
+    store.set_file("k-lab", "_x", "2").unwrap();
+    store.set_file("k-other", "x", "1").unwrap();
+    assert_eq!(
+        store.file_md5("k-lab", "Makefile").unwrap().as_deref(),
+        Some("def")
+    );
+    assert_eq!(store.file_md5("k-lab", "x").unwrap(), None);
+    // Byte order, whatever the database's locale.
+    assert_eq!(
+        store.files("k-lab").unwrap(),
+        vec![
+            ("Makefile".into(), "def".into()),
+            ("_x".into(), "2".into()),
+            ("a.c".into(), "1".into())
+        ]
+    );
+}
+
+/// Not a check: one measurement of a save's time, for comparing stores.
+fn save_job_time(open: Open) {
+    const SAVES: u64 = 300;
+    let store = open();
+    let started = std::time::Instant::now();
+    for id in 1..=SAVES {
+        store.save_job(&job(id, JobState::Queued)).unwrap();
+    }
+    let each = started.elapsed() / SAVES as u32;
+    eprintln!("save_job: {each:?} each ({SAVES} saves, one after another)");
+    assert_eq!(
+        store
+            .jobs_in_states(&[JobState::Queued], None)
+            .unwrap()
+            .len(),
+        SAVES as usize
+    );
+}
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use super::support::job::job;
+    use super::support::postgres::PgServer;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use tango_core::{JobState, Store};
+    use tango_store::{PostgresOptions, PostgresStore};
+
+    /// A fresh server with an empty database `t`, and its URL; None to skip.
+    fn server_with_db(test: &str) -> Option<(PgServer, String)> {
+        let server = PgServer::start(test)?;
+        let url = server.create_db("t");
+        Some((server, url))
+    }
+
+    #[test]
+    fn postgres_suite() {
+        let Some(server) = PgServer::start("postgres_suite") else {
+            return;
+        };
+        super::run_suite(&|name| {
+            let url = server.create_db(name);
+            Box::new(move || Arc::new(PostgresStore::open(&url).unwrap()))
+        });
+    }
+
+    #[test]
+    fn three_servers_opening_a_fresh_database_at_once() {
+        let Some(server) = PgServer::start("three_servers_opening_a_fresh_database_at_once") else {
+            return;
+        };
+        let url = server.create_db("shared");
+        let start = std::sync::Barrier::new(3);
+        let stores: Vec<PostgresStore> = std::thread::scope(|s| {
+            let openers: Vec<_> = (0..3)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        PostgresStore::open(&url)
+                    })
+                })
+                .collect();
+            openers
+                .into_iter()
+                .map(|o| o.join().unwrap().unwrap())
+                .collect()
+        });
+        assert_eq!(
+            server.psql("shared", "SELECT count(*) FROM _sqlx_migrations"),
+            "1"
+        );
+        let ids: std::collections::HashSet<u64> =
+            stores.iter().map(|s| s.next_job_id().unwrap()).collect();
+        assert_eq!(ids.len(), 3);
+        stores[0].save_job(&job(1, JobState::Queued)).unwrap();
+        assert_eq!(
+            stores[2].get_job(1).unwrap(),
+            Some(job(1, JobState::Queued))
+        );
+    }
+
+    #[test]
+    fn a_database_of_a_newer_schema_is_refused_untouched() {
+        let Some((server, url)) =
+            server_with_db("a_database_of_a_newer_schema_is_refused_untouched")
+        else {
+            return;
+        };
+        let store = PostgresStore::open(&url).unwrap();
+        store.save_job(&job(1, JobState::Queued)).unwrap();
+        drop(store);
+        server.psql(
+            "t",
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, \
+             execution_time) VALUES (999, 'future', true, '\\x00', 0)",
+        );
+        let snapshot = || {
+            server.psql(
+                "t",
+                "SELECT (SELECT string_agg(version::text, ',' ORDER BY version) FROM \
+                 _sqlx_migrations) || ' ' || (SELECT string_agg(record, ',') FROM jobs) || ' ' \
+                 || (SELECT count(*) FROM pg_tables WHERE schemaname = 'public')",
+            )
+        };
+        let before = snapshot();
+        let e = PostgresStore::open(&url).err().expect("refused");
+        assert!(
+            e.0.contains("schema version 999")
+                && e.0.contains("versions up to 1")
+                && e.0.contains("restore a backup"),
+            "{e}"
+        );
+        assert_eq!(snapshot(), before);
+    }
+
+    #[test]
+    fn a_finished_job_and_its_callback_are_one_transaction() {
+        let Some((server, url)) =
+            server_with_db("a_finished_job_and_its_callback_are_one_transaction")
+        else {
+            return;
+        };
+        let store = PostgresStore::open(&url).unwrap();
+        store.save_job(&job(9, JobState::Running)).unwrap();
+        server.psql(
+            "t",
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$; \
+             CREATE TRIGGER refuse BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION refuse()",
+        );
+        let e = store
+            .finish_job(&job(9, JobState::Done), Some(&super::entry(9, 10)))
+            .expect_err("the callback cannot be written");
+        assert!(e.0.contains("refused by the test"), "{e}");
+        // The job's state was not written without its callback.
+        assert_eq!(store.get_job(9).unwrap(), Some(job(9, JobState::Running)));
+        assert_eq!(store.outbox_len().unwrap(), 0);
+    }
+
+    #[test]
+    fn a_restarted_or_stopped_postgres_gives_errors_then_service() {
+        let Some((server, url)) = server_with_db("a_restarted_or_stopped_postgres") else {
+            return;
+        };
+        let options = PostgresOptions {
+            call_timeout: Duration::from_secs(3),
+            ..PostgresOptions::default()
+        };
+        let store = PostgresStore::open_with(&url, options).unwrap();
+        store.save_job(&job(1, JobState::Queued)).unwrap();
+        // Restarted between two calls: the pool's connections are dead,
+        // and the next call makes a new one.
+        server.restart();
+        store.save_job(&job(2, JobState::Queued)).unwrap();
+        assert_eq!(store.get_job(1).unwrap(), Some(job(1, JobState::Queued)));
+
+        // Stopped: calls fail within the time limit, saying what to check.
+        server.stop();
+        let started = Instant::now();
+        let e = store
+            .save_job(&job(3, JobState::Queued))
+            .expect_err("no database");
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            e.0.contains(&format!("127.0.0.1:{}/t", server.port))
+                && e.0.contains("saving a job")
+                && e.0.contains("is PostgreSQL running"),
+            "{e}"
+        );
+        server.start_again();
+        store.save_job(&job(3, JobState::Queued)).unwrap();
+        let ids: Vec<u64> = store
+            .jobs_in_states(&[JobState::Queued], None)
+            .unwrap()
+            .iter()
+            .map(|j| j.id)
+            .collect();
+        assert_eq!(ids, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn opening_errors_say_what_to_do() {
+        let Some(server) = PgServer::start("opening_errors_say_what_to_do") else {
+            return;
+        };
+        let quick = PostgresOptions {
+            call_timeout: Duration::from_secs(1),
+            open_timeout: Duration::from_secs(2),
+            ..PostgresOptions::default()
+        };
+        let e = PostgresStore::open_with(&server.url("missing"), quick.clone())
+            .err()
+            .expect("no such database");
+        assert!(e.0.contains("createdb") && e.0.contains("/missing"), "{e}");
+        let e = PostgresStore::open_with(
+            &format!("postgres://nobody@127.0.0.1:{}/postgres", server.port),
+            quick.clone(),
+        )
+        .err()
+        .expect("no such role");
+        assert!(e.0.contains("does the role exist"), "{e}");
+        drop(server);
+        let e = PostgresStore::open_with("postgres://postgres@127.0.0.1:1/t", quick)
+            .err()
+            .expect("nothing listens");
+        assert!(
+            e.0.contains("127.0.0.1:1/t") && e.0.contains("is PostgreSQL running"),
+            "{e}"
+        );
+        let e = PostgresStore::open("mysql://x")
+            .err()
+            .expect("not postgres");
+        assert!(e.0.contains("postgres://USER"), "{e}");
+    }
+}

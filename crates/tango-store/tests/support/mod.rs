@@ -1,0 +1,3 @@
+pub mod job;
+#[cfg(feature = "postgres")]
+pub mod postgres;

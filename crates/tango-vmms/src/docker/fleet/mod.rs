@@ -17,7 +17,7 @@ mod spread;
 pub(in crate::docker) use host::connect_api;
 pub use host::{check_hosts, DockerHost, LOCAL_HOST};
 
-use super::{container_name, AbortOnDrop, Docker, DockerConfig};
+use super::{container_name, Docker, DockerConfig};
 use async_trait::async_trait;
 use placement::{Candidate, Choice};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -432,10 +432,19 @@ impl Inner {
     }
 }
 
+/// Stops the health checks with the fleet.
+struct HealthTask(tokio::task::JoinHandle<()>);
+
+impl Drop for HealthTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The docker VMMS over every configured Docker engine.
 pub struct DockerFleet {
     inner: Arc<Inner>,
-    _health: AbortOnDrop,
+    _health: HealthTask,
 }
 
 impl DockerFleet {
@@ -482,7 +491,7 @@ impl DockerFleet {
         let health = tokio::spawn(health::run(inner.clone()));
         Ok(DockerFleet {
             inner,
-            _health: AbortOnDrop(health),
+            _health: HealthTask(health),
         })
     }
 

@@ -1,7 +1,8 @@
 //! Images onto hosts that lack them: a `docker save` stream of one engine
 //! fed to the `docker load` of another, with nothing on disk in between.
 
-use super::super::{api_error, loaded_image, Docker, IMAGE_LOAD_TIMEOUT};
+use super::super::images::{loaded_image, IMAGE_LOAD_TIMEOUT};
+use super::super::{api_error, Docker};
 use bollard::query_parameters::ImportImageOptionsBuilder;
 use futures_util::StreamExt;
 use tango_core::vmms::VmmsError;

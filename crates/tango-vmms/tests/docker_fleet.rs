@@ -416,3 +416,50 @@ async fn an_image_on_one_host_is_streamed_to_another() {
     }
     assert!(ours(&fresh, prefix).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_join_and_leave_by_a_new_host_list() {
+    require_docker!();
+    common::ensure_test_images();
+    let _serial = SERIAL.lock().await;
+    let engine = start_engine("tango-f1", false, &[BOOKWORM]).await;
+    let work = tempfile::tempdir().unwrap();
+    let prefix = "tdf-sethosts";
+    let fleet = fleet(work.path(), prefix, vec![local_host(2)]).await;
+    for vm in engine.container_names() {
+        assert!(!vm.starts_with(prefix), "left from an earlier run: {vm}");
+    }
+
+    // Added: it joins at the next check and, roomier, takes the next VM.
+    fleet
+        .set_hosts(vec![local_host(2), host_of(&engine, 10)])
+        .unwrap();
+    fleet.check_now().await;
+    assert!(status(&fleet, "tango-f1").up);
+    let vm = common::machine(prefix, 1, BOOKWORM);
+    assert_eq!(make_vm(&fleet, &vm).await, "tango-f1");
+
+    // Left out: it drains, its running VM keeps working, and it goes once
+    // that VM is gone.
+    fleet.set_hosts(vec![local_host(2)]).unwrap();
+    assert!(status(&fleet, "tango-f1").draining);
+    let next = common::machine(prefix, 2, BOOKWORM);
+    assert_eq!(make_vm(&fleet, &next).await, "local");
+    run_job(&fleet, &vm, work.path()).await;
+    assert!(
+        fleet.reset_vm(&vm).await.is_err(),
+        "not reused on a leaving host"
+    );
+    fleet.check_now().await;
+    assert!(fleet.hosts().iter().any(|h| h.name == "tango-f1"));
+    fleet.destroy_vm(&vm).await.unwrap();
+    fleet.check_now().await;
+    let names: Vec<String> = fleet.hosts().into_iter().map(|h| h.name).collect();
+    assert_eq!(names, ["local"]);
+    fleet.destroy_vm(&next).await.unwrap();
+    assert!(ours(&engine, prefix).is_empty());
+    // Refused lists change nothing.
+    let mut twice = vec![local_host(2), local_host(3)];
+    assert!(fleet.set_hosts(std::mem::take(&mut twice)).is_err());
+    assert_eq!(status(&fleet, "local").max_vms, 2);
+}

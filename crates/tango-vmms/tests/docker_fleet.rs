@@ -162,7 +162,7 @@ async fn run_job(fleet: &DockerFleet, vm: &Machine, work: &Path) {
     assert!(output.contains(&format!("job {id} done")), "{output}");
 }
 
-fn status<'a>(fleet: &'a DockerFleet, host: &str) -> tango_core::vmms::HostStatus {
+fn status(fleet: &DockerFleet, host: &str) -> tango_core::vmms::HostStatus {
     fleet
         .hosts()
         .into_iter()

@@ -91,9 +91,8 @@ async fn sighup_adds_and_removes_docker_hosts() {
     assert!(placed.contains("host=tango-f1"), "{placed}");
 
     // A list tangod refuses changes nothing; it keeps serving.
-    let refused = format!(
-        "{base}\n[[docker.hosts]]\nname = \"plain\"\nurl = \"tcp://127.0.0.1:1\"\n"
-    );
+    let refused =
+        format!("{base}\n[[docker.hosts]]\nname = \"plain\"\nurl = \"tcp://127.0.0.1:1\"\n");
     std::fs::write(&config, refused).unwrap();
     hup(&server);
     wait_log(&server, "SIGHUP: docker hosts unchanged", 1).await;

@@ -103,6 +103,7 @@ fn local_host(max_vms: usize) -> DockerHost {
         tls_key: None,
         insecure: false,
         max_vms,
+        from_environment: false,
     }
 }
 
@@ -115,6 +116,7 @@ fn host_of(engine: &Engine, max_vms: usize) -> DockerHost {
         tls_key: engine.tls.as_ref().map(|t| t.key.clone()),
         insecure: false,
         max_vms,
+        from_environment: false,
     }
 }
 

@@ -308,6 +308,7 @@ async fn a_killed_engine_goes_down_and_rejoins_swept() {
         assert!(Instant::now() < deadline, "the job did not start");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(status(&fleet, "tango-f3").running_jobs, 1);
     let killed_at = Instant::now();
     tokio::task::block_in_place(|| engine.kill9());
 
@@ -325,6 +326,7 @@ async fn a_killed_engine_goes_down_and_rejoins_swept() {
     let down = status(&fleet, "tango-f3");
     assert!(!down.up, "{down:?}");
     assert_eq!(down.vms, 0, "its VMs are forgotten: {down:?}");
+    assert_eq!(down.running_jobs, 0, "{down:?}");
     // Every call for its VMs answers Unavailable; removing them is a no-op.
     assert!(matches!(
         fleet.copy_in(&idle, &files).await,

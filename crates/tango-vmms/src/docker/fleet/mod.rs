@@ -125,6 +125,23 @@ impl Host {
     }
 }
 
+/// Counts a running job for as long as it lives: the engine drops a
+/// `run_job` that outlives its time limit.
+struct Running<'a>(&'a AtomicUsize);
+
+impl<'a> Running<'a> {
+    fn start(count: &'a AtomicUsize) -> Running<'a> {
+        count.fetch_add(1, Ordering::Relaxed);
+        Running(count)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Where a VM of this server is.
 struct Placed {
     host: String,
@@ -634,9 +651,10 @@ impl Vmms for DockerFleet {
 
     async fn run_job(&self, vm: &Machine, req: &RunRequest) -> Result<RunOutcome, VmmsError> {
         let (host, docker) = self.inner.locate(vm).await?;
-        host.running_jobs.fetch_add(1, Ordering::Relaxed);
-        let ran = docker.run_job(vm, req).await;
-        host.running_jobs.fetch_sub(1, Ordering::Relaxed);
+        let ran = {
+            let _running = Running::start(&host.running_jobs);
+            docker.run_job(vm, req).await
+        };
         self.inner.settle(&host, &docker, ran).await
     }
 

@@ -523,8 +523,14 @@ mod tests {
             &[host("a\"b", "docker"), host("elsewhere", "other")],
         );
         assert!(out.contains("# TYPE tango_docker_host_up gauge\n"), "{out}");
-        assert!(out.contains("tango_docker_host_up{host=\"a\\\"b\"} 1\n"), "{out}");
-        assert!(out.contains("tango_docker_host_vms{host=\"a\\\"b\"} 3\n"), "{out}");
+        assert!(
+            out.contains("tango_docker_host_up{host=\"a\\\"b\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("tango_docker_host_vms{host=\"a\\\"b\"} 3\n"),
+            "{out}"
+        );
         assert!(
             out.contains("tango_docker_host_vm_starts_total{host=\"a\\\"b\"} 40\n"),
             "{out}"

@@ -561,7 +561,16 @@ mod tests {
             assert!(host_name(good).is_ok(), "{good}");
         }
         let long = "h".repeat(MAX_HOST_NAME + 1);
-        for bad in ["", "a b", "a/b", "..%2f", "\u{e9}t\u{e9}", "a\nb", "a\"b", long.as_str()] {
+        for bad in [
+            "",
+            "a b",
+            "a/b",
+            "..%2f",
+            "\u{e9}t\u{e9}",
+            "a\nb",
+            "a\"b",
+            long.as_str(),
+        ] {
             assert!(host_name(bad).is_err(), "{bad:?}");
         }
         assert!(host_name(&"h".repeat(MAX_HOST_NAME)).is_ok());

@@ -95,7 +95,10 @@ async fn a_drained_engine_takes_no_jobs_and_a_dead_one_shows_down() {
     let all = hosts(&c).await;
     let names: Vec<&str> = all.iter().map(|h| h["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["local", ENGINE], "{all:?}");
-    assert!(all.iter().all(|h| h["up"] == true && h["vmms"] == "docker"), "{all:?}");
+    assert!(
+        all.iter().all(|h| h["up"] == true && h["vmms"] == "docker"),
+        "{all:?}"
+    );
     assert_eq!(host(&all, ENGINE)["url"], engine.url.as_str());
 
     // Drain the machine's own engine: every job runs on the other one.

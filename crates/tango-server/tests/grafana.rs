@@ -316,14 +316,20 @@ async fn grafana_host_panels_query_exported_host_metrics() {
         .iter()
         .filter(|(_, s)| s.name.starts_with(HOST_METRICS))
         .collect();
-    let names: BTreeSet<&str> = host_selectors.iter().map(|(_, s)| s.name.as_str()).collect();
+    let names: BTreeSet<&str> = host_selectors
+        .iter()
+        .map(|(_, s)| s.name.as_str())
+        .collect();
     // Up, drained, containers, max_vms, running jobs, starts, failed starts.
     assert_eq!(names.len(), 7, "{names:?}");
     let server = common::hosts_backend::HostsServer::start(4).await;
     let c = server.client();
     // A VM on a host, so every counter has moved off its start.
     let v = c
-        .get(&format!("/prealloc/{KEY}/{}/1/", common::hosts_backend::IMAGE))
+        .get(&format!(
+            "/prealloc/{KEY}/{}/1/",
+            common::hosts_backend::IMAGE
+        ))
         .await;
     assert_eq!(v["statusId"], 0, "{v}");
     c.wait_pool(common::hosts_backend::IMAGE, 1).await;

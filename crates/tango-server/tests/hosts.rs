@@ -193,7 +193,13 @@ async fn hosts_are_listed_drained_undrained_and_measured() {
     // Host names from the URL are checked before use; unknown ones are 404.
     let long = "h".repeat(65);
     for bad in ["a%20b", "%C3%A9", "a%22b", long.as_str()] {
-        let (status, v) = v2(&c, Method::POST, &format!("/v2/hosts/{bad}/drain"), Some(KEY)).await;
+        let (status, v) = v2(
+            &c,
+            Method::POST,
+            &format!("/v2/hosts/{bad}/drain"),
+            Some(KEY),
+        )
+        .await;
         assert_eq!(status, 400, "{bad}: {v}");
         assert!(v["error"].as_str().unwrap().contains("host name"), "{v}");
     }
@@ -220,7 +226,10 @@ async fn hosts_are_listed_drained_undrained_and_measured() {
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["name"], "alpha", "{v}");
     assert_eq!(v["draining"], true, "{v}");
-    wait_hosts(&c, "alpha's idle VMs removed", |h| host(h, "alpha")["vms"] == 0).await;
+    wait_hosts(&c, "alpha's idle VMs removed", |h| {
+        host(h, "alpha")["vms"] == 0
+    })
+    .await;
     let pool = c.get(&format!("/pool/{KEY}/{IMAGE}/")).await;
     assert_eq!(
         pool["pools"][IMAGE]["free"].as_array().map(Vec::len),
@@ -256,7 +265,10 @@ async fn hosts_are_listed_drained_undrained_and_measured() {
     let text = metrics(&c).await;
     let hosts = get_hosts(&c).await;
     assert_eq!(host(&hosts, "alpha")["vm_starts"], 2, "{hosts:?}");
-    assert!(host(&hosts, "beta")["vm_starts"].as_u64() >= Some(1), "{hosts:?}");
+    assert!(
+        host(&hosts, "beta")["vm_starts"].as_u64() >= Some(1),
+        "{hosts:?}"
+    );
     let mut lines = vec![
         "# TYPE tango_docker_host_up gauge".to_string(),
         "# TYPE tango_docker_host_vm_starts_total counter".to_string(),
@@ -264,7 +276,10 @@ async fn hosts_are_listed_drained_undrained_and_measured() {
     for h in &hosts {
         let name = h["name"].as_str().unwrap();
         let flag = |f: &str| u8::from(h[f] == true);
-        lines.push(format!("tango_docker_host_up{{host=\"{name}\"}} {}", flag("up")));
+        lines.push(format!(
+            "tango_docker_host_up{{host=\"{name}\"}} {}",
+            flag("up")
+        ));
         lines.push(format!(
             "tango_docker_host_draining{{host=\"{name}\"}} {}",
             flag("draining")
@@ -276,7 +291,10 @@ async fn hosts_are_listed_drained_undrained_and_measured() {
             ("vm_starts_total", "vm_starts"),
             ("vm_start_failures_total", "vm_start_failures"),
         ] {
-            lines.push(format!("tango_docker_host_{metric}{{host=\"{name}\"}} {}", h[field]));
+            lines.push(format!(
+                "tango_docker_host_{metric}{{host=\"{name}\"}} {}",
+                h[field]
+            ));
         }
     }
     assert!(lines.contains(&"tango_docker_host_draining{host=\"alpha\"} 1".to_string()));
@@ -299,7 +317,9 @@ async fn hosts_are_listed_drained_undrained_and_measured() {
     let url = server.url.clone();
     let (code, out, err) = tango(&url, KEY, &["hosts"]).await;
     assert_eq!(code, 0, "{out}{err}");
-    for header in ["name", "vmms", "state", "draining", "vms/max", "running", "starts", "failures", "url"] {
+    for header in [
+        "name", "vmms", "state", "draining", "vms/max", "running", "starts", "failures", "url",
+    ] {
         assert!(out.contains(header), "no column {header}:\n{out}");
     }
     let row = |out: &str, name: &str| -> Vec<String> {
@@ -313,8 +333,16 @@ async fn hosts_are_listed_drained_undrained_and_measured() {
             .collect()
     };
     let hosts = get_hosts(&c).await;
-    assert_eq!(row(&out, "alpha"), expected_row(host(&hosts, "alpha")), "{out}");
-    assert_eq!(row(&out, "beta"), expected_row(host(&hosts, "beta")), "{out}");
+    assert_eq!(
+        row(&out, "alpha"),
+        expected_row(host(&hosts, "alpha")),
+        "{out}"
+    );
+    assert_eq!(
+        row(&out, "beta"),
+        expected_row(host(&hosts, "beta")),
+        "{out}"
+    );
     assert_eq!(row(&out, "alpha")[2..4], ["up", "draining"], "{out}");
     assert_eq!(row(&out, "beta")[2], "down", "{out}");
     let (code, out, err) = tango(&url, KEY, &["--json", "hosts"]).await;
@@ -334,7 +362,11 @@ async fn hosts_are_listed_drained_undrained_and_measured() {
     let (code, out, err) = tango(&url, KEY, &["--json", "hosts", "drain", "beta"]).await;
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!((v["name"].as_str(), v["draining"].as_bool()), (Some("beta"), Some(true)), "{v}");
+    assert_eq!(
+        (v["name"].as_str(), v["draining"].as_bool()),
+        (Some("beta"), Some(true)),
+        "{v}"
+    );
     let id = run_job(&c, "on-alpha").await;
     let (_, one) = v2(&c, Method::GET, &format!("/v2/jobs/{id}"), Some(KEY)).await;
     assert_eq!(one["host"], "alpha", "undrained alpha takes the job: {one}");
@@ -347,14 +379,25 @@ async fn hosts_are_listed_drained_undrained_and_measured() {
     );
     let (code, _, err) = tango(&url, "wrongkey", &["hosts"]).await;
     assert_eq!(code, 1);
-    assert!(err.contains("HTTP 401") && err.contains("TANGO_KEY"), "{err}");
+    assert!(
+        err.contains("HTTP 401") && err.contains("TANGO_KEY"),
+        "{err}"
+    );
     assert!(!err.contains("wrongkey"), "the key is shown: {err}");
     let (code, _, err) = tango(&url, KEY, &["hosts", "drain", "a/b"]).await;
     assert_eq!(code, 1);
-    assert!(err.contains("HTTP 400") && err.contains("host name"), "{err}");
+    assert!(
+        err.contains("HTTP 400") && err.contains("host name"),
+        "{err}"
+    );
 
     // The dashboard's Hosts table and the job's host, in a real browser.
-    let Some(dom) = chromium(&format!("{url}/dashboard#key={KEY}"), &["--dump-dom".into()]).await else {
+    let Some(dom) = chromium(
+        &format!("{url}/dashboard#key={KEY}"),
+        &["--dump-dom".into()],
+    )
+    .await
+    else {
         eprintln!(
             "SKIPPED the browser part of hosts_are_listed_drained_undrained_and_measured: \
              no `chromium` (apt-get install -y chromium)"
@@ -384,7 +427,10 @@ async fn hosts_are_listed_drained_undrained_and_measured() {
             h["vm_start_failures"],
             h["url"].as_str().unwrap()
         );
-        assert!(table.contains(&cells), "no {cells} in the Hosts table:\n{table}");
+        assert!(
+            table.contains(&cells),
+            "no {cells} in the Hosts table:\n{table}"
+        );
     }
     assert!(table.contains("<td>down, draining</td>"), "{table}");
     let recent = table_body(&dom, "recent");

@@ -11,9 +11,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tango_core::testing::FakeVmms;
-use tango_core::{
-    HostStatus, InputFile, Machine, RunOutcome, RunRequest, Vmms, VmmsError,
-};
+use tango_core::{HostStatus, InputFile, Machine, RunOutcome, RunRequest, Vmms, VmmsError};
 
 /// The image `FakeVmms` knows.
 pub const IMAGE: &str = "img";

@@ -30,6 +30,9 @@ stop() {
   if pid=$(cat "/run/$name.pid" 2>/dev/null) && grep -qa "/run/$name.sock" "/proc/$pid/cmdline" 2>/dev/null; then
     terminate "$pid" 30
   fi
+  # What a dockerd that did not stop cleanly leaves mounted, deepest first.
+  awk -v a="$root/$name/data" -v b="/run/$name-exec/" 'index($5, a) == 1 || index($5, b) == 1 {print $5}' \
+    /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l
   rm -f "/run/$name.pid" "/run/$name.sock"
   if [ -e "/run/netns/$name" ]; then ip netns delete "$name"; fi
 }

@@ -68,7 +68,7 @@ async fn tls_client(engine: &Engine) -> bollard::Docker {
 async fn tls_engine_runs_survives_kill9_and_leaves_nothing() {
     require_docker!();
     common::ensure_test_images();
-    let name = "tango-etls";
+    let name = "tango-e3";
     let mut engine = tokio::task::spawn_blocking(move || {
         Engine::start(EngineOptions {
             name: name.into(),
@@ -81,7 +81,7 @@ async fn tls_engine_runs_survives_kill9_and_leaves_nothing() {
     assert!(engine.url.starts_with("tcp://127.0.0.1:"), "{}", engine.url);
     let socket = format!("unix://{}", engine.socket.display());
     // The data root outlives runs: a failed one may have left these.
-    docker_ok(&["-H", &socket, "rm", "-f", "etls-sleeper", "etls-orphan"]);
+    docker_ok(&["-H", &socket, "rm", "-f", "e3-sleeper", "e3-orphan"]);
 
     // Mutual TLS: with the client certificate it answers ...
     let client = tls_client(&engine).await;
@@ -133,7 +133,7 @@ async fn tls_engine_runs_survives_kill9_and_leaves_nothing() {
         "--network",
         "none",
         "--name",
-        "etls-sleeper",
+        "e3-sleeper",
         BOOKWORM,
         "sleep",
         "600",
@@ -152,10 +152,8 @@ async fn tls_engine_runs_survives_kill9_and_leaves_nothing() {
         .ping()
         .await
         .expect("ping over TLS after the restart");
-    assert!(engine
-        .container_names()
-        .contains(&"etls-sleeper".to_string()));
-    let (ok, out) = docker_ok(&["-H", &socket, "rm", "-f", "etls-sleeper"]);
+    assert!(engine.container_names().contains(&"e3-sleeper".to_string()));
+    let (ok, out) = docker_ok(&["-H", &socket, "rm", "-f", "e3-sleeper"]);
     assert!(ok, "{out}");
 
     // A second kill leaves a running container's shim behind; Drop must
@@ -168,7 +166,7 @@ async fn tls_engine_runs_survives_kill9_and_leaves_nothing() {
         "--network",
         "none",
         "--name",
-        "etls-orphan",
+        "e3-orphan",
         BOOKWORM,
         "sleep",
         "600",
@@ -176,21 +174,27 @@ async fn tls_engine_runs_survives_kill9_and_leaves_nothing() {
     assert!(ok, "{out}");
     engine.kill9();
     assert!(
-        !processes_with("/run/tango-etls-exec/containerd/").is_empty(),
+        !processes_with("/run/tango-e3-exec/containerd/").is_empty(),
         "the shim of the running container died with dockerd: this test proves nothing"
     );
     drop(engine);
 
     for needle in [
-        "/run/tango-etls.sock",
-        "/run/tango-etls-exec/",
-        "/run/netns/tango-etls",
+        "/run/tango-e3.sock",
+        "/run/tango-e3-exec/",
+        "/run/netns/tango-e3",
     ] {
         let left = processes_with(needle);
         assert!(left.is_empty(), "left running: {left:?}");
     }
-    assert!(!std::path::Path::new("/run/netns/tango-etls").exists());
-    assert!(!std::path::Path::new("/run/tango-etls.sock").exists());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let left: Vec<&str> = mounts
+        .lines()
+        .filter(|l| l.contains("/run/tango-e3-exec") || l.contains("/engines/tango-e3/"))
+        .collect();
+    assert!(left.is_empty(), "mounts left: {left:#?}");
+    assert!(!std::path::Path::new("/run/netns/tango-e3").exists());
+    assert!(!std::path::Path::new("/run/tango-e3.sock").exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,7 +202,7 @@ async fn a_crashed_run_does_not_break_the_next() {
     require_docker!();
     let start = || {
         Engine::start(EngineOptions {
-            name: "tango-estale".into(),
+            name: "tango-e4".into(),
             tls: false,
         })
     };
@@ -206,7 +210,7 @@ async fn a_crashed_run_does_not_break_the_next() {
         .await
         .expect("join")
         .expect("the engine starts");
-    assert_eq!(first.url, "unix:///run/tango-estale.sock");
+    assert_eq!(first.url, "unix:///run/tango-e4.sock");
     // As if the test process died: nothing is stopped.
     std::mem::forget(first);
     let second = tokio::task::spawn_blocking(start)
@@ -215,8 +219,8 @@ async fn a_crashed_run_does_not_break_the_next() {
         .expect("the engine starts over what the first left");
     // Answers (container_names panics otherwise).
     second.container_names();
-    let running = processes_with("--host unix:///run/tango-estale.sock");
+    let running = processes_with("--host unix:///run/tango-e4.sock");
     assert_eq!(running.len(), 1, "one dockerd, the new one: {running:?}");
     drop(second);
-    assert!(processes_with("/run/tango-estale").is_empty());
+    assert!(processes_with("/run/tango-e4").is_empty());
 }

@@ -231,9 +231,17 @@ impl Engine {
             }
         }
         kill_shims(&self.exec_root());
+        self.unmount_leftovers();
         let _ = std::fs::remove_file(self.pidfile());
         let _ = std::fs::remove_file(&self.socket);
         let _ = std::fs::remove_file(self.socat_pidfile());
+    }
+
+    /// The mounts a dockerd that did not stop cleanly leaves in the host's
+    /// mount namespace (its engine shares it): its data root bound onto
+    /// itself, its containers' root filesystems and network namespaces.
+    fn unmount_leftovers(&self) {
+        unmount_under(&[self.dir.join("data"), self.exec_root()]);
     }
 
     fn make_netns(&self) -> Result<(), String> {
@@ -470,6 +478,7 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.stop_dockerd();
+        self.unmount_leftovers();
         if let Some(mut socat) = self.socat.take() {
             // Its forks serve single connections and end with them.
             let _ = socat.kill();
@@ -580,6 +589,53 @@ fn kill_shims(exec_root: &Path) {
         // SAFETY: a shim of this engine.
         unsafe { libc::kill(*shim, libc::SIGKILL) };
     }
+}
+
+/// Detaches every mount at or below one of `roots`, deepest first.
+fn unmount_under(roots: &[PathBuf]) {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|point| PathBuf::from(unescape_mount_point(point)))
+        .filter(|point| roots.iter().any(|root| point.starts_with(root)))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    points.dedup();
+    for point in points {
+        let Ok(c_point) = std::ffi::CString::new(point.as_os_str().as_encoded_bytes()) else {
+            continue;
+        };
+        // SAFETY: a NUL-terminated path; MNT_DETACH never blocks.
+        unsafe { libc::umount2(c_point.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape_mount_point(point: &str) -> String {
+    let bytes = point.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
+            std::str::from_utf8(d)
+                .ok()
+                .and_then(|d| u8::from_str_radix(d, 8).ok())
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn parent(pid: i32) -> Option<i32> {

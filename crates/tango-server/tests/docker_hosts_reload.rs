@@ -97,6 +97,17 @@ async fn sighup_adds_and_removes_docker_hosts() {
     hup(&server);
     wait_log(&server, "SIGHUP: docker hosts unchanged", 1).await;
     assert!(server.log().contains("root on its machine"));
+    let unreadable = format!(
+        "{base}\n[[docker.hosts]]\nname = \"tls\"\nurl = \"tcp://127.0.0.1:1\"\n\
+         tls_ca = \"/nonexistent/ca.pem\"\ntls_cert = \"/nonexistent/cert.pem\"\n\
+         tls_key = \"/nonexistent/key.pem\"\n"
+    );
+    std::fs::write(&config, unreadable).unwrap();
+    hup(&server);
+    wait_log(&server, "SIGHUP: docker hosts unchanged", 2).await;
+    assert!(server
+        .log()
+        .contains("tls: cannot read tls_ca /nonexistent/ca.pem"));
     c.open("lab").await;
 
     // Left out: it drains (the engine drops its idle VM there) and goes.

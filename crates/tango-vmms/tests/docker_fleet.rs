@@ -419,6 +419,29 @@ async fn an_image_on_one_host_is_streamed_to_another() {
         fleet.destroy_vm(vm).await.unwrap();
     }
     assert!(ours(&fresh, prefix).is_empty());
+
+    // `/build` loads the image onto every host that is up.
+    let local = fleet.host_backend("local").expect("up").api().clone();
+    let tar = work.path().join("streamed.tar");
+    let saved: Vec<u8> = futures_util::TryStreamExt::try_fold(
+        local.export_image(&format!("{STREAMED}:latest")),
+        Vec::new(),
+        |mut all, chunk| async move {
+            all.extend_from_slice(&chunk);
+            Ok(all)
+        },
+    )
+    .await
+    .unwrap();
+    std::fs::write(&tar, saved).unwrap();
+    let built = "tango-test-fleet-built";
+    fleet.build_image(built, &tar).await.expect("build_image");
+    for api in [&local, &api] {
+        assert!(api.inspect_image(&format!("{built}:latest")).await.is_ok());
+        api.remove_image(&format!("{built}:latest"), remove.clone(), None)
+            .await
+            .unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,6 +49,14 @@ pub enum ClientError {
         message: String,
         answer: Value,
     },
+    /// A `/v2/` route answered with an error status and, from tangod, a
+    /// JSON `{"error": "..."}` saying why.
+    V2 {
+        base: String,
+        route: String,
+        status: StatusCode,
+        message: String,
+    },
     /// A local problem (bad path, unreadable file...).
     Local(String),
 }
@@ -135,6 +143,18 @@ impl fmt::Display for ClientError {
                     " (statusId {status_id}){}",
                     Self::refusal_hint(route, message)
                 )
+            }
+            ClientError::V2 {
+                base,
+                route,
+                status,
+                message,
+            } => {
+                write!(f, "{base} answered {route} with HTTP {status}: {message}")?;
+                if *status == StatusCode::UNAUTHORIZED {
+                    write!(f, " — check --key, TANGO_KEY or `key` in the config file")?;
+                }
+                Ok(())
             }
             ClientError::Local(message) => f.write_str(message),
         }
@@ -587,6 +607,61 @@ impl TangoClient {
             Some(reqwest::Body::from(bytes))
         };
         self.call(Method::POST, url, &route, &[], body).await
+    }
+
+    /// `GET /v2/hosts`: the hosts of backends that spread VMs over several.
+    pub async fn hosts(&self) -> Result<Value, ClientError> {
+        self.v2(Method::GET, &["hosts"]).await
+    }
+
+    /// `POST /v2/hosts/NAME/drain` (or `undrain`): the host's new status.
+    pub async fn set_host_draining(&self, name: &str, drain: bool) -> Result<Value, ClientError> {
+        let action = if drain { "drain" } else { "undrain" };
+        self.v2(Method::POST, &["hosts", name, action]).await
+    }
+
+    /// A `/v2/` route: the key as a bearer token (never in the URL), and
+    /// an answer that is JSON with an HTTP status rather than a statusId.
+    async fn v2(&self, method: Method, segments: &[&str]) -> Result<Value, ClientError> {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().push("v2").extend(segments);
+        }
+        let route = format!("/v2/{}", segments.join("/"));
+        let response = self
+            .http
+            .request(method, url)
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .map_err(|e| self.transport_error(&route, e))?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| self.transport_error(&route, e))?;
+        let answer: Option<Value> = serde_json::from_slice(&bytes)
+            .ok()
+            .map(|v| self.redactor.value(v));
+        if !status.is_success() {
+            let message = answer
+                .as_ref()
+                .and_then(|a| a.get("error"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| snippet(&self.redactor.text(&String::from_utf8_lossy(&bytes))));
+            return Err(ClientError::V2 {
+                base: self.base_display(),
+                route,
+                status,
+                message,
+            });
+        }
+        answer.ok_or_else(|| ClientError::BadAnswer {
+            route,
+            cause: "not JSON".into(),
+            body: snippet(&self.redactor.text(&String::from_utf8_lossy(&bytes))),
+        })
     }
 
     pub async fn build(&self, image_name: &str, tar: Upload) -> Result<Value, ClientError> {

@@ -5,7 +5,9 @@ use crate::callback::CallbackListener;
 use crate::client::{JobFile, JobRequest, PollResult, PreallocOptions, TangoClient};
 use crate::config::{self, Settings};
 use crate::run::{self, JobTemplate, Summary, Wait};
-use crate::{AddJobArgs, BenchArgs, Cli, Command, JobRunArgs, RunArgs, EXIT_JOB_FAILED};
+use crate::{
+    AddJobArgs, BenchArgs, Cli, Command, HostsAction, JobRunArgs, RunArgs, EXIT_JOB_FAILED,
+};
 use anyhow::{anyhow, bail, Context, Result};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, ContentArrangement, Table};
 use serde_json::Value;
@@ -116,6 +118,7 @@ async fn dispatch_with_key(
             print_status(&answer, json);
             Ok(0)
         }
+        Command::Hosts { action } => hosts(&client, action, json).await,
         Command::Run(args) => run_dir(&client, &settings, args, json).await,
         Command::Bench(args) => bench(&client, &settings, args, json).await,
         Command::Health => probe(&client, &settings.url, true, json).await,
@@ -526,6 +529,92 @@ async fn pool(client: &TangoClient, image: Option<&str>, json: bool) -> Result<u
     }
     println!("{table}");
     Ok(0)
+}
+
+/// `tango hosts`: the table of hosts; `tango hosts drain|undrain NAME`: the
+/// change, then that host's row.
+async fn hosts(client: &TangoClient, action: Option<HostsAction>, json: bool) -> Result<u8> {
+    let (list, done) = match action {
+        None => {
+            let answer = client.hosts().await?;
+            if json {
+                print_json(&answer);
+                return Ok(0);
+            }
+            let list = answer
+                .get("hosts")
+                .and_then(Value::as_array)
+                .cloned()
+                .ok_or_else(|| anyhow!("tangod's /v2/hosts answer has no hosts list: {answer}"))?;
+            (list, None)
+        }
+        Some(action) => {
+            let (name, drain) = match action {
+                HostsAction::Drain { name } => (name, true),
+                HostsAction::Undrain { name } => (name, false),
+            };
+            if name.is_empty() {
+                bail!("the host name is empty: `tango hosts` lists the hosts");
+            }
+            let status = client.set_host_draining(&name, drain).await?;
+            if json {
+                print_json(&status);
+                return Ok(0);
+            }
+            let done = if drain {
+                format!(
+                    "{name} drained: it takes no new containers, its idle ones are removed, \
+                     its running jobs finish"
+                )
+            } else {
+                format!("{name} undrained: it takes new containers again")
+            };
+            (vec![status], Some(done))
+        }
+    };
+    if let Some(done) = done {
+        println!("{done}");
+    }
+    if list.is_empty() {
+        println!(
+            "no hosts: this server's backends do not spread containers over several \
+             machines (see [[docker.hosts]] in the README)"
+        );
+        return Ok(0);
+    }
+    println!("{}", hosts_table(&list));
+    Ok(0)
+}
+
+fn hosts_table(list: &[Value]) -> Table {
+    let mut table = new_table(&[
+        "name", "vmms", "state", "draining", "vms/max", "running", "starts", "failures", "url",
+    ]);
+    let field = |host: &Value, name: &str| cell_text(host.get(name).unwrap_or(&Value::Null));
+    let flag = |host: &Value, name: &str| host.get(name).and_then(Value::as_bool);
+    for host in list {
+        table.add_row(vec![
+            field(host, "name"),
+            field(host, "vmms"),
+            match flag(host, "up") {
+                Some(true) => "up",
+                Some(false) => "down",
+                None => "?",
+            }
+            .to_string(),
+            match flag(host, "draining") {
+                Some(true) => "draining",
+                _ => "",
+            }
+            .to_string(),
+            format!("{}/{}", field(host, "vms"), field(host, "max_vms")),
+            field(host, "running_jobs"),
+            field(host, "vm_starts"),
+            field(host, "vm_start_failures"),
+            field(host, "url"),
+        ]);
+    }
+    table
 }
 
 /// What `run` and `bench` share: find the image, prepare the courselab and

@@ -118,10 +118,25 @@ pub enum Command {
     Run(RunArgs),
     /// Run many jobs of an example and report latency and throughput
     Bench(BenchArgs),
+    /// List the hosts the docker backend spreads containers over, or drain
+    /// or undrain one (over /v2/ with the key as a bearer token)
+    Hosts {
+        #[command(subcommand)]
+        action: Option<HostsAction>,
+    },
     /// Check that tangod answers: `/info` with a key (--key, TANGO_KEY, the
     /// config file, else RESTFUL_KEY), `/` without one. Exit 0 or 1; for
     /// container healthchecks (`tango --http-timeout 5 health`).
     Health,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HostsAction {
+    /// Place no new containers on NAME and remove its idle ones; its
+    /// running jobs finish
+    Drain { name: String },
+    /// Let NAME take new containers again
+    Undrain { name: String },
 }
 
 #[derive(Args, Debug)]

@@ -210,6 +210,23 @@ function renderPools(pools) {
   body.replaceChildren(...rows);
 }
 
+// Shown only when a backend spreads VMs over several hosts (docker with
+// [[docker.hosts]]); a host that is down or drained says so in its row.
+function renderHosts(hosts) {
+  $("hosts-card").hidden = hosts.length === 0;
+  const rows = hosts.map((h) => {
+    const state = (h.up ? "up" : "down") + (h.draining ? ", draining" : "");
+    return el(
+      "tr",
+      { "data-host": h.name, class: h.up ? (h.draining ? "draining" : "") : "down" },
+      ...[h.name, state, h.vms + " / " + h.max_vms, h.running_jobs, h.vm_starts, h.vm_start_failures, h.url].map((v) =>
+        el("td", {}, v),
+      ),
+    );
+  });
+  $("hosts").tBodies[0].replaceChildren(...rows);
+}
+
 function renderQueue(queued, now) {
   $("c-queue").textContent = queued.length ? "(" + queued.length + ")" : "";
   // Oldest first: the longest waits lead (fair scheduling may start a
@@ -241,7 +258,7 @@ function renderRunning(running, details, now) {
         { class: "head" },
         el("span", { class: "name" }, "#" + job.id + " " + job.name),
         el("span", { class: "meta" }, "by " + job.submitter),
-        el("span", { class: "meta" }, job.courselab + " · " + job.image + " · " + (job.vm || "")),
+        el("span", { class: "meta" }, [job.courselab, job.image, job.vm, job.host].filter((v) => v).join(" · ")),
         el("span", { class: "meta" }, "running " + duration(span(job.phases.copied_in || job.phases.assigned, now)) + " of " + job.timeout_secs + " s"),
       ),
     );
@@ -272,6 +289,7 @@ function renderFinished(jobs, now) {
       j.name,
       j.courselab,
       badge(j),
+      j.host || "",
       duration(span(j.phases.added, j.phases.vm_ready)),
       duration(span(j.phases.copied_in, j.phases.ran)),
       duration(span(j.phases.added, j.phases.finished)),
@@ -341,9 +359,10 @@ function showLogin(message) {
 }
 
 async function refresh() {
-  const [summary, pools, live, finished] = await Promise.all([
+  const [summary, pools, hosts, live, finished] = await Promise.all([
     api("/v2/summary"),
     api("/v2/pools"),
+    api("/v2/hosts"),
     // Live jobs: queued and running together, newest first.
     Promise.all([api("/v2/jobs?state=running&limit=500"), api("/v2/jobs?state=queued&limit=500")]),
     api("/v2/jobs?limit=100"),
@@ -365,6 +384,7 @@ async function refresh() {
   renderTiles(summary);
   renderChart(summary.throughput);
   renderPools(pools.pools);
+  renderHosts(hosts.hosts);
   renderQueue(queued, now);
   renderRunning(running, details, now);
   renderFinished(

@@ -5,16 +5,28 @@ use anyhow::Context;
 use std::sync::Arc;
 use tango_core::Vmms;
 
-pub async fn start(config: &Config) -> anyhow::Result<Vec<Arc<dyn Vmms>>> {
+/// The running backends; the docker one also by its type, for SIGHUP's
+/// host list.
+pub struct Backends {
+    pub all: Vec<Arc<dyn Vmms>>,
+    pub docker: Option<Arc<tango_vmms::docker::DockerFleet>>,
+}
+
+pub async fn start(config: &Config) -> anyhow::Result<Backends> {
     let mut names = vec![config.vmms.clone()];
     names.extend(config.extra_vmms.iter().cloned());
     names.sort();
     names.dedup();
     let mut backends: Vec<Arc<dyn Vmms>> = Vec::new();
+    let mut docker_fleet = None;
     for name in names {
         backends.push(match name.as_str() {
             "sandbox" => Arc::new(sandbox(config).await?),
-            "docker" => Arc::new(docker(config).await?),
+            "docker" => {
+                let fleet = Arc::new(docker(config).await?);
+                docker_fleet = Some(fleet.clone());
+                fleet
+            }
             #[cfg(feature = "ec2")]
             "ec2" => Arc::new(ec2(config).await?),
             #[cfg(not(feature = "ec2"))]
@@ -33,7 +45,10 @@ pub async fn start(config: &Config) -> anyhow::Result<Vec<Arc<dyn Vmms>>> {
             other => anyhow::bail!("unknown backend {other:?}: use sandbox, docker or ec2"),
         });
     }
-    Ok(backends)
+    Ok(Backends {
+        all: backends,
+        docker: docker_fleet,
+    })
 }
 
 async fn sandbox(config: &Config) -> anyhow::Result<tango_vmms::sandbox::Sandbox> {
@@ -80,8 +95,9 @@ fn local(config: &Config) -> anyhow::Result<tango_local_vmms::Local> {
     Local::new(local_config).context("cannot start the local example backend")
 }
 
-async fn docker(config: &Config) -> anyhow::Result<tango_vmms::docker::Docker> {
-    use tango_vmms::docker::{Docker, DockerConfig};
+async fn docker(config: &Config) -> anyhow::Result<tango_vmms::docker::DockerFleet> {
+    use std::time::Duration;
+    use tango_vmms::docker::{DockerConfig, DockerFleet, FleetConfig};
     let settings = &config.docker;
     let mut docker_config =
         DockerConfig::new(config.find_autodriver()?, config.data_dir.join("docker"));
@@ -99,15 +115,107 @@ async fn docker(config: &Config) -> anyhow::Result<tango_vmms::docker::Docker> {
     // Without reuse the engine runs one job per container: skip what only
     // a later job would need.
     docker_config.single_use = !config.engine.reuse_vms;
-    let docker = Docker::connect(docker_config)
-        .await
-        .context("cannot start the docker backend (is dockerd running? is DOCKER_HOST right?)")?;
+    let mut fleet_config = FleetConfig::new(docker_config, config.engine.prefix.clone());
+    fleet_config.hosts = docker_hosts(config);
+    check_tls_files(&fleet_config.hosts)?;
+    fleet_config.health_period = Duration::from_secs(settings.health_period_secs.max(1));
+    fleet_config.health_timeout = Duration::from_secs(settings.health_timeout_secs.max(1));
+    let docker = DockerFleet::connect(fleet_config).await.context(
+        "cannot start the docker backend (is dockerd running? is DOCKER_HOST or \
+         [[docker.hosts]] right?)",
+    )?;
     match docker.remove_stale_derived_images().await {
         Ok(0) => {}
         Ok(removed) => tracing::info!(removed, "removed stale autodriver images"),
         Err(e) => tracing::warn!("cannot remove stale autodriver images: {e}"),
     }
     Ok(docker)
+}
+
+/// `[[docker.hosts]]`, or the local engine sized by `[engine] max_vms`.
+fn docker_hosts(config: &Config) -> Vec<tango_vmms::docker::DockerHost> {
+    if config.docker.hosts.is_empty() {
+        vec![tango_vmms::docker::DockerHost::local(
+            config.engine.max_vms.max(1),
+        )]
+    } else {
+        config.docker.hosts.clone()
+    }
+}
+
+/// The TLS files of every host can be read: a wrong path is a mistake to
+/// fix now, not a host that stays down with the reason in a debug log.
+fn check_tls_files(hosts: &[tango_vmms::docker::DockerHost]) -> anyhow::Result<()> {
+    for host in hosts {
+        let files = [
+            ("tls_ca", &host.tls_ca),
+            ("tls_cert", &host.tls_cert),
+            ("tls_key", &host.tls_key),
+        ];
+        for (key, path) in files {
+            if let Some(path) = path {
+                std::fs::File::open(path).with_context(|| {
+                    format!(
+                        "[[docker.hosts]] {}: cannot read {key} {}",
+                        host.name,
+                        path.display()
+                    )
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// On SIGHUP, applies the config file's `[[docker.hosts]]` (the other
+/// settings take a restart): new hosts join, hosts no longer listed drain
+/// (the engine drops its idle VMs there) and go once their jobs are done.
+pub async fn reload_docker_hosts_on_sighup(
+    engine: Arc<tango_core::Engine>,
+    fleet: Arc<tango_vmms::docker::DockerFleet>,
+    config: Config,
+    mut hangups: tokio::signal::unix::Signal,
+) {
+    while hangups.recv().await.is_some() {
+        match reload_docker_hosts(&engine, &fleet, &config).await {
+            Ok(hosts) => tracing::info!(?hosts, "SIGHUP: docker hosts reloaded"),
+            Err(e) => tracing::warn!("SIGHUP: docker hosts unchanged: {e:#}"),
+        }
+    }
+}
+
+async fn reload_docker_hosts(
+    engine: &tango_core::Engine,
+    fleet: &tango_vmms::docker::DockerFleet,
+    config: &Config,
+) -> anyhow::Result<Vec<String>> {
+    let path = config
+        .config_file
+        .as_ref()
+        .context("tangod was started without --config: there is no file to re-read")?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let new: Config = toml::from_str(&text)
+        .with_context(|| format!("config file {} is not valid", path.display()))?;
+    new.docker.check()?;
+    let reloaded = Config {
+        docker: new.docker,
+        ..config.clone()
+    };
+    let hosts = docker_hosts(&reloaded);
+    check_tls_files(&hosts)?;
+    let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
+    for gone in fleet
+        .hosts()
+        .into_iter()
+        .filter(|h| !names.contains(&h.name))
+    {
+        if let Err(e) = engine.set_host_draining(&gone.name, true).await {
+            tracing::warn!(host = %gone.name, "cannot drain the host left out of the config: {e}");
+        }
+    }
+    fleet.set_hosts(hosts).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(names)
 }
 
 #[cfg(feature = "ec2")]

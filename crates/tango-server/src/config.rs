@@ -200,6 +200,14 @@ pub struct DockerSettings {
     pub allow_network: bool,
     /// Containers created and started at once; unset: half the CPUs.
     pub max_concurrent_starts: Option<usize>,
+    /// The Docker engines jobs run on (`[[docker.hosts]]`); none: the local
+    /// one (`DOCKER_HOST`, else the default socket). Re-read on SIGHUP.
+    pub hosts: Vec<tango_vmms::docker::DockerHost>,
+    /// Every host is pinged this often (and at once when a call fails).
+    pub health_period_secs: u64,
+    /// A host that does not answer a ping within this is down: its jobs
+    /// run again on other hosts.
+    pub health_timeout_secs: u64,
 }
 
 impl Default for DockerSettings {
@@ -210,7 +218,23 @@ impl Default for DockerSettings {
             cores: None,
             allow_network: false,
             max_concurrent_starts: None,
+            hosts: Vec::new(),
+            health_period_secs: 5,
+            health_timeout_secs: 10,
         }
+    }
+}
+
+impl DockerSettings {
+    /// What `[docker]` settings can be checked before any engine is asked.
+    pub fn check(&self) -> anyhow::Result<()> {
+        tango_vmms::docker::fleet::check_hosts(&self.hosts)
+            .map_err(|e| anyhow::anyhow!("[[docker.hosts]]: {e}"))?;
+        anyhow::ensure!(
+            self.health_period_secs > 0 && self.health_timeout_secs > 0,
+            "[docker] health_period_secs and health_timeout_secs must be at least 1"
+        );
+        Ok(())
     }
 }
 
@@ -453,6 +477,7 @@ impl Config {
                 .map_err(|e| anyhow::anyhow!("{e}: keys become directory names"))?;
         }
         config.check_pools()?;
+        config.docker.check()?;
         config.engine.courselabs = config.courselabs.clone();
         config.engine.validate()?;
         Ok(config)
@@ -516,5 +541,74 @@ impl Config {
                      or pass --autodriver PATH"
                 )
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn docker_settings(toml_text: &str) -> anyhow::Result<DockerSettings> {
+        let config: Config = toml::from_str(toml_text)?;
+        config.docker.check()?;
+        Ok(config.docker)
+    }
+
+    #[test]
+    fn docker_hosts_as_the_issue_writes_them() {
+        let docker = docker_settings(
+            r#"
+            [[docker.hosts]]
+            name = "local"
+            url = "unix:///var/run/docker.sock"
+            max_vms = 8
+            [[docker.hosts]]
+            name = "grader2"
+            url = "tcp://grader2.example.edu:2376"
+            tls_ca = "/etc/tango-rs/docker-ca.pem"
+            tls_cert = "/etc/tango-rs/docker-cert.pem"
+            tls_key = "/etc/tango-rs/docker-key.pem"
+            max_vms = 16
+            "#,
+        )
+        .unwrap();
+        let names: Vec<_> = docker.hosts.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(names, ["local", "grader2"]);
+        assert_eq!(docker.hosts[1].max_vms, 16);
+        assert_eq!(
+            docker.hosts[1].tls_key.as_deref(),
+            Some(std::path::Path::new("/etc/tango-rs/docker-key.pem"))
+        );
+        assert!(docker_settings("").unwrap().hosts.is_empty());
+    }
+
+    #[test]
+    fn docker_hosts_are_checked() {
+        let plain_tcp = r#"
+            [[docker.hosts]]
+            name = "grader2"
+            url = "tcp://grader2.example.edu:2375"
+            "#;
+        let why = format!("{:#}", docker_settings(plain_tcp).unwrap_err());
+        assert!(why.contains("[[docker.hosts]]"), "{why}");
+        assert!(why.contains("root on its machine"), "{why}");
+        let insecure = format!("{plain_tcp}insecure = true\n");
+        assert!(docker_settings(&insecure).is_ok());
+        let twice = r#"
+            [[docker.hosts]]
+            name = "a"
+            url = "unix:///a.sock"
+            [[docker.hosts]]
+            name = "a"
+            url = "unix:///b.sock"
+            "#;
+        assert!(format!("{:#}", docker_settings(twice).unwrap_err()).contains("used twice"));
+        let typo = r#"
+            [[docker.hosts]]
+            name = "a"
+            url = "unix:///a.sock"
+            max_vm = 3
+            "#;
+        assert!(docker_settings(typo).is_err(), "unknown fields are refused");
     }
 }

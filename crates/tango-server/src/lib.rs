@@ -91,6 +91,16 @@ pub async fn serve(config: config::Config, listener: TcpListener) -> anyhow::Res
         }
     };
     let backends = backends::start(&config).await?;
+    // Before the engine starts, so that no SIGHUP meanwhile ends tangod.
+    let hangups = match &backends.docker {
+        Some(_) => Some(
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .context("cannot handle SIGHUP")?,
+        ),
+        None => None,
+    };
+    let docker_fleet = backends.docker.clone();
+    let backends = backends.all;
     let callbacks = Arc::new(callback::HttpCallbacks::new(
         config.callback_ca_cert.as_deref(),
     )?);
@@ -98,6 +108,14 @@ pub async fn serve(config: config::Config, listener: TcpListener) -> anyhow::Res
         Arc::new(Engine::start(config.engine.clone(), store, data, backends, callbacks).await?);
     for pool in &config.pools {
         tokio::spawn(keep_pool(engine.clone(), pool.clone()));
+    }
+    if let (Some(fleet), Some(hangups)) = (docker_fleet, hangups) {
+        tokio::spawn(backends::reload_docker_hosts_on_sighup(
+            engine.clone(),
+            fleet,
+            config.clone(),
+            hangups,
+        ));
     }
     let state = AppState {
         engine: engine.clone(),

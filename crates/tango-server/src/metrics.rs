@@ -283,6 +283,8 @@ pub fn render(state: &AppState, http: &HttpMetrics) -> String {
         }
     }
 
+    docker_hosts(&mut out, &engine.hosts());
+
     family(
         &mut out,
         "tango_backend_errors_total",
@@ -344,6 +346,63 @@ pub fn render(state: &AppState, http: &HttpMetrics) -> String {
 
     http.render(&mut out);
     out
+}
+
+/// Per Docker host, read at scrape time. The families are there with no
+/// samples when the docker backend has no hosts (another backend, or none
+/// configured), so dashboards find them either way.
+fn docker_hosts(out: &mut String, hosts: &[tango_core::HostStatus]) {
+    type Value = fn(&tango_core::HostStatus) -> f64;
+    let families: [(&str, &str, &str, Value); 7] = [
+        (
+            "tango_docker_host_up",
+            "gauge",
+            "1 when the Docker host answered its last health check, 0 when it is down.",
+            |h| f64::from(u8::from(h.up)),
+        ),
+        (
+            "tango_docker_host_draining",
+            "gauge",
+            "1 when the Docker host is drained: it takes no new containers, its running jobs finish.",
+            |h| f64::from(u8::from(h.draining)),
+        ),
+        (
+            "tango_docker_host_vms",
+            "gauge",
+            "This server's containers on the Docker host, busy or idle.",
+            |h| h.vms as f64,
+        ),
+        (
+            "tango_docker_host_max_vms",
+            "gauge",
+            "The Docker host's max_vms: at most this many of this server's containers.",
+            |h| h.max_vms as f64,
+        ),
+        (
+            "tango_docker_host_running_jobs",
+            "gauge",
+            "Jobs running on the Docker host.",
+            |h| h.running_jobs as f64,
+        ),
+        (
+            "tango_docker_host_vm_starts_total",
+            "counter",
+            "Containers started on the Docker host since tangod started.",
+            |h| h.vm_starts as f64,
+        ),
+        (
+            "tango_docker_host_vm_start_failures_total",
+            "counter",
+            "Containers the Docker host failed to create or start since tangod started.",
+            |h| h.vm_start_failures as f64,
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        family(out, name, kind, help);
+        for host in hosts.iter().filter(|h| h.vmms == "docker") {
+            sample(out, name, &[("host", &host.name)], value(host));
+        }
+    }
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -442,6 +501,46 @@ mod tests {
         assert!(out.contains(
             "tango_http_request_duration_seconds_count{route=\"/open/{key}/{courselab}\",method=\"GET\",status=\"200\"} 2\n"
         ), "{out}");
+    }
+
+    #[test]
+    fn docker_hosts_are_one_series_each_with_escaped_names() {
+        let host = |name: &str, vmms: &str| tango_core::HostStatus {
+            name: name.into(),
+            vmms: vmms.into(),
+            url: "tcp://h:2376".into(),
+            up: true,
+            draining: false,
+            max_vms: 8,
+            vms: 3,
+            running_jobs: 2,
+            vm_starts: 40,
+            vm_start_failures: 1,
+        };
+        let mut out = String::new();
+        docker_hosts(
+            &mut out,
+            &[host("a\"b", "docker"), host("elsewhere", "other")],
+        );
+        assert!(out.contains("# TYPE tango_docker_host_up gauge\n"), "{out}");
+        assert!(
+            out.contains("tango_docker_host_up{host=\"a\\\"b\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("tango_docker_host_vms{host=\"a\\\"b\"} 3\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("tango_docker_host_vm_starts_total{host=\"a\\\"b\"} 40\n"),
+            "{out}"
+        );
+        assert!(!out.contains("elsewhere"), "{out}");
+        // No hosts: the families alone.
+        let mut empty = String::new();
+        docker_hosts(&mut empty, &[]);
+        assert_eq!(empty.lines().filter(|l| !l.starts_with('#')).count(), 0);
+        assert!(empty.contains("# TYPE tango_docker_host_vm_start_failures_total counter\n"));
     }
 
     #[test]

@@ -532,6 +532,9 @@ pub fn job_json(job: &Job) -> Value {
             "disk": Value::Null,
             "network": if job.disable_network { json!("none") } else { Value::Null },
             "resume": false,
+            // Not Tango's: the machine of a backend of several (docker
+            // hosts) the VM is on, null elsewhere.
+            "host": vm.and_then(|v| v.host.clone()),
         },
         "trace": job.trace.iter().map(|t| format!("{}|{}", ctime(t.at_ms), t.message)).collect::<Vec<_>>(),
         "state": job.state.as_str(),

@@ -1,10 +1,12 @@
-//! `/v2/`: a read-only JSON API for the dashboard and for scripts.
+//! `/v2/`: a JSON API for the dashboard and for scripts: read-only but for
+//! draining and undraining a backend's hosts.
 //!
 //! Unlike v1 this API is tango-rs's own: errors are HTTP status codes with a
 //! JSON `{"error": "..."}` body, and the key travels only as
 //! `Authorization: Bearer <key>`, never in the URL (URLs end up in logs,
 //! browser history and proxies). A caller sees the jobs of its own key's
-//! courselabs; pools and the summary are server-wide, as in v1.
+//! courselabs; pools, hosts and the summary are server-wide, as in v1, and
+//! any configured key may drain a host (as any key may `/prealloc`).
 
 use crate::AppState;
 use axum::extract::rejection::QueryRejection;
@@ -12,14 +14,14 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
+use axum::routing::{any, get, post};
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use subtle::ConstantTimeEq;
-use tango_core::{now_ms, Job, JobState};
+use tango_core::{now_ms, EngineError, HostStatus, Job, JobState, VmmsError};
 
 /// How much of a job's output `/v2/jobs/{id}` returns: its end, where the
 /// score and the errors are.
@@ -37,6 +39,9 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/v2/jobs/{id}", get(one_job))
         .route("/v2/pools", get(pools))
         .route("/v2/summary", get(summary))
+        .route("/v2/hosts", get(hosts))
+        .route("/v2/hosts/{name}/drain", post(drain))
+        .route("/v2/hosts/{name}/undrain", post(undrain))
         .route("/v2/{*rest}", any(no_such_route))
         .route_layer(axum::middleware::from_fn_with_state(state, authenticate))
 }
@@ -132,7 +137,8 @@ async fn authenticate(State(state): State<AppState>, mut request: Request, next:
 async fn no_such_route() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
-        "no such route; v2 has GET /v2/jobs, /v2/jobs/{id}, /v2/pools and /v2/summary",
+        "no such route; v2 has GET /v2/jobs, /v2/jobs/{id}, /v2/pools, /v2/summary and \
+         /v2/hosts, and POST /v2/hosts/{name}/drain and /v2/hosts/{name}/undrain",
     )
 }
 
@@ -172,6 +178,8 @@ fn job_summary(caller: &Caller, job: &Job) -> Value {
         "image": job.image,
         "vmms": job.vmms,
         "vm": job.vm.as_ref().map(|vm| vm.name.clone()),
+        // The machine of a backend of several the VM was placed on.
+        "host": job.vm.as_ref().and_then(|vm| vm.host.clone()),
         "retries": job.retries,
         "timeout_secs": job.timeout_secs,
         "output_file": job.output_file,
@@ -463,6 +471,75 @@ async fn summary(State(state): State<AppState>) -> Result<Response, ApiError> {
     })))
 }
 
+/// The longest host name a URL may carry: config names are short words.
+const MAX_HOST_NAME: usize = 64;
+
+/// A host name from the URL, before it is looked up or logged: 1 to 64
+/// letters, digits, `.`, `_` or `-`.
+fn host_name(name: &str) -> Result<&str, ApiError> {
+    let well_formed = !name.is_empty()
+        && name.len() <= MAX_HOST_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if well_formed {
+        Ok(name)
+    } else {
+        Err(bad_request(format!(
+            "a host name is 1 to {MAX_HOST_NAME} letters, digits, '.', '_' or '-'; \
+             GET /v2/hosts lists the hosts"
+        )))
+    }
+}
+
+/// `GET /v2/hosts`: the machines of backends that spread VMs over several
+/// (the docker backend's hosts), sorted by backend and name; empty when no
+/// backend has any.
+async fn hosts(State(state): State<AppState>) -> Response {
+    fresh(json!({ "hosts": state.engine.hosts() }))
+}
+
+/// `POST /v2/hosts/{name}/drain`: the host takes no new VMs, its idle VMs
+/// are removed and its running jobs finish. Answers the host's new status.
+async fn drain(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    set_draining(&state, &name, true).await
+}
+
+/// `POST /v2/hosts/{name}/undrain`: the host takes new VMs again.
+async fn undrain(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    set_draining(&state, &name, false).await
+}
+
+async fn set_draining(state: &AppState, name: &str, draining: bool) -> Result<Response, ApiError> {
+    let name = host_name(name)?;
+    let no_such_host = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no host named {name:?}; GET /v2/hosts (or `tango hosts`) lists them"),
+        )
+    };
+    match state.engine.set_host_draining(name, draining).await {
+        Ok(()) => {}
+        Err(EngineError::Vmms(VmmsError::NoSuchHost(_))) => return Err(no_such_host()),
+        Err(e) => return Err(e.into()),
+    }
+    tracing::info!(host = name, draining, "host drain state set over /v2");
+    // Removed by a reload in between: as unknown as it was never there.
+    let status: HostStatus = state
+        .engine
+        .hosts()
+        .into_iter()
+        .find(|h| h.name == name)
+        .ok_or_else(no_such_host)?;
+    Ok(fresh(json!(status)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -476,6 +553,27 @@ mod tests {
         assert_eq!(owner(&keys, "cx-lab"), None);
         assert_eq!(owner(&keys, "a-"), None);
         assert_eq!(owner(&keys, "d-lab"), None);
+    }
+
+    #[test]
+    fn host_names_from_urls_are_checked() {
+        for good in ["local", "grader2", "grader-2.cs.example.edu", "a_b", "x"] {
+            assert!(host_name(good).is_ok(), "{good}");
+        }
+        let long = "h".repeat(MAX_HOST_NAME + 1);
+        for bad in [
+            "",
+            "a b",
+            "a/b",
+            "..%2f",
+            "\u{e9}t\u{e9}",
+            "a\nb",
+            "a\"b",
+            long.as_str(),
+        ] {
+            assert!(host_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(host_name(&"h".repeat(MAX_HOST_NAME)).is_ok());
     }
 
     #[test]

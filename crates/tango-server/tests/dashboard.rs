@@ -171,61 +171,12 @@ async fn wait_metrics(c: &Client, what: &str, check: impl Fn(&Exposition) -> boo
     }
 }
 
-/// Runs headless Chromium on `url`; `Ok(None)` when it is not installed.
-async fn chromium(url: &str, extra: &[String]) -> Option<String> {
-    let found = std::process::Command::new("chromium")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !found {
-        return None;
-    }
-    let profile = tempfile::tempdir().unwrap();
-    let mut cmd = tokio::process::Command::new("chromium");
-    cmd.args([
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--virtual-time-budget=5000",
-    ])
-    .arg(format!("--user-data-dir={}", profile.path().display()))
-    .args(extra)
-    .arg(url)
-    .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .expect("chromium did not finish in 60 s")
-        .expect("run chromium");
-    assert!(
-        out.status.success(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// The text of the element with this id in a dumped DOM (no nested tags).
 fn element_text(dom: &str, id: &str) -> Option<String> {
     let at = dom.find(&format!("id=\"{id}\""))?;
     let start = at + dom[at..].find('>')? + 1;
     let end = start + dom[start..].find('<')?;
     Some(dom[start..end].to_string())
-}
-
-/// The `<tbody>` of the table with this id in a dumped DOM.
-fn table_body<'a>(dom: &'a str, id: &str) -> &'a str {
-    let at = dom
-        .find(&format!("<table id=\"{id}\""))
-        .unwrap_or_else(|| panic!("no table {id}:\n{dom}"));
-    let table = &dom[at..at + dom[at..].find("</table>").expect("</table>")];
-    let body = table.find("<tbody>").expect("<tbody>");
-    &table[body..]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

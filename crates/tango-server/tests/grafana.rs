@@ -1,6 +1,9 @@
 //! deploy/grafana-dashboard.json reads only metrics tangod exports: every
 //! metric its queries name (and every label value they match on) is in the
-//! `/metrics` of a real tangod (sandbox backend) that ran jobs.
+//! `/metrics` of a real tangod (sandbox backend) that ran jobs. The Docker
+//! hosts' metrics have samples only where the docker backend has hosts:
+//! those are checked against tangod's application over a backend of two
+//! hosts (tests/common/hosts_backend.rs).
 
 mod common;
 
@@ -161,9 +164,11 @@ async fn scrape(c: &Client) -> String {
     r.text().await.unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grafana_dashboard_queries_only_exported_metrics() {
-    // The dashboard file first: this part needs no root.
+/// Where the per-host metrics of the docker backend start.
+const HOST_METRICS: &str = "tango_docker_host_";
+
+/// The dashboard and every (query, selector) of it.
+fn dashboard_selectors() -> (Value, Vec<String>, Vec<(String, Selector)>) {
     let text = std::fs::read_to_string(DASHBOARD).expect("read deploy/grafana-dashboard.json");
     let dashboard: Value = serde_json::from_str(&text).expect("the Grafana dashboard is JSON");
     let queries = queries(&dashboard);
@@ -171,6 +176,59 @@ async fn grafana_dashboard_queries_only_exported_metrics() {
         .iter()
         .flat_map(|q| selectors(q).into_iter().map(move |s| (q.clone(), s)))
         .collect();
+    (dashboard, queries, used)
+}
+
+/// What the selectors ask for that the scrape lacks: a family, samples
+/// (unless `families_only`), a label value.
+fn missing<'a>(
+    used: impl Iterator<Item = &'a (String, Selector)>,
+    metrics: &Scrape,
+    families_only: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    let mut missing = Vec::new();
+    for (query, selector) in used {
+        let name = selector.name.as_str();
+        let family = family_of(name, &metrics.types);
+        if !metrics.types.contains_key(family) {
+            missing.push(format!("{name}: no such metric family (in {query})"));
+            continue;
+        }
+        if families_only(name) {
+            continue;
+        }
+        let Some(series) = metrics.samples.get(name) else {
+            missing.push(format!("{name}: no samples (in {query})"));
+            continue;
+        };
+        if name.ends_with("_bucket") && !series.iter().all(|l| l.contains_key("le")) {
+            missing.push(format!("{name}: buckets without le"));
+        }
+        // `instance` is the label Prometheus adds to every scraped series.
+        for (label, op, value) in &selector.matchers {
+            if label == "instance" {
+                continue;
+            }
+            let matched = series.iter().any(|labels| match op.as_str() {
+                "=" => labels.get(label) == Some(value),
+                // The dashboard's regex and negative matchers (none today)
+                // need at least the label to be there.
+                _ => labels.contains_key(label),
+            });
+            if !matched {
+                missing.push(format!(
+                    "{name}{{{label}{op}\"{value}\"}}: no such series (in {query})"
+                ));
+            }
+        }
+    }
+    missing
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grafana_dashboard_queries_only_exported_metrics() {
+    // The dashboard file first: this part needs no root.
+    let (dashboard, queries, used) = dashboard_selectors();
     let names: BTreeSet<&str> = used.iter().map(|(_, s)| s.name.as_str()).collect();
     // Not vacuous: the panels chart the queue, phases, pools, errors,
     // callbacks and HTTP durations.
@@ -241,42 +299,50 @@ async fn grafana_dashboard_queries_only_exported_metrics() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
 
-    let mut missing = Vec::new();
-    for (query, selector) in &used {
-        let name = selector.name.as_str();
-        let family = family_of(name, &metrics.types);
-        if !metrics.types.contains_key(family) {
-            missing.push(format!("{name}: no such metric family (in {query})"));
-            continue;
-        }
-        let Some(series) = metrics.samples.get(name) else {
-            missing.push(format!("{name}: no samples (in {query})"));
-            continue;
-        };
-        if name.ends_with("_bucket") && !series.iter().all(|l| l.contains_key("le")) {
-            missing.push(format!("{name}: buckets without le"));
-        }
-        // `instance` is the label Prometheus adds to every scraped series.
-        for (label, op, value) in &selector.matchers {
-            if label == "instance" {
-                continue;
-            }
-            let matched = series.iter().any(|labels| match op.as_str() {
-                "=" => labels.get(label) == Some(value),
-                // The dashboard's regex and negative matchers (none today)
-                // need at least the label to be there.
-                _ => labels.contains_key(label),
-            });
-            if !matched {
-                missing.push(format!(
-                    "{name}{{{label}{op}\"{value}\"}}: no such series (in {query})"
-                ));
-            }
-        }
-    }
+    // A sandbox tangod has no Docker hosts: their families are there,
+    // empty (their samples are checked below).
+    let missing = missing(used.iter(), &metrics, |name| name.starts_with(HOST_METRICS));
     assert!(
         missing.is_empty(),
         "the Grafana dashboard asks for what tangod does not export:\n{}",
+        missing.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grafana_host_panels_query_exported_host_metrics() {
+    let (_, _, used) = dashboard_selectors();
+    let host_selectors: Vec<&(String, Selector)> = used
+        .iter()
+        .filter(|(_, s)| s.name.starts_with(HOST_METRICS))
+        .collect();
+    let names: BTreeSet<&str> = host_selectors
+        .iter()
+        .map(|(_, s)| s.name.as_str())
+        .collect();
+    // Up, drained, containers, max_vms, running jobs, starts, failed starts.
+    assert_eq!(names.len(), 7, "{names:?}");
+    let server = common::hosts_backend::HostsServer::start(4).await;
+    let c = server.client();
+    // A VM on a host, so every counter has moved off its start.
+    let v = c
+        .get(&format!(
+            "/prealloc/{KEY}/{}/1/",
+            common::hosts_backend::IMAGE
+        ))
+        .await;
+    assert_eq!(v["statusId"], 0, "{v}");
+    c.wait_pool(common::hosts_backend::IMAGE, 1).await;
+    let metrics = parse_scrape(&scrape(&c).await);
+    assert_eq!(
+        metrics.samples.get("tango_docker_host_up").map(Vec::len),
+        Some(2),
+        "one series per host"
+    );
+    let missing = missing(host_selectors.into_iter(), &metrics, |_| false);
+    assert!(
+        missing.is_empty(),
+        "the Grafana dashboard's host panels ask for what tangod does not export:\n{}",
         missing.join("\n")
     );
 }

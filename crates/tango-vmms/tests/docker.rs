@@ -5,7 +5,7 @@
 #[path = "docker_common.rs"]
 mod common;
 
-use common::{machine, request, require_docker, BOOKWORM, BUSYBOX};
+use common::{machine, request, require_docker, BOOKWORM, BUSYBOX, BUSYBOX_MAKE};
 use futures_util::TryStreamExt;
 use std::time::Duration;
 use tango_core::vmms::{RunStatus, Vmms, VmmsError};
@@ -272,13 +272,6 @@ async fn minimal_image_without_make_or_users() {
     docker.reset_vm(&vm).await.unwrap();
     docker.safe_destroy_vm(&vm).await.unwrap();
 }
-
-/// A stand-in for make in the busybox image (which has none): runs the
-/// Makefile's tab-indented recipe lines (`@` dropped, `$$` unescaped) in one
-/// shell that stops at the first failure, and exits 2 then, as make does.
-const BUSYBOX_MAKE: &str = "#!/bin/sh\n\
-    recipe=$(sed -n '/^\t/{s/^\t@\\{0,1\\}//;s/\\$\\$/$/g;p;}' Makefile) || exit 2\n\
-    sh -e -c \"$recipe\" || exit 2\n";
 
 /// A real job in a minimal image through the backend: busybox and the
 /// stand-in make, no users. It prints, floods past the output cap, starts a

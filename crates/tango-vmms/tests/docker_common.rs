@@ -16,6 +16,13 @@ pub use autodriver_build::{autodriver, workspace_root};
 
 pub const BOOKWORM: &str = "tango-test-bookworm";
 pub const BUSYBOX: &str = "tango-test-busybox";
+/// A stand-in for make in the busybox image (which has none): runs the
+/// Makefile's tab-indented recipe lines (`@` dropped, `$$` unescaped) in one
+/// shell that stops at the first failure, and exits 2 then, as make does.
+pub const BUSYBOX_MAKE: &str = "#!/bin/sh\n\
+    recipe=$(sed -n '/^\t/{s/^\t@\\{0,1\\}//;s/\\$\\$/$/g;p;}' Makefile) || exit 2\n\
+    sh -e -c \"$recipe\" || exit 2\n";
+
 /// Bookworm plus user `autograde`, like Tango's images.
 pub const AUTOGRADE: &str = "tango-test-autograde";
 

@@ -2,6 +2,8 @@
 //! for its v1 routes, and a callback receiver.
 #![allow(dead_code)]
 
+pub mod hosts_backend;
+
 use axum::extract::{Multipart, Path as UrlPath, State};
 use axum::http::HeaderMap;
 use serde_json::Value;
@@ -730,4 +732,53 @@ pub fn run_ok(cmd: &mut std::process::Command, what: &str) -> std::process::Outp
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// Runs headless Chromium on `url`; `None` when it is not installed.
+pub async fn chromium(url: &str, extra: &[String]) -> Option<String> {
+    let found = std::process::Command::new("chromium")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !found {
+        return None;
+    }
+    let profile = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new("chromium");
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--virtual-time-budget=5000",
+    ])
+    .arg(format!("--user-data-dir={}", profile.path().display()))
+    .args(extra)
+    .arg(url)
+    .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("chromium did not finish in 60 s")
+        .expect("run chromium");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The `<tbody>` of the table with this id in a dumped DOM.
+pub fn table_body<'a>(dom: &'a str, id: &str) -> &'a str {
+    let at = dom
+        .find(&format!("<table id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no table {id}:\n{dom}"));
+    let table = &dom[at..at + dom[at..].find("</table>").expect("</table>")];
+    let body = table.find("<tbody>").expect("<tbody>");
+    &table[body..]
 }

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 /// Loading a large `docker save` tar can take a while.
-const IMAGE_LOAD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+pub(super) const IMAGE_LOAD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// FNV-1a, 64 bits: a stable fingerprint of the autodriver binary.
 pub(super) fn fnv1a(bytes: &[u8]) -> u64 {
@@ -30,7 +30,7 @@ fn passwd_has_user(passwd: &str, name: &str) -> bool {
 }
 
 /// The image a `docker load` reported, from its progress messages.
-fn loaded_image(message: &str) -> Option<&str> {
+pub(super) fn loaded_image(message: &str) -> Option<&str> {
     let message = message.trim();
     message
         .strip_prefix("Loaded image: ")

@@ -36,11 +36,13 @@
 
 mod archive;
 mod containers;
+pub mod fleet;
 mod images;
 mod jobs;
 mod naming;
 mod served;
 
+pub use fleet::{DockerFleet, DockerHost, FleetConfig};
 pub use naming::container_name;
 
 // For fuzz/ (docker_tar target): the reading of archives the Engine API returns.
@@ -151,6 +153,9 @@ pub struct DockerConfig {
     /// burst of submissions starting containers all at once slows the
     /// jobs already running. Default: half the host's CPUs (at least 1).
     pub max_concurrent_starts: usize,
+    /// The engine to drive; `None`: the one `DOCKER_HOST` names, by default
+    /// the local socket.
+    pub host: Option<DockerHost>,
 }
 
 impl DockerConfig {
@@ -175,6 +180,7 @@ impl DockerConfig {
             host_cgroups: true,
             serve_jobs: true,
             max_concurrent_starts: default_concurrent_starts(),
+            host: None,
         }
     }
 }
@@ -311,9 +317,12 @@ impl Docker {
                 VmmsError::io(format!("cannot create {}", config.work_dir.display()), e)
             })?;
 
-        let host = std::env::var("DOCKER_HOST")
-            .unwrap_or_else(|_| "unix:///var/run/docker.sock".to_string());
-        let api = bollard::Docker::connect_with_defaults()
+        let host = match &config.host {
+            Some(host) => host.display_url(),
+            None => std::env::var("DOCKER_HOST")
+                .unwrap_or_else(|_| "unix:///var/run/docker.sock".to_string()),
+        };
+        let api = fleet::connect_api(config.host.as_ref(), config.api_timeout)
             .map_err(|e| {
                 VmmsError::Backend(format!("cannot reach the Docker daemon at {host}: {e}"))
             })?

@@ -1,0 +1,87 @@
+//! The fleet's health checks: every host is pinged on a period, and at once
+//! when a call to it fails. A host that does not answer is down; one that
+//! answers again is swept of this server's containers before it rejoins.
+
+use super::{Host, Inner};
+use std::sync::Arc;
+use std::time::Duration;
+use tango_core::vmms::Vmms;
+
+/// Runs until the fleet is dropped (which aborts it).
+pub(super) async fn run(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(inner.period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = inner.wake.notified() => {}
+        }
+        check_all(&inner).await;
+    }
+}
+
+/// Checks every host at once, then drops the hosts removed from the
+/// config that no longer hold a VM of this server.
+pub(super) async fn check_all(inner: &Arc<Inner>) {
+    let hosts = inner.all_hosts();
+    futures_util::future::join_all(hosts.iter().map(|host| check(inner, host))).await;
+    inner.drop_removed_hosts();
+}
+
+async fn check(inner: &Arc<Inner>, host: &Arc<Host>) {
+    match host.docker() {
+        Some(docker) => {
+            if let Err(why) = ping(&docker, inner.ping_timeout).await {
+                inner.mark_down(host, &why);
+            }
+        }
+        None => rejoin(inner, host).await,
+    }
+}
+
+/// Whether the engine answers a ping within `timeout`.
+pub(super) async fn ping(docker: &super::Docker, timeout: Duration) -> Result<(), String> {
+    match tokio::time::timeout(timeout, docker.api().ping()).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer to a ping within {timeout:?}")),
+    }
+}
+
+/// Connects to a host that is down; if it answers, removes every container
+/// of this server's prefix on it (their jobs were retried elsewhere when it
+/// went down) and lets it take containers again.
+async fn rejoin(inner: &Arc<Inner>, host: &Arc<Host>) {
+    let docker = match tokio::time::timeout(inner.ping_timeout, inner.connect(&host.spec())).await {
+        Ok(Ok(docker)) => Arc::new(docker),
+        Ok(Err(e)) => {
+            tracing::debug!(host = %host.name, "docker host still down: {e}");
+            return;
+        }
+        Err(_) => return,
+    };
+    let swept = async {
+        let left = docker.get_vms(&inner.prefix).await?;
+        let count = left.len();
+        for vm in &left {
+            docker.safe_destroy_vm(vm).await?;
+        }
+        Ok::<_, tango_core::vmms::VmmsError>(count)
+    };
+    match swept.await {
+        Ok(removed) => {
+            let images = docker.get_images().await.ok();
+            host.set_up(docker, images);
+            tracing::info!(
+                host = %host.name,
+                removed,
+                "docker host answers again: removed this server's old containers; it takes \
+                 containers again"
+            );
+        }
+        Err(e) => tracing::warn!(
+            host = %host.name,
+            "docker host answers but its old containers cannot be removed ({e}); it stays down"
+        ),
+    }
+}

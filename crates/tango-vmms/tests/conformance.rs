@@ -93,3 +93,46 @@ async fn the_docker_backend_conforms() {
     let target = Target::new(backend, "tango-test-bookworm", "cfdk").with_damage(damage);
     run(&target).await.assert_passed();
 }
+
+/// The docker backend as tangod runs it with no `[[docker.hosts]]`: the
+/// fleet of the one local engine.
+#[cfg(feature = "docker")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_docker_fleet_of_one_host_conforms() {
+    use tango_vmms::docker::{container_name, DockerConfig, DockerFleet, FleetConfig};
+    if std::env::var_os("DOCKER_HOST").is_none()
+        && !std::path::Path::new("/var/run/docker.sock").exists()
+    {
+        eprintln!("skipping: no /var/run/docker.sock and no DOCKER_HOST");
+        return;
+    }
+    let status = std::process::Command::new(
+        autodriver_build::workspace_root().join("scripts/build-docker-test-image.sh"),
+    )
+    .status()
+    .expect("the image script runs");
+    assert!(status.success(), "building the test images failed");
+    let work = tempfile::tempdir().expect("tempdir");
+    let mut config = DockerConfig::new(autodriver(), work.path().to_path_buf());
+    config.default_memory_mb = 256;
+    let prefix = "cfdf";
+    let fleet = DockerFleet::connect(FleetConfig::new(config, prefix))
+        .await
+        .expect("dockerd answers");
+    let api = fleet.host_backend("local").expect("the local host is up");
+    let damage: Damage = Arc::new(move |vm| {
+        let api = api.clone();
+        Box::pin(async move {
+            api.api()
+                .kill_container(
+                    &container_name(&vm),
+                    None::<bollard::query_parameters::KillContainerOptions>,
+                )
+                .await
+                .map_err(|e| e.to_string())
+        })
+    });
+    let backend: Arc<dyn Vmms> = Arc::new(fleet);
+    let target = Target::new(backend, "tango-test-bookworm", prefix).with_damage(damage);
+    run(&target).await.assert_passed();
+}

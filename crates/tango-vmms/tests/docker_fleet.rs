@@ -103,6 +103,7 @@ fn local_host(max_vms: usize) -> DockerHost {
         tls_key: None,
         insecure: false,
         max_vms,
+        from_environment: false,
     }
 }
 
@@ -115,6 +116,7 @@ fn host_of(engine: &Engine, max_vms: usize) -> DockerHost {
         tls_key: engine.tls.as_ref().map(|t| t.key.clone()),
         insecure: false,
         max_vms,
+        from_environment: false,
     }
 }
 
@@ -162,7 +164,7 @@ async fn run_job(fleet: &DockerFleet, vm: &Machine, work: &Path) {
     assert!(output.contains(&format!("job {id} done")), "{output}");
 }
 
-fn status<'a>(fleet: &'a DockerFleet, host: &str) -> tango_core::vmms::HostStatus {
+fn status(fleet: &DockerFleet, host: &str) -> tango_core::vmms::HostStatus {
     fleet
         .hosts()
         .into_iter()
@@ -415,4 +417,51 @@ async fn an_image_on_one_host_is_streamed_to_another() {
         fleet.destroy_vm(vm).await.unwrap();
     }
     assert!(ours(&fresh, prefix).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_join_and_leave_by_a_new_host_list() {
+    require_docker!();
+    common::ensure_test_images();
+    let _serial = SERIAL.lock().await;
+    let engine = start_engine("tango-f1", false, &[BOOKWORM]).await;
+    let work = tempfile::tempdir().unwrap();
+    let prefix = "tdf-sethosts";
+    let fleet = fleet(work.path(), prefix, vec![local_host(2)]).await;
+    for vm in engine.container_names() {
+        assert!(!vm.starts_with(prefix), "left from an earlier run: {vm}");
+    }
+
+    // Added: it joins at the next check and, roomier, takes the next VM.
+    fleet
+        .set_hosts(vec![local_host(2), host_of(&engine, 10)])
+        .unwrap();
+    fleet.check_now().await;
+    assert!(status(&fleet, "tango-f1").up);
+    let vm = common::machine(prefix, 1, BOOKWORM);
+    assert_eq!(make_vm(&fleet, &vm).await, "tango-f1");
+
+    // Left out: it drains, its running VM keeps working, and it goes once
+    // that VM is gone.
+    fleet.set_hosts(vec![local_host(2)]).unwrap();
+    assert!(status(&fleet, "tango-f1").draining);
+    let next = common::machine(prefix, 2, BOOKWORM);
+    assert_eq!(make_vm(&fleet, &next).await, "local");
+    run_job(&fleet, &vm, work.path()).await;
+    assert!(
+        fleet.reset_vm(&vm).await.is_err(),
+        "not reused on a leaving host"
+    );
+    fleet.check_now().await;
+    assert!(fleet.hosts().iter().any(|h| h.name == "tango-f1"));
+    fleet.destroy_vm(&vm).await.unwrap();
+    fleet.check_now().await;
+    let names: Vec<String> = fleet.hosts().into_iter().map(|h| h.name).collect();
+    assert_eq!(names, ["local"]);
+    fleet.destroy_vm(&next).await.unwrap();
+    assert!(ours(&engine, prefix).is_empty());
+    // Refused lists change nothing.
+    let mut twice = vec![local_host(2), local_host(3)];
+    assert!(fleet.set_hosts(std::mem::take(&mut twice)).is_err());
+    assert_eq!(status(&fleet, "local").max_vms, 2);
 }

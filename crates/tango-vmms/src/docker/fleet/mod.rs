@@ -64,6 +64,9 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The right to stream one image to one host.
+type Turn = Arc<tokio::sync::Mutex<()>>;
+
 /// What the fleet knows of one host between checks.
 #[derive(Default)]
 struct HostState {
@@ -139,7 +142,7 @@ struct Inner {
     vms: Mutex<HashMap<String, Placed>>,
     /// One image transfer per (host, image) at a time; the VMs that need
     /// it wait for that one.
-    transfers: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+    transfers: Mutex<HashMap<(String, String), Turn>>,
     /// Wakes the health checks at once (a call to a host failed).
     wake: tokio::sync::Notify,
 }

@@ -12,12 +12,13 @@
 #      host with the image is drained, so it is streamed first).
 # Needs root, a running dockerd (the extra engines use unix sockets) and the
 # test image (scripts/build-docker-test-image.sh).
-#   usage: bench/docker_hosts.sh [N] [C] [IMAGE]
+#   usage: bench/docker_hosts.sh [N] [C] [IMAGE] [ROUNDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-200}
 concurrency=${2:-16}
 image=${3:-tango-test-bookworm}
+rounds=${4:-2}
 target_dir=${CARGO_TARGET_DIR:-$PWD/target}
 musl=x86_64-unknown-linux-musl
 engines=(tango-e2 tango-e3)
@@ -66,15 +67,9 @@ common_config="vmms = \"docker\"
 [engine]
 max_vms = $concurrency"
 
-echo "== (a) one engine: $runs hello jobs at concurrency $concurrency"
-echo "$common_config" >"$work/one.toml"
-start_tangod "$work/one.toml" one
-one=$(throughput)
-stop_tangod
-echo "one engine: $one jobs/s"
-
 urls=()
 for name in "${engines[@]}"; do urls+=("$(scripts/docker-engines.sh start "$name")"); done
+echo "$common_config" >"$work/one.toml"
 # A host of the fleet, per host a third of the total.
 host() {
   printf '[[docker.hosts]]\nname = "%s"\nurl = "%s"\nmax_vms = %s\n' "$1" "$2" "$3"
@@ -87,18 +82,28 @@ per_host=$(((concurrency + 2) / 3))
   host "${engines[1]}" "${urls[1]}" "$per_host"
 } >"$work/three.toml"
 
-echo "== (b) three engines: $runs hello jobs at concurrency $concurrency"
-if start_tangod "$work/three.toml" three; then
-  three=$(throughput)
-  # Where the jobs ran: the job records carry vm.host.
-  curl -sf -H "Authorization: Bearer bench" "$url/v2/hosts" >"$work/hosts.json" 2>/dev/null || true
-  stop_tangod
-  echo "three engines: $three jobs/s"
-  python3 -c "print('ratio three/one: %.2fx (target >= 0.9x)' % ($three / $one))"
-  [ -s "$work/hosts.json" ] && echo "hosts: $(cat "$work/hosts.json")"
-else
-  echo "this tangod does not take [[docker.hosts]] yet: (b) skipped"
-fi
+# (a) and (b) take turns, so that a load elsewhere on the machine weighs on
+# both alike; the best round of each counts.
+best_one=0 best_three=0
+for round in $(seq 1 "$rounds"); do
+  for setup in one three; do
+    start_tangod "$work/$setup.toml" "$setup-$round"
+    jobs_per_sec=$(throughput)
+    if [ "$setup" = three ]; then
+      # Every host took part: its VM starts.
+      curl -sf -H "Authorization: Bearer bench" "$url/v2/hosts" |
+        python3 -c 'import json,sys; print("  starts per host:", {h["name"]: h["vm_starts"] for h in json.load(sys.stdin)["hosts"]})'
+    fi
+    stop_tangod
+    echo "(round $round) $setup engine(s): $jobs_per_sec jobs/s"
+    best=best_$setup
+    if python3 -c "import sys; sys.exit(0 if $jobs_per_sec > ${!best} else 1)"; then
+      printf -v "$best" %s "$jobs_per_sec"
+    fi
+  done
+done
+echo "== one engine: $best_one jobs/s, three engines: $best_three jobs/s"
+python3 -c "print('ratio three/one: %.2fx (target >= 0.9x)' % ($best_three / $best_one))"
 
 echo "== (c) moving $image to a new host"
 fresh_url=$(scripts/docker-engines.sh start "$fresh")
@@ -114,22 +119,18 @@ docker -H "$fresh_url" rmi -f "$image" >/dev/null
   host local unix:///var/run/docker.sock "$concurrency"
   host "$fresh" "$fresh_url" "$concurrency"
 } >"$work/stream.toml"
-if start_tangod "$work/stream.toml" stream; then
-  "$tango" run examples/jobs/hello --image "$image" >/dev/null # warm up on local
-  start_ns=$(date +%s%N)
-  "$tango" run examples/jobs/hello --image "$image" >/dev/null
-  plain_ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
-  if curl -sf -X POST -H "Authorization: Bearer bench" "$url/v2/hosts/local/drain" >/dev/null; then
-    start_ns=$(date +%s%N)
-    "$tango" run examples/jobs/hello --image "$image" >/dev/null
-    stream_ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
-    docker -H "$fresh_url" image inspect "$image" >/dev/null ||
-      { echo "the job ran but $image is not on $fresh: nothing was streamed" >&2; exit 1; }
-    echo "tangod streaming: $((stream_ms - plain_ms)) ms (a job that streamed first: $stream_ms ms, one that did not: $plain_ms ms)"
-  else
-    echo "this tangod has no POST /v2/hosts/NAME/drain yet: streaming not measured"
-  fi
-  stop_tangod
-else
-  echo "this tangod does not take [[docker.hosts]] yet: streaming not measured"
-fi
+start_tangod "$work/stream.toml" stream
+"$tango" run examples/jobs/hello --image "$image" >/dev/null # warm up on local
+start_ns=$(date +%s%N)
+"$tango" run examples/jobs/hello --image "$image" >/dev/null
+plain_ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
+# The only host with the image takes no new containers: the next job's
+# container is made on the fresh host, after the image is streamed there.
+curl -sf -X POST -H "Authorization: Bearer bench" "$url/v2/hosts/local/drain" >/dev/null
+start_ns=$(date +%s%N)
+"$tango" run examples/jobs/hello --image "$image" >/dev/null
+stream_ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
+docker -H "$fresh_url" image inspect "$image" >/dev/null ||
+  { echo "the job ran but $image is not on $fresh: nothing was streamed" >&2; exit 1; }
+stop_tangod
+echo "tangod streaming: $((stream_ms - plain_ms)) ms (a job that streamed first: $stream_ms ms, one that did not: $plain_ms ms)"

@@ -117,6 +117,7 @@ async fn docker(config: &Config) -> anyhow::Result<tango_vmms::docker::DockerFle
     docker_config.single_use = !config.engine.reuse_vms;
     let mut fleet_config = FleetConfig::new(docker_config, config.engine.prefix.clone());
     fleet_config.hosts = docker_hosts(config);
+    check_tls_files(&fleet_config.hosts)?;
     fleet_config.health_period = Duration::from_secs(settings.health_period_secs.max(1));
     fleet_config.health_timeout = Duration::from_secs(settings.health_timeout_secs.max(1));
     let docker = DockerFleet::connect(fleet_config).await.context(
@@ -140,6 +141,30 @@ fn docker_hosts(config: &Config) -> Vec<tango_vmms::docker::DockerHost> {
     } else {
         config.docker.hosts.clone()
     }
+}
+
+/// The TLS files of every host can be read: a wrong path is a mistake to
+/// fix now, not a host that stays down with the reason in a debug log.
+fn check_tls_files(hosts: &[tango_vmms::docker::DockerHost]) -> anyhow::Result<()> {
+    for host in hosts {
+        let files = [
+            ("tls_ca", &host.tls_ca),
+            ("tls_cert", &host.tls_cert),
+            ("tls_key", &host.tls_key),
+        ];
+        for (key, path) in files {
+            if let Some(path) = path {
+                std::fs::File::open(path).with_context(|| {
+                    format!(
+                        "[[docker.hosts]] {}: cannot read {key} {}",
+                        host.name,
+                        path.display()
+                    )
+                })?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// On SIGHUP, applies the config file's `[[docker.hosts]]` (the other
@@ -178,6 +203,7 @@ async fn reload_docker_hosts(
         ..config.clone()
     };
     let hosts = docker_hosts(&reloaded);
+    check_tls_files(&hosts)?;
     let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
     for gone in fleet
         .hosts()

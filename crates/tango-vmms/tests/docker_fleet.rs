@@ -103,6 +103,7 @@ fn local_host(max_vms: usize) -> DockerHost {
         tls_key: None,
         insecure: false,
         max_vms,
+        from_environment: false,
     }
 }
 
@@ -115,6 +116,7 @@ fn host_of(engine: &Engine, max_vms: usize) -> DockerHost {
         tls_key: engine.tls.as_ref().map(|t| t.key.clone()),
         insecure: false,
         max_vms,
+        from_environment: false,
     }
 }
 
@@ -162,7 +164,7 @@ async fn run_job(fleet: &DockerFleet, vm: &Machine, work: &Path) {
     assert!(output.contains(&format!("job {id} done")), "{output}");
 }
 
-fn status<'a>(fleet: &'a DockerFleet, host: &str) -> tango_core::vmms::HostStatus {
+fn status(fleet: &DockerFleet, host: &str) -> tango_core::vmms::HostStatus {
     fleet
         .hosts()
         .into_iter()
@@ -306,6 +308,7 @@ async fn a_killed_engine_goes_down_and_rejoins_swept() {
         assert!(Instant::now() < deadline, "the job did not start");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(status(&fleet, "tango-f3").running_jobs, 1);
     let killed_at = Instant::now();
     tokio::task::block_in_place(|| engine.kill9());
 
@@ -323,6 +326,7 @@ async fn a_killed_engine_goes_down_and_rejoins_swept() {
     let down = status(&fleet, "tango-f3");
     assert!(!down.up, "{down:?}");
     assert_eq!(down.vms, 0, "its VMs are forgotten: {down:?}");
+    assert_eq!(down.running_jobs, 0, "{down:?}");
     // Every call for its VMs answers Unavailable; removing them is a no-op.
     assert!(matches!(
         fleet.copy_in(&idle, &files).await,

@@ -29,6 +29,11 @@ pub struct DockerHost {
     /// the most room first.
     #[serde(default = "default_max_vms")]
     pub max_vms: usize,
+    /// Reached as `DOCKER_HOST` (and `DOCKER_TLS_VERIFY`, `DOCKER_CERT_PATH`)
+    /// say, as before there were hosts: the host of a config without
+    /// `[[docker.hosts]]` ([`DockerHost::local`]).
+    #[serde(skip)]
+    pub from_environment: bool,
 }
 
 fn default_max_vms() -> usize {
@@ -50,6 +55,7 @@ impl DockerHost {
             tls_key: None,
             insecure: false,
             max_vms,
+            from_environment: true,
         }
     }
 
@@ -78,6 +84,10 @@ impl DockerHost {
         }
         if self.max_vms == 0 {
             return Err(format!("docker host {name}: max_vms must be at least 1"));
+        }
+        if self.from_environment {
+            // Whatever DOCKER_HOST says was accepted before hosts existed.
+            return Ok(());
         }
         let tls_given = [&self.tls_ca, &self.tls_cert, &self.tls_key]
             .iter()
@@ -159,7 +169,7 @@ pub(in crate::docker) fn connect_api(
     host: Option<&DockerHost>,
     timeout: Duration,
 ) -> Result<bollard::Docker, bollard::errors::Error> {
-    let Some(host) = host else {
+    let Some(host) = host.filter(|h| !h.from_environment) else {
         return bollard::Docker::connect_with_defaults();
     };
     let secs = timeout.as_secs().max(1);
@@ -188,6 +198,7 @@ mod tests {
             tls_key: None,
             insecure: false,
             max_vms: 4,
+            from_environment: false,
         }
     }
 
@@ -241,6 +252,15 @@ mod tests {
         let mut none = host("h", "unix:///s");
         none.max_vms = 0;
         assert!(none.check().unwrap_err().contains("max_vms"));
+    }
+
+    #[test]
+    fn the_local_host_takes_docker_host_as_before() {
+        // DOCKER_HOST=tcp://... without TLS worked before hosts existed.
+        let mut local = DockerHost::local(4);
+        local.url = "tcp://127.0.0.1:2375".into();
+        assert_eq!(local.check(), Ok(()));
+        assert_eq!(local.name, LOCAL_HOST);
     }
 
     #[test]

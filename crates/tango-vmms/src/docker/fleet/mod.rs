@@ -64,6 +64,9 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The right to stream one image to one host.
+type Turn = Arc<tokio::sync::Mutex<()>>;
+
 /// What the fleet knows of one host between checks.
 #[derive(Default)]
 struct HostState {
@@ -122,6 +125,23 @@ impl Host {
     }
 }
 
+/// Counts a running job for as long as it lives: the engine drops a
+/// `run_job` that outlives its time limit.
+struct Running<'a>(&'a AtomicUsize);
+
+impl<'a> Running<'a> {
+    fn start(count: &'a AtomicUsize) -> Running<'a> {
+        count.fetch_add(1, Ordering::Relaxed);
+        Running(count)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Where a VM of this server is.
 struct Placed {
     host: String,
@@ -139,7 +159,7 @@ struct Inner {
     vms: Mutex<HashMap<String, Placed>>,
     /// One image transfer per (host, image) at a time; the VMs that need
     /// it wait for that one.
-    transfers: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+    transfers: Mutex<HashMap<(String, String), Turn>>,
     /// Wakes the health checks at once (a call to a host failed).
     wake: tokio::sync::Notify,
 }
@@ -631,9 +651,10 @@ impl Vmms for DockerFleet {
 
     async fn run_job(&self, vm: &Machine, req: &RunRequest) -> Result<RunOutcome, VmmsError> {
         let (host, docker) = self.inner.locate(vm).await?;
-        host.running_jobs.fetch_add(1, Ordering::Relaxed);
-        let ran = docker.run_job(vm, req).await;
-        host.running_jobs.fetch_sub(1, Ordering::Relaxed);
+        let ran = {
+            let _running = Running::start(&host.running_jobs);
+            docker.run_job(vm, req).await
+        };
         self.inner.settle(&host, &docker, ran).await
     }
 

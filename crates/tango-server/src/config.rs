@@ -351,14 +351,34 @@ fn redact_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
-    match authority.rsplit_once('@') {
-        Some((userinfo, _)) if userinfo.contains(':') => {
+    // The last '@' before the query ends the user info, even when an
+    // unencoded '/' or '?' is in the password.
+    let (mut redacted, rest) = match rest.rsplit_once('@') {
+        Some((userinfo, after)) if userinfo.contains(':') => {
             let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:REDACTED{}", &rest[userinfo.len()..])
+            (format!("{scheme}://{user}:REDACTED@"), after)
         }
-        _ => url.to_string(),
+        _ => (format!("{scheme}://"), rest),
+    };
+    // libpq and sqlx also take `?password=...`.
+    match rest.split_once('?') {
+        Some((path, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|param| match param.split_once('=') {
+                    Some((key, _)) if key.eq_ignore_ascii_case("password") => {
+                        format!("{key}=REDACTED")
+                    }
+                    _ => param.to_string(),
+                })
+                .collect();
+            redacted.push_str(path);
+            redacted.push('?');
+            redacted.push_str(&params.join("&"));
+        }
+        None => redacted.push_str(rest),
     }
+    redacted
 }
 
 fn serialize_store<S: serde::Serializer>(store: &str, s: S) -> Result<S::Ok, S::Error> {
@@ -547,6 +567,28 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_passwords_are_never_shown() {
+        for (url, shown) in [
+            (
+                "postgres://tango:s3cret@db/tango",
+                "postgres://tango:REDACTED@db/tango",
+            ),
+            (
+                "postgres://tango:a/b?c@db:5432/t",
+                "postgres://tango:REDACTED@db:5432/t",
+            ),
+            (
+                "postgres://tango@db/tango?sslmode=require&password=s3cret",
+                "postgres://tango@db/tango?sslmode=require&password=REDACTED",
+            ),
+            ("postgres://db/tango", "postgres://db/tango"),
+            ("sqlite", "sqlite"),
+        ] {
+            assert_eq!(redact_password(url), shown);
+        }
+    }
 
     fn docker_settings(toml_text: &str) -> anyhow::Result<DockerSettings> {
         let config: Config = toml::from_str(toml_text)?;

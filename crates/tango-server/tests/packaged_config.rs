@@ -107,7 +107,14 @@ fn packaged_config_names_every_setting_with_its_default() {
         settings.len()
     );
     // The package's own values, and what the file's examples set.
-    let package_values = ["data_dir", "keys", "pools", "courselabs", "ec2.images"];
+    let package_values = [
+        "data_dir",
+        "keys",
+        "pools",
+        "courselabs",
+        "ec2.images",
+        "docker.hosts",
+    ];
     let mut wrong = Vec::new();
     for (path, default) in &settings {
         match lookup(&on, path) {

@@ -60,13 +60,19 @@ async fn rejoin(inner: &Arc<Inner>, host: &Arc<Host>) {
         }
         Err(_) => return,
     };
+    // Best effort: a container that cannot be removed now must not keep
+    // the host out for good; it carries the prefix, so a later sweep (the
+    // engine's orphan sweep, or the next return) removes it.
     let swept = async {
         let left = docker.get_vms(&inner.prefix).await?;
-        let count = left.len();
-        for vm in &left {
-            docker.safe_destroy_vm(vm).await?;
+        let removals = left.iter().map(|vm| docker.safe_destroy_vm(vm));
+        let results = futures_util::future::join_all(removals).await;
+        for (vm, result) in left.iter().zip(&results) {
+            if let Err(e) = result {
+                tracing::warn!(host = %host.name, vm = %vm.name, "cannot remove an old container: {e}");
+            }
         }
-        Ok::<_, tango_core::vmms::VmmsError>(count)
+        Ok::<_, tango_core::vmms::VmmsError>(results.iter().filter(|r| r.is_ok()).count())
     };
     match swept.await {
         Ok(removed) => {
@@ -81,7 +87,7 @@ async fn rejoin(inner: &Arc<Inner>, host: &Arc<Host>) {
         }
         Err(e) => tracing::warn!(
             host = %host.name,
-            "docker host answers but its old containers cannot be removed ({e}); it stays down"
+            "docker host answers but its containers cannot be listed ({e}); it stays down"
         ),
     }
 }

@@ -102,7 +102,7 @@ impl DockerHost {
             if path.is_empty() {
                 return Err(format!(
                     "docker host {name}: url {:?} names no socket",
-                    self.url
+                    self.display_url()
                 ));
             }
             if tls_given != 0 {
@@ -115,13 +115,13 @@ impl DockerHost {
         let Some(address) = self.url.strip_prefix("tcp://") else {
             return Err(format!(
                 "docker host {name}: url {:?} must start with unix:// or tcp://",
-                self.url
+                self.display_url()
             ));
         };
         if address.is_empty() || address.contains('@') || address.contains('/') {
             return Err(format!(
                 "docker host {name}: url {:?} must be tcp://HOST:PORT",
-                self.url
+                self.display_url()
             ));
         }
         if tls_given == 0 && !self.insecure {
@@ -129,7 +129,7 @@ impl DockerHost {
                 "docker host {name}: {} has no TLS; a Docker engine's API is root on its \
                  machine, so give tls_ca, tls_cert and tls_key (dockerd --tlsverify), or set \
                  insecure = true for a test rig on a private network",
-                self.url
+                self.display_url()
             ));
         }
         Ok(())

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tango_core::model::{InputFile, Machine};
-use tango_core::vmms::{HostStatus, RunOutcome, RunRequest, Vmms, VmmsError};
+use tango_core::vmms::{HostStatus, RunOutcome, RunRequest, RunStatus, Vmms, VmmsError};
 
 /// Settings of the fleet.
 #[derive(Debug, Clone)]
@@ -243,6 +243,10 @@ impl Inner {
         }
         let mut hosts = self.hosts.write().unwrap_or_else(|e| e.into_inner());
         for name in removed {
+            // A SIGHUP may have listed it again since.
+            if !hosts.get(&name).is_some_and(|h| lock(&h.state).removed) {
+                continue;
+            }
             hosts.remove(&name);
             tracing::info!(host = %name, "docker host removed from the config is gone");
         }
@@ -323,6 +327,31 @@ impl Inner {
         lock(&self.vms).remove(&container_name(vm));
     }
 
+    /// Whether the VM's host went down after the VM was placed: whatever a
+    /// call on it answered then, the fault was the host's.
+    fn is_lost(&self, vm: &Machine) -> bool {
+        lock(&self.vms)
+            .get(&container_name(vm))
+            .is_some_and(|p| p.lost)
+    }
+
+    /// A call's error for a VM whose host went down meanwhile (and may
+    /// have been swept on its return) becomes `Unavailable`, so the engine
+    /// runs the job again without spending one of its retries.
+    fn blame_host_if_lost(&self, vm: &Machine, e: VmmsError) -> VmmsError {
+        if matches!(e, VmmsError::Unavailable(_)) || !self.is_lost(vm) {
+            return e;
+        }
+        VmmsError::Unavailable(format!(
+            "the docker host of VM {} went down during the call: {e}",
+            vm.name
+        ))
+    }
+
+    fn unless_lost<T>(&self, vm: &Machine, result: Result<T, VmmsError>) -> Result<T, VmmsError> {
+        result.map_err(|e| self.blame_host_if_lost(vm, e))
+    }
+
     /// Reads the image lists of the hosts that are up and have none (or
     /// all of them, with `all`).
     async fn refresh_images(&self, all: bool) {
@@ -384,6 +413,12 @@ impl Inner {
                         ))
                     }
                     Choice::NoImage if attempt == 0 => continue,
+                    Choice::NoImage if snapshot.iter().any(|&(up, ..)| !up) => {
+                        // It may be on a host that is down: wait for it.
+                        return Err(VmmsError::Unavailable(format!(
+                            "no docker host that is up has image {image}; some are down"
+                        )));
+                    }
                     Choice::NoImage => return Err(VmmsError::NoSuchImage(image.clone())),
                 };
                 vms.insert(
@@ -410,7 +445,10 @@ impl Inner {
             }
             return Ok((host, docker));
         }
-        Err(VmmsError::NoSuchImage(image.clone()))
+        Err(VmmsError::Unavailable(format!(
+            "the docker host chosen for VM {} went down before it was made",
+            vm.name
+        )))
     }
 
     /// Streams `image` from host `from` to `host` unless it is there by
@@ -605,7 +643,8 @@ impl DockerFleet {
     {
         let (host, docker) = self.inner.locate(vm).await?;
         let result = f(docker.clone()).await;
-        self.inner.settle(&host, &docker, result).await
+        let settled = self.inner.settle(&host, &docker, result).await;
+        self.inner.unless_lost(vm, settled)
     }
 }
 
@@ -620,6 +659,16 @@ impl Vmms for DockerFleet {
             let (host, docker) = self.inner.place(vm).await?;
             let made = docker.initialize_vm(vm).await;
             match self.inner.settle(&host, &docker, made).await {
+                Ok(()) if self.inner.is_lost(vm) => {
+                    // Made after the host's return swept its containers:
+                    // nobody would remove it later.
+                    let _ = docker.safe_destroy_vm(vm).await;
+                    self.inner.forget(vm);
+                    return Err(VmmsError::Unavailable(format!(
+                        "docker host {} went down while VM {} was made",
+                        host.name, vm.name
+                    )));
+                }
                 Ok(()) => {
                     host.vm_starts.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
@@ -630,6 +679,7 @@ impl Vmms for DockerFleet {
                     lock(&host.state).images = None;
                 }
                 Err(e) => {
+                    let e = self.inner.blame_host_if_lost(vm, e);
                     self.inner.forget(vm);
                     host.vm_start_failures.fetch_add(1, Ordering::Relaxed);
                     return Err(e);
@@ -655,7 +705,20 @@ impl Vmms for DockerFleet {
             let _running = Running::start(&host.running_jobs);
             docker.run_job(vm, req).await
         };
-        self.inner.settle(&host, &docker, ran).await
+        let settled = self.inner.settle(&host, &docker, ran).await;
+        match self.inner.unless_lost(vm, settled) {
+            // Its container was killed by the host's fault, not the job's.
+            Ok(outcome)
+                if self.inner.is_lost(vm)
+                    && matches!(outcome.status, RunStatus::OsError | RunStatus::UsageError) =>
+            {
+                Err(VmmsError::Unavailable(format!(
+                    "the docker host of VM {} went down while its job ran",
+                    vm.name
+                )))
+            }
+            other => other,
+        }
     }
 
     async fn copy_out(&self, vm: &Machine, dest: &Path) -> Result<(), VmmsError> {

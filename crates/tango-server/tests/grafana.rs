@@ -153,17 +153,6 @@ fn parse_scrape(text: &str) -> Scrape {
     Scrape { types, samples }
 }
 
-async fn scrape(c: &Client) -> String {
-    let r = c
-        .http
-        .get(format!("{}/metrics", c.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.text().await.unwrap()
-}
-
 /// Where the per-host metrics of the docker backend start.
 const HOST_METRICS: &str = "tango_docker_host_";
 
@@ -288,7 +277,7 @@ async fn grafana_dashboard_queries_only_exported_metrics() {
     receiver.wait_for(1, Duration::from_secs(20)).await;
     let start = Instant::now();
     let metrics = loop {
-        let text = scrape(&c).await;
+        let text = c.metrics_text().await;
         if text.contains("\ntango_callbacks_abandoned_total 1\n") {
             break parse_scrape(&text);
         }
@@ -333,7 +322,7 @@ async fn grafana_host_panels_query_exported_host_metrics() {
         .await;
     assert_eq!(v["statusId"], 0, "{v}");
     c.wait_pool(common::hosts_backend::IMAGE, 1).await;
-    let metrics = parse_scrape(&scrape(&c).await);
+    let metrics = parse_scrape(&c.metrics_text().await);
     assert_eq!(
         metrics.samples.get("tango_docker_host_up").map(Vec::len),
         Some(2),

@@ -58,17 +58,6 @@ async fn wait_hosts(c: &Client, what: &str, check: impl Fn(&[Value]) -> bool) {
     }
 }
 
-async fn metrics(c: &Client) -> String {
-    let r = c
-        .http
-        .get(format!("{}/metrics", c.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.text().await.unwrap()
-}
-
 /// Runs one job to its end and returns its id.
 async fn run_job(c: &Client, output: &str) -> u64 {
     let mut body = job(output, output, None, 20);
@@ -262,7 +251,7 @@ async fn hosts_are_listed_drained_undrained_and_measured() {
     // The metrics, one series per host, as /v2/hosts says. The pool
     // (target 2) was topped up on beta after the job: wait for that first.
     c.wait_pool(IMAGE, 2).await;
-    let text = metrics(&c).await;
+    let text = c.metrics_text().await;
     let hosts = get_hosts(&c).await;
     assert_eq!(host(&hosts, "alpha")["vm_starts"], 2, "{hosts:?}");
     assert!(
@@ -307,7 +296,8 @@ async fn hosts_are_listed_drained_undrained_and_measured() {
 
     // A host that stops answering shows as down.
     server.backend.set_up("beta", false);
-    assert!(metrics(&c)
+    assert!(c
+        .metrics_text()
         .await
         .lines()
         .any(|l| l == "tango_docker_host_up{host=\"beta\"} 0"));

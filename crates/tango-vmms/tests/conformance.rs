@@ -55,15 +55,16 @@ async fn the_sandbox_backend_conforms() {
     run(&target).await.assert_passed();
 }
 
+/// The docker backends' settings for the suite (its work dir lives as
+/// long as the guard), once the test images are built; none without a
+/// Docker engine.
 #[cfg(feature = "docker")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_docker_backend_conforms() {
-    use tango_vmms::docker::{container_name, Docker, DockerConfig};
+fn docker_config() -> Option<(tango_vmms::docker::DockerConfig, tempfile::TempDir)> {
     if std::env::var_os("DOCKER_HOST").is_none()
         && !std::path::Path::new("/var/run/docker.sock").exists()
     {
         eprintln!("skipping: no /var/run/docker.sock and no DOCKER_HOST");
-        return;
+        return None;
     }
     let status = std::process::Command::new(
         autodriver_build::workspace_root().join("scripts/build-docker-test-image.sh"),
@@ -72,8 +73,18 @@ async fn the_docker_backend_conforms() {
     .expect("the image script runs");
     assert!(status.success(), "building the test images failed");
     let work = tempfile::tempdir().expect("tempdir");
-    let mut config = DockerConfig::new(autodriver(), work.path().to_path_buf());
+    let mut config = tango_vmms::docker::DockerConfig::new(autodriver(), work.path().to_path_buf());
     config.default_memory_mb = 256;
+    Some((config, work))
+}
+
+#[cfg(feature = "docker")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_docker_backend_conforms() {
+    use tango_vmms::docker::{container_name, Docker};
+    let Some((config, _work)) = docker_config() else {
+        return;
+    };
     let docker = Arc::new(Docker::connect(config).await.expect("dockerd answers"));
     // A container whose PID 1 died (OOM-killed, or killed from outside).
     let api = docker.clone();
@@ -99,22 +110,10 @@ async fn the_docker_backend_conforms() {
 #[cfg(feature = "docker")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_docker_fleet_of_one_host_conforms() {
-    use tango_vmms::docker::{container_name, DockerConfig, DockerFleet, FleetConfig};
-    if std::env::var_os("DOCKER_HOST").is_none()
-        && !std::path::Path::new("/var/run/docker.sock").exists()
-    {
-        eprintln!("skipping: no /var/run/docker.sock and no DOCKER_HOST");
+    use tango_vmms::docker::{container_name, DockerFleet, FleetConfig};
+    let Some((config, _work)) = docker_config() else {
         return;
-    }
-    let status = std::process::Command::new(
-        autodriver_build::workspace_root().join("scripts/build-docker-test-image.sh"),
-    )
-    .status()
-    .expect("the image script runs");
-    assert!(status.success(), "building the test images failed");
-    let work = tempfile::tempdir().expect("tempdir");
-    let mut config = DockerConfig::new(autodriver(), work.path().to_path_buf());
-    config.default_memory_mb = 256;
+    };
     let prefix = "cfdf";
     let fleet = DockerFleet::connect(FleetConfig::new(config, prefix))
         .await

@@ -480,6 +480,18 @@ pub struct Client {
 }
 
 impl Client {
+    /// The `/metrics` exposition as text (answered 200).
+    pub async fn metrics_text(&self) -> String {
+        let r = self
+            .http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap()
+    }
+
     pub async fn get(&self, path: &str) -> Value {
         let r = self
             .http

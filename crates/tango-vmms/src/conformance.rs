@@ -939,14 +939,19 @@ async fn partial_output(ctx: &Ctx<'_>) -> CheckResult {
 
 async fn reset_leaves_nothing(ctx: &Ctx<'_>) -> CheckResult {
     let vm = ctx.new_vm().await?;
-    // The marker is spelled "[t]ango..." in the probe below, so the probe's
+    // The markers carry the VM's name: on a backend whose VMs share the
+    // host's /tmp and process table (the example `local` backend), another
+    // run of this check at the same time must not look like a leftover.
+    // The daemon is spelled "[t]ango..." in the probe below, so the probe's
     // own command line does not match itself.
+    let left = format!("tango-conformance-left-{}", vm.name);
+    let daemon = format!("tango-conformance-daemon-{}", vm.name);
     let first = makefile(&[
         "echo first-job-output",
         "touch made-by-job-one",
-        "echo left >> /tmp/tango-conformance-left",
-        "echo left >> $$HOME/tango-conformance-left",
-        "sh -c 'sleep 300; echo tango-conformance-daemon' >/dev/null 2>&1 &",
+        &format!("echo left >> /tmp/{left}"),
+        &format!("echo left >> $$HOME/{left}"),
+        &format!("sh -c 'sleep 300; echo {daemon}' >/dev/null 2>&1 &"),
     ]);
     let files: Files = &[("Makefile", &first), ("only-job-one.txt", b"one\n")];
     let (outcome, _) = ctx.job(&vm, files, &ctx.request(60)).await?;
@@ -971,9 +976,9 @@ async fn reset_leaves_nothing(ctx: &Ctx<'_>) -> CheckResult {
     )?;
     let second = makefile(&[
         "ls -a",
-        "test ! -e /tmp/tango-conformance-left || echo LEFT-IN-TMP",
-        "test ! -e $$HOME/tango-conformance-left || echo LEFT-IN-HOME",
-        "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\000' ' ' | grep -q '[t]ango-conformance-daemon' && echo LEFT-PROCESS || true",
+        &format!("test ! -e /tmp/{left} || echo LEFT-IN-TMP"),
+        &format!("test ! -e $$HOME/{left} || echo LEFT-IN-HOME"),
+        &format!("cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\000' ' ' | grep -q '[t]{}' && echo LEFT-PROCESS || true", &daemon[1..]),
         "echo second-job-done",
     ]);
     let (_, output) = ctx

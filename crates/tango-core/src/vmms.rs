@@ -31,6 +31,13 @@ pub enum VmmsError {
     /// A host name this backend does not know (see [`Vmms::hosts`]).
     #[error("no host named {0:?}; `tango hosts` lists them")]
     NoSuchHost(String),
+    /// The host left the config: it drains and goes once its VMs are gone,
+    /// so it cannot be undrained.
+    #[error(
+        "host {0} left the config: it drains and goes once its VMs are gone; \
+         list it in the config again and reload to use it"
+    )]
+    HostLeaving(String),
     /// The backend as a whole cannot be reached (its daemon is down). The
     /// engine waits for it to return instead of spending the job's retries.
     #[error("backend unavailable: {0}")]

@@ -527,6 +527,9 @@ async fn set_draining(state: &AppState, name: &str, draining: bool) -> Result<Re
     match state.engine.set_host_draining(name, draining).await {
         Ok(()) => {}
         Err(EngineError::Vmms(VmmsError::NoSuchHost(_))) => return Err(no_such_host()),
+        Err(EngineError::Vmms(e @ VmmsError::HostLeaving(_))) => {
+            return Err(ApiError::new(StatusCode::CONFLICT, e.to_string()))
+        }
         Err(e) => return Err(e.into()),
     }
     tracing::info!(host = name, draining, "host drain state set over /v2");

@@ -164,6 +164,61 @@ async fn run_job(fleet: &DockerFleet, vm: &Machine, work: &Path) {
     assert!(output.contains(&format!("job {id} done")), "{output}");
 }
 
+/// A job that prints `started` and then sleeps for a minute.
+const LONG_JOB: &str = "all:\n\t@echo started\n\t@sleep 60\n";
+
+/// Copies [`LONG_JOB`] in and runs it on `vm` in a task of its own;
+/// returns once its output shows it started.
+async fn start_long_job(
+    fleet: &Arc<DockerFleet>,
+    vm: &Machine,
+    work: &Path,
+) -> tokio::task::JoinHandle<Result<tango_core::vmms::RunOutcome, VmmsError>> {
+    let files = common::inputs(work, &[("Makefile", LONG_JOB)]);
+    fleet.copy_in(vm, &files).await.expect("copy_in");
+    let running = {
+        let fleet = fleet.clone();
+        let vm = vm.clone();
+        tokio::spawn(async move { fleet.run_job(&vm, &common::request(1, 120)).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !fleet
+        .partial_output(vm, 1024)
+        .await
+        .is_ok_and(|o| String::from_utf8_lossy(&o).contains("started"))
+    {
+        assert!(Instant::now() < deadline, "the job did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    running
+}
+
+/// `docker save` of `reference` on the engine of `api`.
+async fn save_image(api: &bollard::Docker, reference: &str) -> Vec<u8> {
+    futures_util::TryStreamExt::try_fold(
+        api.export_image(reference),
+        Vec::new(),
+        |mut all, chunk| async move {
+            all.extend_from_slice(&chunk);
+            Ok(all)
+        },
+    )
+    .await
+    .expect("docker save")
+}
+
+/// Waits until `engine`'s host is up again, and checks that it holds no
+/// container of `prefix` then.
+async fn rejoins_swept(fleet: &DockerFleet, engine: &Engine, prefix: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !status(fleet, &engine.name).up {
+        assert!(Instant::now() < deadline, "the host did not rejoin");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let left = ours(engine, prefix);
+    assert!(left.is_empty(), "{left:?}");
+}
+
 fn status(fleet: &DockerFleet, host: &str) -> tango_core::vmms::HostStatus {
     fleet
         .hosts()
@@ -288,26 +343,8 @@ async fn a_killed_engine_goes_down_and_rejoins_swept() {
     assert_eq!(make_vm(&fleet, &idle).await, "tango-f3");
     assert_eq!(ours(&engine, prefix).len(), 2);
 
-    let files = common::inputs(
-        work.path(),
-        &[("Makefile", "all:\n\t@echo started\n\t@sleep 60\n")],
-    );
-    fleet.copy_in(&doomed, &files).await.unwrap();
-    let running = {
-        let fleet = fleet.clone();
-        let doomed = doomed.clone();
-        tokio::spawn(async move { fleet.run_job(&doomed, &common::request(1, 120)).await })
-    };
-    // The job has started once its output shows.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !fleet
-        .partial_output(&doomed, 1024)
-        .await
-        .is_ok_and(|o| String::from_utf8_lossy(&o).contains("started"))
-    {
-        assert!(Instant::now() < deadline, "the job did not start");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let running = start_long_job(&fleet, &doomed, work.path()).await;
+    let files = common::inputs(work.path(), &[("Makefile", LONG_JOB)]);
     assert_eq!(status(&fleet, "tango-f3").running_jobs, 1);
     let killed_at = Instant::now();
     tokio::task::block_in_place(|| engine.kill9());
@@ -343,16 +380,7 @@ async fn a_killed_engine_goes_down_and_rejoins_swept() {
 
     // Back: the old containers are removed before it takes new ones.
     tokio::task::block_in_place(|| engine.restart()).expect("dockerd restarts");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !status(&fleet, "tango-f3").up {
-        assert!(Instant::now() < deadline, "the host did not rejoin");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(
-        ours(&engine, prefix).is_empty(),
-        "{:?}",
-        ours(&engine, prefix)
-    );
+    rejoins_swept(&fleet, &engine, prefix).await;
     fleet.destroy_vm(&doomed).await.unwrap();
     let again = common::machine(prefix, 4, BOOKWORM);
     assert_eq!(make_vm(&fleet, &again).await, "tango-f3");
@@ -364,12 +392,74 @@ async fn a_killed_engine_goes_down_and_rejoins_swept() {
     assert!(fleet.get_vms(prefix).await.unwrap().is_empty());
 }
 
+/// A host cut off without a reset (here: dockerd SIGSTOPped) answers
+/// nothing, so a call waiting on it would wait out the job's time limit.
+/// The health check finds it down and the waiting calls give up at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_engine_goes_down_and_its_waiting_calls_give_up() {
+    require_docker!();
+    common::ensure_test_images();
+    let _serial = SERIAL.lock().await;
+    let engine = start_engine("tango-f3", false, &[BOOKWORM]).await;
+    let work = tempfile::tempdir().unwrap();
+    let prefix = "tdf-freeze";
+    let health_timeout = Duration::from_secs(3);
+    let fleet = {
+        let mut config = FleetConfig::new(common::config(work.path()), prefix);
+        config.hosts = vec![local_host(2), host_of(&engine, 10)];
+        config.health_period = Duration::from_secs(1);
+        config.health_timeout = health_timeout;
+        let fleet = DockerFleet::connect(config)
+            .await
+            .expect("the fleet connects");
+        for vm in fleet.get_vms(prefix).await.expect("get_vms") {
+            fleet.safe_destroy_vm(&vm).await.expect("cleanup");
+        }
+        Arc::new(fleet)
+    };
+    let stuck = common::machine(prefix, 1, BOOKWORM);
+    assert_eq!(make_vm(&fleet, &stuck).await, "tango-f3");
+    let running = start_long_job(&fleet, &stuck, work.path()).await;
+    let frozen_at = Instant::now();
+    engine.freeze();
+
+    // Not at the job's 60 s: within a health period and a ping timeout
+    // (and the ping of the failed call's settling).
+    let ran = tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("run_job gives up when its host is found down")
+        .expect("join");
+    let gave_up_after = frozen_at.elapsed();
+    assert!(matches!(ran, Err(VmmsError::Unavailable(_))), "{ran:?}");
+    eprintln!("run_job answered Unavailable {gave_up_after:?} after the freeze");
+    assert!(
+        gave_up_after < Duration::from_secs(1) + 3 * health_timeout,
+        "{gave_up_after:?}"
+    );
+    let down = status(&fleet, "tango-f3");
+    assert!(
+        !down.up && down.vms == 0 && down.running_jobs == 0,
+        "{down:?}"
+    );
+    // The rest of the fleet works meanwhile.
+    let next = common::machine(prefix, 2, BOOKWORM);
+    assert_eq!(make_vm(&fleet, &next).await, "local");
+    run_job(&fleet, &next, work.path()).await;
+    fleet.destroy_vm(&next).await.unwrap();
+
+    // Thawed, it rejoins without the stuck job's container.
+    engine.thaw();
+    rejoins_swept(&fleet, &engine, prefix).await;
+    fleet.destroy_vm(&stuck).await.unwrap();
+    assert!(fleet.get_vms(prefix).await.unwrap().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_image_on_one_host_is_streamed_to_another() {
     require_docker!();
     common::ensure_test_images();
     let _serial = SERIAL.lock().await;
-    let fresh = start_engine("tango-f4", false, &[]).await;
+    let mut fresh = start_engine("tango-f4", false, &[]).await;
     let work = tempfile::tempdir().unwrap();
     let prefix = "tdf-stream";
     let fleet = fleet(work.path(), prefix, vec![local_host(4), host_of(&fresh, 4)]).await;
@@ -423,22 +513,44 @@ async fn an_image_on_one_host_is_streamed_to_another() {
     // `/build` loads the image onto every host that is up.
     let local = fleet.host_backend("local").expect("up").api().clone();
     let tar = work.path().join("streamed.tar");
-    let saved: Vec<u8> = futures_util::TryStreamExt::try_fold(
-        local.export_image(&format!("{STREAMED}:latest")),
-        Vec::new(),
-        |mut all, chunk| async move {
-            all.extend_from_slice(&chunk);
-            Ok(all)
-        },
-    )
-    .await
-    .unwrap();
+    let saved = save_image(&local, &format!("{STREAMED}:latest")).await;
     std::fs::write(&tar, saved).unwrap();
     let built = "tango-test-fleet-built";
+    let built_ref = format!("{built}:latest");
     fleet.build_image(built, &tar).await.expect("build_image");
+    let id_on = |api: bollard::Docker| {
+        let built_ref = built_ref.clone();
+        async move { api.inspect_image(&built_ref).await.ok().and_then(|i| i.id) }
+    };
+    let first = id_on(local.clone()).await;
+    assert!(first.is_some());
+    assert_eq!(id_on(api.clone()).await, first);
+
+    // A host down during a `/build` keeps the older image of that name:
+    // before a VM of it is made there, the new one is streamed over (the
+    // new one is plain busybox, without make: only its id is checked).
+    tokio::task::block_in_place(|| fresh.kill9());
+    fleet.check_now().await;
+    assert!(!status(&fleet, "tango-f4").up);
+    let other_tar = work.path().join("other.tar");
+    let saved = save_image(&local, &format!("{BUSYBOX}:latest")).await;
+    std::fs::write(&other_tar, saved).unwrap();
+    fleet
+        .build_image(built, &other_tar)
+        .await
+        .expect("build_image with a host down");
+    let second = id_on(local.clone()).await;
+    assert!(second.is_some() && second != first);
+    tokio::task::block_in_place(|| fresh.restart()).expect("dockerd restarts");
+    rejoins_swept(&fleet, &fresh, prefix).await;
+    assert_eq!(id_on(api.clone()).await, first, "it missed the build");
+    let vm = common::machine(prefix, 4, built);
+    assert_eq!(make_vm(&fleet, &vm).await, "tango-f4");
+    assert_eq!(id_on(api.clone()).await, second, "streamed before use");
+    fleet.destroy_vm(&vm).await.unwrap();
+    assert!(ours(&fresh, prefix).is_empty());
     for api in [&local, &api] {
-        assert!(api.inspect_image(&format!("{built}:latest")).await.is_ok());
-        api.remove_image(&format!("{built}:latest"), remove.clone(), None)
+        api.remove_image(&built_ref, remove.clone(), None)
             .await
             .unwrap();
     }
@@ -470,6 +582,11 @@ async fn hosts_join_and_leave_by_a_new_host_list() {
     // that VM is gone.
     fleet.set_hosts(vec![local_host(2)]).unwrap();
     assert!(status(&fleet, "tango-f1").draining);
+    let undrained = fleet.set_host_draining("tango-f1", false).await;
+    assert!(
+        matches!(undrained, Err(VmmsError::HostLeaving(_))),
+        "{undrained:?}"
+    );
     let next = common::machine(prefix, 2, BOOKWORM);
     assert_eq!(make_vm(&fleet, &next).await, "local");
     run_job(&fleet, &vm, work.path()).await;

@@ -160,6 +160,24 @@ impl Engine {
         }
     }
 
+    /// SIGSTOPs dockerd: it holds its connections open and answers nothing,
+    /// as a machine cut off without a reset does. [`Engine::thaw`] undoes it.
+    pub fn freeze(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONTs a frozen dockerd.
+    pub fn thaw(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let child = self.dockerd.as_ref().expect("dockerd runs");
+        // SAFETY: kill(2) with a pid of our own child.
+        let sent = unsafe { libc::kill(child.id() as i32, signal) };
+        assert_eq!(sent, 0, "signal {signal} to dockerd {}", self.name);
+    }
+
     /// Starts dockerd again with the same namespace, directories, socket,
     /// port and certificates (stopping it first if it runs).
     pub fn restart(&mut self) -> Result<(), String> {

@@ -3,20 +3,35 @@
 //! answers again is swept of this server's containers before it rejoins.
 
 use super::{Host, Inner};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tango_core::vmms::Vmms;
 
-/// Runs until the fleet is dropped (which aborts it).
+/// Runs until the fleet is dropped (which aborts it). Each host is checked
+/// on its own, so one that is slow to answer delays no other.
 pub(super) async fn run(inner: Arc<Inner>) {
     let mut tick = tokio::time::interval(inner.period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Dropped with this task, which aborts the checks under way.
+    let mut checks = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = inner.wake.notified() => {}
         }
-        check_all(&inner).await;
+        while checks.try_join_next().is_some() {}
+        for host in inner.all_hosts() {
+            if host.checking.swap(true, Ordering::AcqRel) {
+                continue; // its last check is still under way
+            }
+            let inner = inner.clone();
+            checks.spawn(async move {
+                check(&inner, &host).await;
+                host.checking.store(false, Ordering::Release);
+            });
+        }
+        inner.drop_removed_hosts();
     }
 }
 

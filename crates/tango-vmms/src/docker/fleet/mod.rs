@@ -11,6 +11,7 @@
 
 mod health;
 mod host;
+mod member;
 mod placement;
 mod spread;
 
@@ -19,10 +20,11 @@ pub use host::{check_hosts, DockerHost, LOCAL_HOST};
 
 use super::{container_name, Docker, DockerConfig};
 use async_trait::async_trait;
+use member::{Host, Running};
 use placement::{Candidate, Choice};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tango_core::model::{InputFile, Machine};
@@ -66,81 +68,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The right to stream one image to one host.
 type Turn = Arc<tokio::sync::Mutex<()>>;
-
-/// What the fleet knows of one host between checks.
-#[derive(Default)]
-struct HostState {
-    /// Its backend, while it is up.
-    docker: Option<Arc<Docker>>,
-    draining: bool,
-    /// Gone from the config: dropped once it holds no VM of ours.
-    removed: bool,
-    /// Its images as of the last look; `None`: to be read again.
-    images: Option<BTreeSet<String>>,
-}
-
-struct Host {
-    name: String,
-    spec: Mutex<DockerHost>,
-    state: Mutex<HostState>,
-    running_jobs: AtomicUsize,
-    vm_starts: AtomicU64,
-    vm_start_failures: AtomicU64,
-}
-
-impl Host {
-    fn new(spec: DockerHost, docker: Option<Arc<Docker>>) -> Host {
-        Host {
-            name: spec.name.clone(),
-            spec: Mutex::new(spec),
-            state: Mutex::new(HostState {
-                docker,
-                ..Default::default()
-            }),
-            running_jobs: AtomicUsize::new(0),
-            vm_starts: AtomicU64::new(0),
-            vm_start_failures: AtomicU64::new(0),
-        }
-    }
-
-    fn spec(&self) -> DockerHost {
-        lock(&self.spec).clone()
-    }
-
-    fn docker(&self) -> Option<Arc<Docker>> {
-        lock(&self.state).docker.clone()
-    }
-
-    fn set_up(&self, docker: Arc<Docker>, images: Option<Vec<String>>) {
-        let mut state = lock(&self.state);
-        state.docker = Some(docker);
-        state.images = images.map(|i| i.into_iter().collect());
-    }
-
-    fn has_image(&self, image: &str) -> bool {
-        lock(&self.state)
-            .images
-            .as_ref()
-            .is_some_and(|images| images.contains(image))
-    }
-}
-
-/// Counts a running job for as long as it lives: the engine drops a
-/// `run_job` that outlives its time limit.
-struct Running<'a>(&'a AtomicUsize);
-
-impl<'a> Running<'a> {
-    fn start(count: &'a AtomicUsize) -> Running<'a> {
-        count.fetch_add(1, Ordering::Relaxed);
-        Running(count)
-    }
-}
-
-impl Drop for Running<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 /// Where a VM of this server is.
 struct Placed {
@@ -203,6 +130,7 @@ impl Inner {
         let was_up = {
             let mut state = lock(&host.state);
             state.images = None;
+            state.cut.cancel();
             state.docker.take().is_some()
         };
         if !was_up {
@@ -305,7 +233,7 @@ impl Inner {
     /// Looks for a VM of unknown host on every host that is up.
     async fn find(&self, vm: &Machine) -> Result<String, VmmsError> {
         for (host, docker) in self.up_hosts() {
-            if docker.exists_vm(vm).await.unwrap_or(false) {
+            if host.unless_cut(docker.exists_vm(vm)).await.unwrap_or(false) {
                 self.record(vm, &host.name);
                 return Ok(host.name.clone());
             }
@@ -361,7 +289,7 @@ impl Inner {
             .filter(|(host, _)| all || lock(&host.state).images.is_none())
             .collect();
         let reads = stale.iter().map(|(host, docker)| async move {
-            let images = docker.get_images().await;
+            let images = host.unless_cut(docker.get_images()).await;
             let images = self.settle(host, docker, images).await;
             if let Ok(images) = images {
                 lock(&host.state).images = Some(images.into_iter().collect());
@@ -382,7 +310,7 @@ impl Inner {
                 .iter()
                 .map(|h| {
                     let state = lock(&h.state);
-                    let has_image = state.images.as_ref().is_some_and(|i| i.contains(image));
+                    let has_image = state.has_image(image);
                     let max_vms = lock(&h.spec).max_vms;
                     (state.docker.is_some(), state.draining, max_vms, has_image)
                 })
@@ -468,16 +396,23 @@ impl Inner {
         if host.has_image(image) {
             return Ok(());
         }
-        let source = self
+        let (source_host, source) = self
             .host(from)
-            .and_then(|h| h.docker())
+            .and_then(|h| h.docker().map(|d| (h, d)))
             .ok_or_else(|| VmmsError::Unavailable(format!("docker host {from} is down")))?;
         let started = std::time::Instant::now();
         tracing::info!(image, from, to = %host.name, "docker: streaming the image");
-        let streamed = spread::stream_image(&source, docker, image).await;
+        // Either end stopping to answer ends the transfer.
+        let streamed = source_host
+            .unless_cut(host.unless_cut(spread::stream_image(&source, docker, image)))
+            .await;
         self.settle(host, docker, streamed).await?;
-        if let Some(images) = lock(&host.state).images.as_mut() {
-            images.insert(image.to_string());
+        {
+            let mut state = lock(&host.state);
+            state.outdated.remove(image);
+            if let Some(images) = state.images.as_mut() {
+                images.insert(image.to_string());
+            }
         }
         tracing::info!(
             image,
@@ -642,7 +577,7 @@ impl DockerFleet {
         Fut: std::future::Future<Output = Result<T, VmmsError>> + 'a,
     {
         let (host, docker) = self.inner.locate(vm).await?;
-        let result = f(docker.clone()).await;
+        let result = host.unless_cut(f(docker.clone())).await;
         let settled = self.inner.settle(&host, &docker, result).await;
         self.inner.unless_lost(vm, settled)
     }
@@ -657,7 +592,7 @@ impl Vmms for DockerFleet {
     async fn initialize_vm(&self, vm: &Machine) -> Result<(), VmmsError> {
         for attempt in 0..2 {
             let (host, docker) = self.inner.place(vm).await?;
-            let made = docker.initialize_vm(vm).await;
+            let made = host.unless_cut(docker.initialize_vm(vm)).await;
             match self.inner.settle(&host, &docker, made).await {
                 Ok(()) if self.inner.is_lost(vm) => {
                     // Made after the host's return swept its containers:
@@ -703,7 +638,7 @@ impl Vmms for DockerFleet {
         let (host, docker) = self.inner.locate(vm).await?;
         let ran = {
             let _running = Running::start(&host.running_jobs);
-            docker.run_job(vm, req).await
+            host.unless_cut(docker.run_job(vm, req)).await
         };
         let settled = self.inner.settle(&host, &docker, ran).await;
         match self.inner.unless_lost(vm, settled) {
@@ -737,7 +672,7 @@ impl Vmms for DockerFleet {
     async fn get_vms(&self, prefix: &str) -> Result<Vec<Machine>, VmmsError> {
         let up = self.inner.up_hosts();
         let lists = futures_util::future::join_all(up.iter().map(|(host, docker)| async move {
-            let vms = docker.get_vms(prefix).await;
+            let vms = host.unless_cut(docker.get_vms(prefix)).await;
             (host, self.inner.settle(host, docker, vms).await)
         }))
         .await;
@@ -767,7 +702,7 @@ impl Vmms for DockerFleet {
     async fn exists_vm(&self, vm: &Machine) -> Result<bool, VmmsError> {
         match self.inner.locate(vm).await {
             Ok((host, docker)) => {
-                let exists = docker.exists_vm(vm).await;
+                let exists = host.unless_cut(docker.exists_vm(vm)).await;
                 self.inner.settle(&host, &docker, exists).await
             }
             Err(VmmsError::NoSuchVm(_)) => Ok(false),
@@ -803,7 +738,7 @@ impl Vmms for DockerFleet {
                 host.name
             )));
         }
-        let reset = docker.reset_vm(vm).await;
+        let reset = host.unless_cut(docker.reset_vm(vm)).await;
         self.inner.settle(&host, &docker, reset).await
     }
 
@@ -813,15 +748,19 @@ impl Vmms for DockerFleet {
             return Err(VmmsError::Unavailable("no docker host is up".into()));
         }
         let loads = futures_util::future::join_all(up.iter().map(|(host, docker)| async move {
-            let built = docker.build_image(name, tar).await;
+            let built = host.unless_cut(docker.build_image(name, tar)).await;
             (host, self.inner.settle(host, docker, built).await)
         }))
         .await;
         let mut failures = Vec::new();
+        let mut loaded_on = BTreeSet::new();
         for (host, built) in loads {
             match built {
                 Ok(()) => {
-                    if let Some(images) = lock(&host.state).images.as_mut() {
+                    loaded_on.insert(host.name.clone());
+                    let mut state = lock(&host.state);
+                    state.outdated.remove(name);
+                    if let Some(images) = state.images.as_mut() {
                         images.insert(name.to_string());
                     }
                 }
@@ -831,6 +770,15 @@ impl Vmms for DockerFleet {
                     tracing::warn!(host = %host.name, "image {name} not loaded: {e}")
                 }
                 Err(e) => failures.push(format!("on docker host {}: {e}", host.name)),
+            }
+        }
+        // The hosts that missed this build hold an older image of the name,
+        // if any: jobs there get this one streamed first.
+        if !loaded_on.is_empty() {
+            for host in self.inner.all_hosts() {
+                if !loaded_on.contains(&host.name) {
+                    lock(&host.state).outdated.insert(name.to_string());
+                }
             }
         }
         if failures.is_empty() {
@@ -874,9 +822,7 @@ impl Vmms for DockerFleet {
             .ok_or_else(|| VmmsError::NoSuchHost(name.to_string()))?;
         let mut state = lock(&host.state);
         if state.removed && !draining {
-            return Err(VmmsError::Backend(format!(
-                "docker host {name} left the config: it cannot take containers again"
-            )));
+            return Err(VmmsError::HostLeaving(name.to_string()));
         }
         state.draining = draining;
         tracing::info!(host = %name, draining, "docker host drain set");
@@ -903,9 +849,9 @@ impl DockerFleet {
             Err(e) => return Err(e),
         };
         let removed = if safe {
-            docker.safe_destroy_vm(vm).await
+            host.unless_cut(docker.safe_destroy_vm(vm)).await
         } else {
-            docker.destroy_vm(vm).await
+            host.unless_cut(docker.destroy_vm(vm)).await
         };
         let removed = match self.inner.settle(&host, &docker, removed).await {
             Err(VmmsError::Unavailable(_)) => Ok(()),

@@ -120,6 +120,7 @@ async fn docker(config: &Config) -> anyhow::Result<tango_vmms::docker::DockerFle
     check_tls_files(&fleet_config.hosts)?;
     fleet_config.health_period = Duration::from_secs(settings.health_period_secs.max(1));
     fleet_config.health_timeout = Duration::from_secs(settings.health_timeout_secs.max(1));
+    fleet_config.registry = settings.registry.clone();
     let docker = DockerFleet::connect(fleet_config).await.context(
         "cannot start the docker backend (is dockerd running? is DOCKER_HOST or \
          [[docker.hosts]] right?)",

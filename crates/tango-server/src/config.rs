@@ -208,6 +208,9 @@ pub struct DockerSettings {
     /// A host that does not answer a ping within this is down: its jobs
     /// run again on other hosts.
     pub health_timeout_secs: u64,
+    /// `HOST:PORT` of an image registry: a host that needs an image no
+    /// host that is up has pulls `HOST:PORT/NAME:TAG` from it.
+    pub registry: Option<String>,
 }
 
 impl Default for DockerSettings {
@@ -221,6 +224,7 @@ impl Default for DockerSettings {
             hosts: Vec::new(),
             health_period_secs: 5,
             health_timeout_secs: 10,
+            registry: None,
         }
     }
 }
@@ -234,6 +238,10 @@ impl DockerSettings {
             self.health_period_secs > 0 && self.health_timeout_secs > 0,
             "[docker] health_period_secs and health_timeout_secs must be at least 1"
         );
+        if let Some(registry) = &self.registry {
+            tango_vmms::docker::fleet::check_registry(registry)
+                .map_err(|e| anyhow::anyhow!("[docker] {e}"))?;
+        }
         Ok(())
     }
 }
@@ -652,5 +660,15 @@ mod tests {
             max_vm = 3
             "#;
         assert!(docker_settings(typo).is_err(), "unknown fields are refused");
+    }
+
+    #[test]
+    fn the_docker_registry_is_host_and_port() {
+        let docker = docker_settings("[docker]\nregistry = \"127.0.0.1:5000\"\n").unwrap();
+        assert_eq!(docker.registry.as_deref(), Some("127.0.0.1:5000"));
+        assert_eq!(docker_settings("").unwrap().registry, None);
+        let url = "[docker]\nregistry = \"http://reg.example.edu:5000\"\n";
+        let why = format!("{:#}", docker_settings(url).unwrap_err());
+        assert!(why.contains("[docker] registry"), "{why}");
     }
 }

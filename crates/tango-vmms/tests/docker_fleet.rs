@@ -13,6 +13,8 @@
 mod common;
 #[path = "support/engines.rs"]
 mod engines;
+#[path = "support/registry.rs"]
+mod registry;
 
 use common::{require_docker, BOOKWORM, BUSYBOX, BUSYBOX_MAKE};
 use engines::{Engine, EngineOptions};
@@ -123,14 +125,25 @@ fn host_of(engine: &Engine, max_vms: usize) -> DockerHost {
 /// A fleet over `hosts`, pinged every second, with whatever an earlier run
 /// left under `prefix` removed.
 async fn fleet(work: &Path, prefix: &str, hosts: Vec<DockerHost>) -> DockerFleet {
+    connect(fleet_config(work, prefix, hosts)).await
+}
+
+fn fleet_config(work: &Path, prefix: &str, hosts: Vec<DockerHost>) -> FleetConfig {
     let mut config = FleetConfig::new(common::config(work), prefix);
     config.hosts = hosts;
     config.health_period = Duration::from_secs(1);
     config.health_timeout = Duration::from_secs(10);
+    config
+}
+
+/// Connects a fleet and removes whatever an earlier run left under its
+/// prefix.
+async fn connect(config: FleetConfig) -> DockerFleet {
+    let prefix = config.prefix.clone();
     let fleet = DockerFleet::connect(config)
         .await
         .expect("the fleet connects");
-    for vm in fleet.get_vms(prefix).await.expect("get_vms") {
+    for vm in fleet.get_vms(&prefix).await.expect("get_vms") {
         fleet.safe_destroy_vm(&vm).await.expect("cleanup");
     }
     fleet
@@ -405,17 +418,13 @@ async fn a_frozen_engine_goes_down_and_its_waiting_calls_give_up() {
     let prefix = "tdf-freeze";
     let health_timeout = Duration::from_secs(3);
     let fleet = {
-        let mut config = FleetConfig::new(common::config(work.path()), prefix);
-        config.hosts = vec![local_host(2), host_of(&engine, 10)];
-        config.health_period = Duration::from_secs(1);
+        let mut config = fleet_config(
+            work.path(),
+            prefix,
+            vec![local_host(2), host_of(&engine, 10)],
+        );
         config.health_timeout = health_timeout;
-        let fleet = DockerFleet::connect(config)
-            .await
-            .expect("the fleet connects");
-        for vm in fleet.get_vms(prefix).await.expect("get_vms") {
-            fleet.safe_destroy_vm(&vm).await.expect("cleanup");
-        }
-        Arc::new(fleet)
+        Arc::new(connect(config).await)
     };
     let stuck = common::machine(prefix, 1, BOOKWORM);
     assert_eq!(make_vm(&fleet, &stuck).await, "tango-f3");
@@ -606,4 +615,99 @@ async fn hosts_join_and_leave_by_a_new_host_list() {
     let mut twice = vec![local_host(2), local_host(3)];
     assert!(fleet.set_hosts(std::mem::take(&mut twice)).is_err());
     assert_eq!(status(&fleet, "local").max_vms, 2);
+}
+
+/// An image no host has is pulled from the registry by the host chosen for
+/// the VM, once for the VMs made at once, and named as jobs name it; an
+/// image the registry lacks is `NoSuchImage`, a registry that is down
+/// `Unavailable` saying what was tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_no_host_has_is_pulled_from_the_registry() {
+    require_docker!();
+    if let Some(reason) = registry::skip_reason() {
+        eprintln!("skipping: {reason}");
+        return;
+    }
+    common::ensure_test_images();
+    let _serial = SERIAL.lock().await;
+    let work = tempfile::tempdir().unwrap();
+    let prefix = "tdf-pull";
+    let pulled = "tango-test-fleet-pulled";
+    let pulled_ref = format!("{pulled}:latest");
+    let local = fleet(work.path(), prefix, vec![local_host(4)]).await;
+    let api = local.host_backend("local").expect("up").api().clone();
+    make_streamed_image(&api).await;
+    let mut registry = tokio::task::block_in_place(|| {
+        let registry = registry::Registry::start().expect("the registry starts");
+        registry
+            .push(&format!("{STREAMED}:latest"), &pulled_ref)
+            .expect("the image is pushed");
+        registry
+    });
+    let remove = Some(
+        bollard::query_parameters::RemoveImageOptionsBuilder::default()
+            .force(true)
+            .build(),
+    );
+    // Left by an earlier run, or by the push.
+    let _ = api.remove_image(&pulled_ref, remove.clone(), None).await;
+    let without_registry = local
+        .initialize_vm(&common::machine(prefix, 1, pulled))
+        .await;
+    assert!(
+        matches!(without_registry, Err(VmmsError::NoSuchImage(_))),
+        "no host has it: {without_registry:?}"
+    );
+    drop(local);
+
+    let mut config = fleet_config(work.path(), prefix, vec![local_host(4)]);
+    config.registry = Some(registry.address.clone());
+    let fleet = connect(config).await;
+    let vms: Vec<Machine> = (2..=4)
+        .map(|id| common::machine(prefix, id, pulled))
+        .collect();
+    let started = Instant::now();
+    let placed = futures_util::future::join_all(vms.iter().map(|vm| make_vm(&fleet, vm))).await;
+    eprintln!("3 VMs of an image pulled once in {:?}", started.elapsed());
+    assert!(placed.iter().all(|h| h == "local"), "{placed:?}");
+    assert!(api.inspect_image(&pulled_ref).await.is_ok());
+    let remote_ref = format!("{}/{pulled_ref}", registry.address);
+    assert!(
+        api.inspect_image(&remote_ref).await.is_err(),
+        "the registry's name of the image is dropped"
+    );
+    assert!(fleet
+        .get_images()
+        .await
+        .unwrap()
+        .contains(&pulled.to_string()));
+    for vm in &vms {
+        run_job(&fleet, vm, work.path()).await;
+        fleet.destroy_vm(vm).await.unwrap();
+    }
+
+    // Not in the registry either.
+    let nowhere = fleet
+        .initialize_vm(&common::machine(prefix, 5, "tango-test-fleet-nowhere"))
+        .await;
+    assert!(
+        matches!(nowhere, Err(VmmsError::NoSuchImage(ref i)) if i == "tango-test-fleet-nowhere"),
+        "{nowhere:?}"
+    );
+    // The registry is down: the job may wait for it.
+    api.remove_image(&pulled_ref, remove.clone(), None)
+        .await
+        .unwrap();
+    tokio::task::block_in_place(|| registry.stop());
+    let down = fleet
+        .initialize_vm(&common::machine(prefix, 6, pulled))
+        .await;
+    match &down {
+        Err(VmmsError::Unavailable(message)) => assert!(
+            message.contains(&format!("from registry {}", registry.address)),
+            "{message}"
+        ),
+        other => panic!("a registry that is down is Unavailable: {other:?}"),
+    }
+    assert!(fleet.get_vms(prefix).await.unwrap().is_empty());
 }

@@ -1,7 +1,8 @@
 //! The docker backend over several Docker engines (`[[docker.hosts]]`):
 //! each new container goes to the roomiest host that takes containers
 //! (`placement.rs`), images follow jobs to hosts that lack them
-//! (`spread.rs`), and hosts that stop answering are taken out and, once
+//! (`spread.rs`: streamed from a host that has them, else pulled from the
+//! `[docker] registry`), and hosts that stop answering are taken out and, once
 //! back, swept and let in again (`health.rs`). Each host is driven by a
 //! [`Docker`] of its own; with one host this is that one backend.
 //!
@@ -17,6 +18,7 @@ mod spread;
 
 pub(in crate::docker) use host::connect_api;
 pub use host::{check_hosts, DockerHost, LOCAL_HOST};
+pub use spread::check_registry;
 
 use super::{container_name, Docker, DockerConfig};
 use async_trait::async_trait;
@@ -45,6 +47,10 @@ pub struct FleetConfig {
     /// How long a ping (or a reconnection) may take before the host counts
     /// as down.
     pub health_timeout: Duration,
+    /// `HOST:PORT` of a registry the hosts pull an image from when no host
+    /// that is up has it to stream (`HOST:PORT/NAME:TAG` for image
+    /// `NAME:TAG`).
+    pub registry: Option<String>,
 }
 
 impl FleetConfig {
@@ -58,6 +64,7 @@ impl FleetConfig {
             prefix: prefix.into(),
             health_period: Duration::from_secs(5),
             health_timeout: Duration::from_secs(10),
+            registry: None,
         }
     }
 }
@@ -66,7 +73,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The right to stream one image to one host.
+/// The right to bring one image to one host.
 type Turn = Arc<tokio::sync::Mutex<()>>;
 
 /// Where a VM of this server is.
@@ -77,11 +84,20 @@ struct Placed {
     lost: bool,
 }
 
+/// How a host that lacks an image gets it.
+enum Fetch {
+    /// Streamed from the host of that name.
+    Stream(String),
+    /// Pulled from this registry.
+    Pull(String),
+}
+
 struct Inner {
     base: DockerConfig,
     prefix: String,
     period: Duration,
     ping_timeout: Duration,
+    registry: Option<String>,
     hosts: RwLock<BTreeMap<String, Arc<Host>>>,
     vms: Mutex<HashMap<String, Placed>>,
     /// One image transfer per (host, image) at a time; the VMs that need
@@ -299,12 +315,14 @@ impl Inner {
     }
 
     /// Chooses the host of a new VM and reserves a place there (so that
-    /// VMs made at once spread); streams the image there first when
-    /// needed.
+    /// VMs made at once spread); streams or pulls the image there first
+    /// when needed.
     async fn place(&self, vm: &Machine) -> Result<(Arc<Host>, Arc<Docker>), VmmsError> {
         let image = &vm.image;
         for attempt in 0..2 {
             self.refresh_images(attempt > 0).await;
+            // Only once every image list was read again: one may be stale.
+            let can_pull = attempt > 0 && self.registry.is_some();
             let hosts = self.all_hosts();
             let snapshot: Vec<(bool, bool, usize, bool)> = hosts
                 .iter()
@@ -316,7 +334,7 @@ impl Inner {
                 })
                 .collect();
             let name = container_name(vm);
-            let (chosen, from, free) = {
+            let (chosen, fetch, free) = {
                 let mut vms = lock(&self.vms);
                 let candidates: Vec<Candidate> = hosts
                     .iter()
@@ -330,11 +348,18 @@ impl Inner {
                         has_image,
                     })
                     .collect();
-                let (chosen, from, free) = match placement::choose(&candidates) {
+                let (chosen, fetch, free) = match placement::choose(&candidates, can_pull) {
                     Choice::Place { host, free } => (host.to_string(), None, free),
-                    Choice::Stream { host, from, free } => {
-                        (host.to_string(), Some(from.to_string()), free)
-                    }
+                    Choice::Stream { host, from, free } => (
+                        host.to_string(),
+                        Some(Fetch::Stream(from.to_string())),
+                        free,
+                    ),
+                    Choice::Pull { host, free } => (
+                        host.to_string(),
+                        self.registry.clone().map(Fetch::Pull),
+                        free,
+                    ),
                     Choice::NoHost => {
                         return Err(VmmsError::Unavailable(
                             "no docker host takes new containers (all are down or draining)".into(),
@@ -356,7 +381,7 @@ impl Inner {
                         lost: false,
                     },
                 );
-                (chosen, from, free)
+                (chosen, fetch, free)
             };
             let host = self.host(&chosen);
             let docker = host.as_ref().and_then(|h| h.docker());
@@ -365,8 +390,8 @@ impl Inner {
                 continue; // went down meanwhile
             };
             tracing::info!(vm = %vm.name, host = %host.name, free, "docker: placing the VM");
-            if let Some(from) = from {
-                if let Err(e) = self.spread(&host, &docker, &from, image).await {
+            if let Some(fetch) = fetch {
+                if let Err(e) = self.bring(&host, &docker, fetch, image).await {
                     self.forget(vm);
                     return Err(e);
                 }
@@ -379,13 +404,14 @@ impl Inner {
         )))
     }
 
-    /// Streams `image` from host `from` to `host` unless it is there by
-    /// the time this transfer's turn comes.
-    async fn spread(
+    /// Brings `image` to `host` (streamed from another host or pulled
+    /// from the registry) unless it is there by the time this transfer's
+    /// turn comes.
+    async fn bring(
         &self,
         host: &Arc<Host>,
         docker: &Docker,
-        from: &str,
+        fetch: Fetch,
         image: &str,
     ) -> Result<(), VmmsError> {
         let turn = lock(&self.transfers)
@@ -396,17 +422,29 @@ impl Inner {
         if host.has_image(image) {
             return Ok(());
         }
-        let (source_host, source) = self
-            .host(from)
-            .and_then(|h| h.docker().map(|d| (h, d)))
-            .ok_or_else(|| VmmsError::Unavailable(format!("docker host {from} is down")))?;
         let started = std::time::Instant::now();
-        tracing::info!(image, from, to = %host.name, "docker: streaming the image");
-        // Either end stopping to answer ends the transfer.
-        let streamed = source_host
-            .unless_cut(host.unless_cut(spread::stream_image(&source, docker, image)))
-            .await;
-        self.settle(host, docker, streamed).await?;
+        let (brought, how) = match fetch {
+            Fetch::Stream(from) => {
+                let (source_host, source) = self
+                    .host(&from)
+                    .and_then(|h| h.docker().map(|d| (h, d)))
+                    .ok_or_else(|| VmmsError::Unavailable(format!("docker host {from} is down")))?;
+                tracing::info!(image, from, to = %host.name, "docker: streaming the image");
+                // Either end stopping to answer ends the transfer.
+                let streamed = source_host
+                    .unless_cut(host.unless_cut(spread::stream_image(&source, docker, image)))
+                    .await;
+                (streamed, format!("streamed from docker host {from}"))
+            }
+            Fetch::Pull(registry) => {
+                tracing::info!(image, registry, to = %host.name, "docker: pulling the image");
+                let pulled = host
+                    .unless_cut(spread::pull_image(docker, &registry, image))
+                    .await;
+                (pulled, format!("pulled from registry {registry}"))
+            }
+        };
+        self.settle(host, docker, brought).await?;
         {
             let mut state = lock(&host.state);
             state.outdated.remove(image);
@@ -416,10 +454,9 @@ impl Inner {
         }
         tracing::info!(
             image,
-            from,
             to = %host.name,
             secs = started.elapsed().as_secs_f64(),
-            "docker: image streamed"
+            "docker: image {how}"
         );
         Ok(())
     }
@@ -451,11 +488,15 @@ impl DockerFleet {
             config.hosts.clone()
         };
         check_hosts(&specs).map_err(VmmsError::Backend)?;
+        if let Some(registry) = &config.registry {
+            check_registry(registry).map_err(VmmsError::Backend)?;
+        }
         let inner = Arc::new(Inner {
             base: config.docker.clone(),
             prefix: config.prefix.clone(),
             period: config.health_period.max(Duration::from_millis(100)),
             ping_timeout: config.health_timeout.max(Duration::from_millis(100)),
+            registry: config.registry.clone(),
             hosts: RwLock::new(BTreeMap::new()),
             vms: Mutex::new(HashMap::new()),
             transfers: Mutex::new(HashMap::new()),

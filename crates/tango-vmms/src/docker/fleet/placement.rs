@@ -37,9 +37,12 @@ pub enum Choice<'a> {
         from: &'a str,
         free: i64,
     },
+    /// On `host`, after it pulls the image from the registry: no host
+    /// that answers has it to stream.
+    Pull { host: &'a str, free: i64 },
     /// No host takes new containers (all down or draining).
     NoHost,
-    /// No host that answers has the image.
+    /// No host that answers has the image, and none may pull it.
     NoImage,
 }
 
@@ -55,8 +58,9 @@ fn roomiest<'a, 'b>(hosts: impl Iterator<Item = &'b Candidate<'a>>) -> Option<&'
 /// The host for a new container of an image: the roomiest host taking new
 /// containers that has it; else the roomiest one taking new containers,
 /// with the image streamed from an up host that has it (a draining host
-/// can still give it).
-pub fn choose<'a>(hosts: &[Candidate<'a>]) -> Choice<'a> {
+/// can still give it), or else pulled by it when `can_pull` (a registry is
+/// set).
+pub fn choose<'a>(hosts: &[Candidate<'a>], can_pull: bool) -> Choice<'a> {
     if let Some(best) = roomiest(hosts.iter().filter(|h| h.takes_new() && h.has_image)) {
         return Choice::Place {
             host: best.name,
@@ -74,6 +78,10 @@ pub fn choose<'a>(hosts: &[Candidate<'a>]) -> Choice<'a> {
         Some(source) => Choice::Stream {
             host: target.name,
             from: source.name,
+            free: target.free(),
+        },
+        None if can_pull => Choice::Pull {
+            host: target.name,
             free: target.free(),
         },
         None => Choice::NoImage,
@@ -98,9 +106,9 @@ mod tests {
     #[test]
     fn most_free_capacity_wins_ties_by_name() {
         let hosts = [host("a", 8, 6), host("b", 16, 10), host("c", 4, 0)];
-        assert_eq!(choose(&hosts), Choice::Place { host: "b", free: 6 });
+        assert_eq!(choose(&hosts, false), Choice::Place { host: "b", free: 6 });
         let tie = [host("b", 4, 1), host("a", 5, 2)];
-        assert_eq!(choose(&tie), Choice::Place { host: "a", free: 3 });
+        assert_eq!(choose(&tie, false), Choice::Place { host: "a", free: 3 });
     }
 
     #[test]
@@ -111,21 +119,21 @@ mod tests {
         draining.draining = true;
         let hosts = [down.clone(), draining.clone(), host("small", 2, 1)];
         assert_eq!(
-            choose(&hosts),
+            choose(&hosts, false),
             Choice::Place {
                 host: "small",
                 free: 1
             }
         );
-        assert_eq!(choose(&[down, draining]), Choice::NoHost);
-        assert_eq!(choose(&[]), Choice::NoHost);
+        assert_eq!(choose(&[down, draining], false), Choice::NoHost);
+        assert_eq!(choose(&[], false), Choice::NoHost);
     }
 
     #[test]
     fn full_hosts_still_take_the_least_over() {
         let hosts = [host("a", 2, 4), host("b", 2, 3)];
         assert_eq!(
-            choose(&hosts),
+            choose(&hosts, false),
             Choice::Place {
                 host: "b",
                 free: -1
@@ -139,7 +147,7 @@ mod tests {
         empty.has_image = false;
         let hosts = [empty, host("busy", 4, 3)];
         assert_eq!(
-            choose(&hosts),
+            choose(&hosts, false),
             Choice::Place {
                 host: "busy",
                 free: 1
@@ -157,7 +165,7 @@ mod tests {
         other.has_image = false;
         let hosts = [draining, fresh, other];
         assert_eq!(
-            choose(&hosts),
+            choose(&hosts, false),
             Choice::Stream {
                 host: "fresh",
                 from: "old",
@@ -172,6 +180,47 @@ mod tests {
         down.up = false;
         let mut fresh = host("fresh", 8, 0);
         fresh.has_image = false;
-        assert_eq!(choose(&[down, fresh]), Choice::NoImage);
+        assert_eq!(choose(&[down, fresh], false), Choice::NoImage);
+    }
+
+    #[test]
+    fn a_registry_is_pulled_from_only_when_no_up_host_has_the_image() {
+        let mut down = host("down", 8, 0);
+        down.up = false;
+        let mut fresh = host("fresh", 8, 2);
+        fresh.has_image = false;
+        let mut roomier = host("roomier", 8, 0);
+        roomier.has_image = false;
+        roomier.draining = true;
+        // The roomiest host that takes containers pulls; a draining one
+        // does not, though roomier.
+        assert_eq!(
+            choose(&[down.clone(), fresh.clone(), roomier.clone()], true),
+            Choice::Pull {
+                host: "fresh",
+                free: 6
+            }
+        );
+        // A host that answers and has it streams it instead.
+        let mut source = host("source", 1, 5);
+        source.draining = true;
+        assert_eq!(
+            choose(&[fresh.clone(), source], true),
+            Choice::Stream {
+                host: "fresh",
+                from: "source",
+                free: 6
+            }
+        );
+        // With a host that takes containers and has it, nothing moves.
+        assert_eq!(
+            choose(&[fresh.clone(), host("has", 4, 3)], true),
+            Choice::Place {
+                host: "has",
+                free: 1
+            }
+        );
+        // Nobody to pull: still no host.
+        assert_eq!(choose(&[down, roomier], true), Choice::NoHost);
     }
 }

@@ -393,7 +393,16 @@ impl Inner {
             if let Some(fetch) = fetch {
                 if let Err(e) = self.bring(&host, &docker, fetch, image).await {
                     self.forget(vm);
-                    return Err(e);
+                    return Err(match e {
+                        // A host that is down may have it: wait for it.
+                        VmmsError::NoSuchImage(_) if snapshot.iter().any(|&(up, ..)| !up) => {
+                            VmmsError::Unavailable(format!(
+                                "the registry has no image {image}, and some docker hosts \
+                                 that may have it are down"
+                            ))
+                        }
+                        e => e,
+                    });
                 }
             }
             return Ok((host, docker));

@@ -443,6 +443,9 @@ impl Inner {
                 let streamed = source_host
                     .unless_cut(host.unless_cut(spread::stream_image(&source, docker, image)))
                     .await;
+                // A source that died mid-stream is the fault of its host,
+                // not the job's: `Unavailable`, as for the target below.
+                let streamed = self.settle(&source_host, &source, streamed).await;
                 (streamed, format!("streamed from docker host {from}"))
             }
             Fetch::Pull(registry) => {

@@ -519,6 +519,31 @@ async fn an_image_on_one_host_is_streamed_to_another() {
     }
     assert!(ours(&fresh, prefix).is_empty());
 
+    // A transfer outlives a caller that gives up (the engine's initialize
+    // timeout): the 257 MB image takes seconds to stream, the caller waits
+    // 300 ms, and the image still arrives.
+    let _ = api
+        .remove_image(&format!("{BOOKWORM}:latest"), remove.clone(), None)
+        .await;
+    let big = common::machine(prefix, 5, BOOKWORM);
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), fleet.initialize_vm(&big)).await;
+    assert!(
+        gave_up.is_err(),
+        "the stream should take longer: {gave_up:?}"
+    );
+    fleet.safe_destroy_vm(&big).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while api.inspect_image(BOOKWORM).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned stream did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(make_vm(&fleet, &big).await, "tango-f4");
+    run_job(&fleet, &big, work.path()).await;
+    fleet.destroy_vm(&big).await.unwrap();
+
     // `/build` loads the image onto every host that is up.
     let local = fleet.host_backend("local").expect("up").api().clone();
     let tar = work.path().join("streamed.tar");

@@ -317,7 +317,7 @@ impl Inner {
     /// Chooses the host of a new VM and reserves a place there (so that
     /// VMs made at once spread); streams or pulls the image there first
     /// when needed.
-    async fn place(&self, vm: &Machine) -> Result<(Arc<Host>, Arc<Docker>), VmmsError> {
+    async fn place(self: &Arc<Self>, vm: &Machine) -> Result<(Arc<Host>, Arc<Docker>), VmmsError> {
         let image = &vm.image;
         for attempt in 0..2 {
             self.refresh_images(attempt > 0).await;
@@ -413,10 +413,31 @@ impl Inner {
         )))
     }
 
+    /// Brings `image` to `host` in a task of its own: a transfer that
+    /// outlasts the caller (the engine's initialize timeout) goes on, and
+    /// the VM's next attempt waits for it instead of starting over.
+    async fn bring(
+        self: &Arc<Self>,
+        host: &Arc<Host>,
+        docker: &Arc<Docker>,
+        fetch: Fetch,
+        image: &str,
+    ) -> Result<(), VmmsError> {
+        let (inner, host, docker, image) = (
+            self.clone(),
+            host.clone(),
+            docker.clone(),
+            image.to_string(),
+        );
+        tokio::spawn(async move { inner.bring_now(&host, &docker, fetch, &image).await })
+            .await
+            .map_err(|e| VmmsError::Backend(format!("docker: the image transfer failed: {e}")))?
+    }
+
     /// Brings `image` to `host` (streamed from another host or pulled
     /// from the registry) unless it is there by the time this transfer's
     /// turn comes.
-    async fn bring(
+    async fn bring_now(
         &self,
         host: &Arc<Host>,
         docker: &Docker,

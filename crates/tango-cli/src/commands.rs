@@ -934,9 +934,15 @@ mod tests {
         let text = servers_table(&list).to_string();
         let rows: Vec<&str> = text.lines().collect();
         let a = rows.iter().find(|r| r.contains("127.0.0.1:1")).unwrap();
-        assert!(a.contains("dead") && a.contains("42.3 s ago") && !a.contains("(this)"), "{text}");
+        assert!(
+            a.contains("dead") && a.contains("42.3 s ago") && !a.contains("(this)"),
+            "{text}"
+        );
         let b = rows.iter().find(|r| r.contains("127.0.0.1:2")).unwrap();
-        assert!(b.contains("alive") && b.contains("b (this)") && b.contains("0.3 s ago"), "{text}");
+        assert!(
+            b.contains("alive") && b.contains("b (this)") && b.contains("0.3 s ago"),
+            "{text}"
+        );
     }
 
     #[test]

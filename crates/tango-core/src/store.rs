@@ -94,8 +94,10 @@ pub trait Store: Send + Sync + 'static {
     /// that id with the other servers' records as they were at that
     /// instant. Atomic: of two servers registering at once, the later one
     /// sees the earlier.
-    fn register_server(&self, server: &ServerRecord)
-        -> Result<(u64, Vec<ServerRecord>), StoreError>;
+    fn register_server(
+        &self,
+        server: &ServerRecord,
+    ) -> Result<(u64, Vec<ServerRecord>), StoreError>;
     /// Sets server `id`'s heartbeat; false when it has no record (removed).
     fn heartbeat_server(&self, id: u64, now_ms: i64) -> Result<bool, StoreError>;
     /// Every server's record, by id.
@@ -125,7 +127,10 @@ mod tests {
         let s = server(10_000, 15_000);
         assert!(s.alive(10_000));
         assert!(s.alive(24_999));
-        assert!(!s.alive(25_000), "a lease of 15 s ends 15 s after the heartbeat");
+        assert!(
+            !s.alive(25_000),
+            "a lease of 15 s ends 15 s after the heartbeat"
+        );
         assert!(!s.alive(100_000));
         assert_eq!(s.heartbeat_age_ms(12_500), 2_500);
         // A reader whose clock is behind the writer's.

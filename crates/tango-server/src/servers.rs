@@ -295,7 +295,12 @@ mod tests {
         assert_eq!(store.servers().unwrap().len(), 1, "b left no record");
         // Without exclusivity (SQLite) the earlier record is a dead run.
         let second = join("c", false).await.unwrap();
-        let names: Vec<String> = store.servers().unwrap().into_iter().map(|s| s.name).collect();
+        let names: Vec<String> = store
+            .servers()
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
         assert_eq!(names, ["c"]);
         assert_eq!(second.alive_count(), 1);
         // a's record is gone: its next beat makes it again.
@@ -306,7 +311,11 @@ mod tests {
         assert_eq!(views.len(), 2);
         assert!(views.iter().all(|v| v.alive));
         assert_eq!(
-            views.iter().filter(|v| v.answering).map(|v| v.record.name.as_str()).collect::<Vec<_>>(),
+            views
+                .iter()
+                .filter(|v| v.answering)
+                .map(|v| v.record.name.as_str())
+                .collect::<Vec<_>>(),
             ["c"]
         );
         second.leave().await;

@@ -48,7 +48,11 @@ fn tangod_that_exits(dir: &Path, store: &str, name: &str) -> (Option<i32>, Strin
     // running one's prefix lock.
     std::fs::write(
         &config_file,
-        format!("{}[engine]\nprefix = \"refused{}\"\n", config(store, name), std::process::id()),
+        format!(
+            "{}[engine]\nprefix = \"refused{}\"\n",
+            config(store, name),
+            std::process::id()
+        ),
     )
     .unwrap();
     let log = dir.join("refused.log");
@@ -114,7 +118,10 @@ async fn a_second_server_on_postgres_waits_for_the_first_ones_lease() {
     ] {
         assert!(stderr.contains(part), "{part:?} not in {stderr}");
     }
-    assert_eq!(pg.psql("tango", "SELECT string_agg(name, ',') FROM servers"), "first");
+    assert_eq!(
+        pg.psql("tango", "SELECT string_agg(name, ',') FROM servers"),
+        "first"
+    );
     // The first heartbeats on: it stays alive well past its lease.
     tokio::time::sleep(Duration::from_secs(LEASE_SECS + 1)).await;
     let list = servers(&c).await;
@@ -178,7 +185,12 @@ async fn a_second_server_on_postgres_waits_for_the_first_ones_lease() {
     // /info keeps Tango's fields and adds the server's.
     let info = c.get(&format!("/info/{KEY}/")).await;
     assert_eq!(info["statusId"], 0, "{info}");
-    for field in ["elapsed_secs", "job_requests", "num_threads", "runjob_errors"] {
+    for field in [
+        "elapsed_secs",
+        "job_requests",
+        "num_threads",
+        "runjob_errors",
+    ] {
         assert!(info["info"].get(field).is_some(), "{field} in {info}");
     }
     assert_eq!(info["info"]["server_name"], "second", "{info}");
@@ -190,10 +202,37 @@ async fn a_second_server_on_postgres_waits_for_the_first_ones_lease() {
         "{metrics}"
     );
 
+    // The dashboard's Servers table, in a real browser.
+    match chromium(
+        &format!("{}/dashboard#key={KEY}", c.url),
+        &["--dump-dom".into()],
+    )
+    .await
+    {
+        Some(dom) => {
+            let rows = table_body(&dom, "servers");
+            assert_eq!(rows.matches("<tr").count(), 2, "{rows}");
+            let row = |name: &str| {
+                let at = rows
+                    .find(name)
+                    .unwrap_or_else(|| panic!("no {name} in {rows}"));
+                &rows[at..at + rows[at..].find("</tr>").unwrap()]
+            };
+            assert!(row("first").contains("dead"), "{rows}");
+            assert!(row("second (this)").contains("alive"), "{rows}");
+        }
+        None => eprintln!(
+            "SKIPPED the dashboard part of {test}: no `chromium` (apt-get install -y chromium)"
+        ),
+    }
+
     // A clean stop removes the record: the next start need not wait.
     let mut second = second;
     assert!(second.sigterm().success());
-    assert_eq!(pg.psql("tango", "SELECT string_agg(name, ',') FROM servers"), "first");
+    assert_eq!(
+        pg.psql("tango", "SELECT string_agg(name, ',') FROM servers"),
+        "first"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

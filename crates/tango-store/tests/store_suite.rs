@@ -232,7 +232,9 @@ fn servers_register_heartbeat_and_remove(open: Open) {
     assert!(store.heartbeat_server(a, 7_000).unwrap());
     let all = store.servers().unwrap();
     assert_eq!(
-        all.iter().map(|s| (s.id, s.heartbeat_ms)).collect::<Vec<_>>(),
+        all.iter()
+            .map(|s| (s.id, s.heartbeat_ms))
+            .collect::<Vec<_>>(),
         vec![(a, 7_000), (b, 2_000)]
     );
     assert_eq!(all[1].address, "b.example:3000");
@@ -242,7 +244,12 @@ fn servers_register_heartbeat_and_remove(open: Open) {
     drop(store);
     let store = open();
     assert_eq!(
-        store.servers().unwrap().iter().map(|s| s.id).collect::<Vec<_>>(),
+        store
+            .servers()
+            .unwrap()
+            .iter()
+            .map(|s| s.id)
+            .collect::<Vec<_>>(),
         vec![b]
     );
     store.remove_server(b).unwrap();

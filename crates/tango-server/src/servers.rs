@@ -266,7 +266,7 @@ mod tests {
         let now = 100_000;
         assert_eq!(refusal(&[], now), None);
         let dead = server(1, "old", now - 15_000);
-        assert_eq!(refusal(&[dead.clone()], now), None);
+        assert_eq!(refusal(std::slice::from_ref(&dead), now), None);
         let why = refusal(&[dead, server(2, "grader1", now - 2_500)], now).unwrap();
         for part in [
             "\"grader1\" (id 2)",

@@ -44,6 +44,10 @@ pub struct ServerRecord {
     /// How long its heartbeat stays good: kept with the record, so every
     /// server judges it by the lease it announced.
     pub lease_ms: i64,
+    /// Which tangod this is across restarts on one machine (its machine id,
+    /// user and VM prefix), when it holds that machine's lock on the
+    /// prefix: a record of the same instance is then a run that died.
+    pub instance: Option<String>,
 }
 
 impl ServerRecord {
@@ -119,6 +123,7 @@ mod tests {
             started_ms: 0,
             heartbeat_ms,
             lease_ms,
+            instance: None,
         }
     }
 

@@ -44,8 +44,14 @@ pub fn app(state: AppState) -> axum::Router {
 
 /// Opens the data dir and store, starts the backends and the engine (which
 /// recovers the previous run's jobs and VMs), and serves until SIGTERM or
-/// SIGINT, then stops gracefully.
-pub async fn serve(config: config::Config, listener: TcpListener) -> anyhow::Result<()> {
+/// SIGINT, then stops gracefully. `instance` says which tangod this is
+/// across restarts on this machine ([`servers::instance`]); give it only
+/// while holding the machine's lock on the VM prefix.
+pub async fn serve(
+    config: config::Config,
+    listener: TcpListener,
+    instance: Option<String>,
+) -> anyhow::Result<()> {
     if config.keys.is_empty() {
         anyhow::bail!(
             "no key configured: pass --key KEY or --key-file FILE (key_file in the config), \
@@ -104,6 +110,7 @@ pub async fn serve(config: config::Config, listener: TcpListener) -> anyhow::Res
         config.server.name(),
         listener.local_addr()?.to_string(),
         std::time::Duration::from_secs(config.server.lease_secs),
+        instance,
         exclusive,
     )
     .await?;

@@ -9,6 +9,12 @@
 //! most one runs, and a new one may start once the last one's lease has
 //! lapsed. With SQLite only one server can use the database (it is in the
 //! data dir), so records of earlier runs are dropped at start.
+//!
+//! A server restarted on the same machine (systemd after a crash) need not
+//! wait for its own dead run's lease: when tangod holds the machine's lock
+//! on its VM prefix (`main.rs`), no other tangod of that user and prefix
+//! runs there, so a record of the same instance (machine id, user, prefix)
+//! is a run that died.
 
 use anyhow::Context;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +44,24 @@ pub struct ServerView {
     pub heartbeat_age_ms: i64,
     /// The server that answered this request.
     pub answering: bool,
+}
+
+/// This server's instance, given that it holds the machine's lock on
+/// `prefix`; None when the machine has no id to tell it by.
+pub fn instance(prefix: &str) -> Option<String> {
+    let machine = std::fs::read_to_string("/etc/machine-id").ok()?;
+    let machine = machine.trim();
+    if machine.is_empty() {
+        return None;
+    }
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    Some(format!("{machine}/{uid}/{prefix}"))
+}
+
+/// Whether `other` is an earlier run of this very instance (so dead).
+fn earlier_run(other: &ServerRecord, instance: Option<&str>) -> bool {
+    instance.is_some() && other.instance.as_deref() == instance
 }
 
 /// Whether another server is alive to refuse this one's start, and why.
@@ -82,6 +106,7 @@ impl Membership {
         name: String,
         address: String,
         lease: Duration,
+        instance: Option<String>,
         exclusive: bool,
     ) -> anyhow::Result<Arc<Membership>> {
         let now = now_ms();
@@ -93,12 +118,16 @@ impl Membership {
             started_ms: now,
             heartbeat_ms: now,
             lease_ms: lease.as_millis() as i64,
+            instance,
         };
         let record = me.clone();
         let (id, others) = blocking(&store, move |s| s.register_server(&record))
             .await
             .context("cannot register this server in the store")?;
         me.id = id;
+        let (earlier, others): (Vec<ServerRecord>, Vec<ServerRecord>) = others
+            .into_iter()
+            .partition(|s| earlier_run(s, me.instance.as_deref()));
         if exclusive {
             if let Some(why) = refusal(&others, now_ms()) {
                 if let Err(e) = blocking(&store, move |s| s.remove_server(id)).await {
@@ -111,6 +140,7 @@ impl Membership {
         let forget: Vec<u64> = others
             .iter()
             .filter(|s| !exclusive || s.heartbeat_age_ms(now) > FORGET_DEAD_AFTER_MS)
+            .chain(&earlier)
             .map(|s| s.id)
             .collect();
         if !forget.is_empty() {
@@ -258,6 +288,7 @@ mod tests {
             started_ms: 0,
             heartbeat_ms,
             lease_ms: 15_000,
+            instance: None,
         }
     }
 
@@ -287,7 +318,14 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(tango_core::testing::MemoryStore::default());
         let lease = Duration::from_secs(15);
         let join = |name: &str, exclusive| {
-            Membership::join(store.clone(), name.into(), "x:1".into(), lease, exclusive)
+            Membership::join(
+                store.clone(),
+                name.into(),
+                "x:1".into(),
+                lease,
+                Some(format!("machine/0/{name}")),
+                exclusive,
+            )
         };
         let first = join("a", true).await.unwrap();
         let e = join("b", true).await.err().expect("a is alive");
@@ -320,5 +358,10 @@ mod tests {
         );
         second.leave().await;
         assert_eq!(store.servers().unwrap().len(), 1);
+        // The same instance again (restarted on its machine, its prefix
+        // lock held): its alive-looking record is an earlier run.
+        let again = join("a", true).await.unwrap();
+        let left: Vec<u64> = store.servers().unwrap().iter().map(|s| s.id).collect();
+        assert_eq!(left, [again.id()]);
     }
 }

@@ -64,7 +64,8 @@ CREATE TABLE servers (
     version TEXT NOT NULL,
     started_ms INTEGER NOT NULL,
     heartbeat_ms INTEGER NOT NULL,
-    lease_ms INTEGER NOT NULL
+    lease_ms INTEGER NOT NULL,
+    instance TEXT
 );
 ",
 ];
@@ -283,7 +284,8 @@ fn upsert_outbox(conn: &Connection, e: &OutboxEntry) -> Result<(), StoreError> {
     Ok(())
 }
 
-const SERVER_COLUMNS: &str = "id, name, address, version, started_ms, heartbeat_ms, lease_ms";
+const SERVER_COLUMNS: &str =
+    "id, name, address, version, started_ms, heartbeat_ms, lease_ms, instance";
 
 fn server_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ServerRecord> {
     Ok(ServerRecord {
@@ -294,6 +296,7 @@ fn server_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ServerRecord> {
         started_ms: row.get(4)?,
         heartbeat_ms: row.get(5)?,
         lease_ms: row.get(6)?,
+        instance: row.get(7)?,
     })
 }
 
@@ -451,15 +454,16 @@ impl Store for SqliteStore {
             .map_err(err)?;
         let others = all_servers(&tx)?;
         tx.execute(
-            "INSERT INTO servers (name, address, version, started_ms, heartbeat_ms, lease_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO servers (name, address, version, started_ms, heartbeat_ms, lease_ms,
+             instance) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 server.name,
                 server.address,
                 server.version,
                 server.started_ms,
                 server.heartbeat_ms,
-                server.lease_ms
+                server.lease_ms,
+                server.instance
             ],
         )
         .map_err(err)?;

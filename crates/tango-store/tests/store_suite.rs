@@ -211,6 +211,7 @@ fn server(name: &str, heartbeat_ms: i64) -> ServerRecord {
         started_ms: heartbeat_ms - 5,
         heartbeat_ms,
         lease_ms: 15_000,
+        instance: Some(format!("machine/0/{name}")),
     }
 }
 
@@ -253,9 +254,17 @@ fn servers_register_heartbeat_and_remove(open: Open) {
         vec![b]
     );
     store.remove_server(b).unwrap();
-    let (c, seen) = store.register_server(&server("c", 9_000)).unwrap();
+    let unlocked = ServerRecord {
+        instance: None,
+        ..server("c", 9_000)
+    };
+    let (c, seen) = store.register_server(&unlocked).unwrap();
     assert!(seen.is_empty());
     assert!(c > b, "{c} after {b}");
+    assert_eq!(
+        store.servers().unwrap(),
+        vec![ServerRecord { id: c, ..unlocked }]
+    );
 }
 
 /// Eight servers (on two stores) registering at once: each sees every one

@@ -7,5 +7,8 @@ CREATE TABLE servers (
     version TEXT NOT NULL,
     started_ms BIGINT NOT NULL,
     heartbeat_ms BIGINT NOT NULL,
-    lease_ms BIGINT NOT NULL
+    lease_ms BIGINT NOT NULL,
+    -- Machine id, user and VM prefix, when the server holds that machine's
+    -- lock on the prefix (see tango-server's servers.rs).
+    instance TEXT
 );

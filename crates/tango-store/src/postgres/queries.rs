@@ -83,12 +83,13 @@ async fn upsert_outbox<'c>(
     Ok(())
 }
 
-type ServerRow = (i64, String, String, String, i64, i64, i64);
+type ServerRow = (i64, String, String, String, i64, i64, i64, Option<String>);
 
-const SERVER_COLUMNS: &str = "id, name, address, version, started_ms, heartbeat_ms, lease_ms";
+const SERVER_COLUMNS: &str =
+    "id, name, address, version, started_ms, heartbeat_ms, lease_ms, instance";
 
 fn server_record(row: ServerRow) -> ServerRecord {
-    let (id, name, address, version, started_ms, heartbeat_ms, lease_ms) = row;
+    let (id, name, address, version, started_ms, heartbeat_ms, lease_ms, instance) = row;
     ServerRecord {
         id: id as u64,
         name,
@@ -97,6 +98,7 @@ fn server_record(row: ServerRow) -> ServerRecord {
         started_ms,
         heartbeat_ms,
         lease_ms,
+        instance,
     }
 }
 
@@ -285,7 +287,7 @@ impl Store for PostgresStore {
                         .await?;
                 let id: i64 = sqlx::query_scalar(
                     "INSERT INTO servers (name, address, version, started_ms, heartbeat_ms,
-                     lease_ms) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+                     lease_ms, instance) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
                 )
                 .bind(&server.name)
                 .bind(&server.address)
@@ -293,6 +295,7 @@ impl Store for PostgresStore {
                 .bind(server.started_ms)
                 .bind(server.heartbeat_ms)
                 .bind(server.lease_ms)
+                .bind(&server.instance)
                 .fetch_one(&mut *tx)
                 .await?;
                 tx.commit().await?;

@@ -614,6 +614,11 @@ impl TangoClient {
         self.v2(Method::GET, &["hosts"]).await
     }
 
+    /// `GET /v2/servers`: the tangod servers sharing the server's store.
+    pub async fn servers(&self) -> Result<Value, ClientError> {
+        self.v2(Method::GET, &["servers"]).await
+    }
+
     /// `POST /v2/hosts/NAME/drain` (or `undrain`): the host's new status.
     pub async fn set_host_draining(&self, name: &str, drain: bool) -> Result<Value, ClientError> {
         let action = if drain { "drain" } else { "undrain" };

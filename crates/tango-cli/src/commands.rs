@@ -119,6 +119,7 @@ async fn dispatch_with_key(
             Ok(0)
         }
         Command::Hosts { action } => hosts(&client, action, json).await,
+        Command::Servers => servers(&client, json).await,
         Command::Run(args) => run_dir(&client, &settings, args, json).await,
         Command::Bench(args) => bench(&client, &settings, args, json).await,
         Command::Health => probe(&client, &settings.url, true, json).await,
@@ -617,6 +618,60 @@ fn hosts_table(list: &[Value]) -> Table {
     table
 }
 
+/// `tango servers`: the servers registry, the answering server marked.
+async fn servers(client: &TangoClient, json: bool) -> Result<u8> {
+    let answer = client.servers().await?;
+    if json {
+        print_json(&answer);
+        return Ok(0);
+    }
+    let list = answer
+        .get("servers")
+        .and_then(Value::as_array)
+        .ok_or_else(|| anyhow!("tangod's /v2/servers answer has no servers list: {answer}"))?;
+    println!("{}", servers_table(list));
+    Ok(0)
+}
+
+fn servers_table(list: &[Value]) -> Table {
+    let mut table = new_table(&[
+        "id",
+        "name",
+        "state",
+        "heartbeat",
+        "lease",
+        "address",
+        "version",
+    ]);
+    let field = |server: &Value, name: &str| cell_text(server.get(name).unwrap_or(&Value::Null));
+    let ms = |server: &Value, name: &str| server.get(name).and_then(Value::as_i64);
+    let secs = |ms: Option<i64>| match ms {
+        Some(ms) => format!("{:.1} s", ms as f64 / 1000.0),
+        None => "?".to_string(),
+    };
+    for server in list {
+        let mut name = field(server, "name");
+        if server.get("answering").and_then(Value::as_bool) == Some(true) {
+            name.push_str(" (this)");
+        }
+        table.add_row(vec![
+            field(server, "id"),
+            name,
+            match server.get("alive").and_then(Value::as_bool) {
+                Some(true) => "alive",
+                Some(false) => "dead",
+                None => "?",
+            }
+            .to_string(),
+            format!("{} ago", secs(ms(server, "heartbeat_age_ms"))),
+            secs(ms(server, "lease_ms")),
+            field(server, "address"),
+            field(server, "version"),
+        ]);
+    }
+    table
+}
+
 /// What `run` and `bench` share: find the image, prepare the courselab and
 /// files, start the callback listener.
 struct Prepared {
@@ -867,6 +922,28 @@ async fn bench(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn servers_table_marks_the_answering_server_and_the_dead() {
+        let list = [
+            serde_json::json!({"id": 1, "name": "a", "alive": false, "heartbeat_age_ms": 42_300,
+                "lease_ms": 2000, "address": "127.0.0.1:1", "version": "0.1.0", "answering": false}),
+            serde_json::json!({"id": 2, "name": "b", "alive": true, "heartbeat_age_ms": 300,
+                "lease_ms": 2000, "address": "127.0.0.1:2", "version": "0.1.0", "answering": true}),
+        ];
+        let text = servers_table(&list).to_string();
+        let rows: Vec<&str> = text.lines().collect();
+        let a = rows.iter().find(|r| r.contains("127.0.0.1:1")).unwrap();
+        assert!(
+            a.contains("dead") && a.contains("42.3 s ago") && !a.contains("(this)"),
+            "{text}"
+        );
+        let b = rows.iter().find(|r| r.contains("127.0.0.1:2")).unwrap();
+        assert!(
+            b.contains("alive") && b.contains("b (this)") && b.contains("0.3 s ago"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn file_args() {

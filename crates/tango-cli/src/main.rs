@@ -124,6 +124,10 @@ pub enum Command {
         #[command(subcommand)]
         action: Option<HostsAction>,
     },
+    /// List the tangod servers registered in the server's store, alive or
+    /// dead, with how old their heartbeat is (over /v2/ with the key as a
+    /// bearer token)
+    Servers,
     /// Check that tangod answers: `/info` with a key (--key, TANGO_KEY, the
     /// config file, else RESTFUL_KEY), `/` without one. Exit 0 or 1; for
     /// container healthchecks (`tango --http-timeout 5 health`).

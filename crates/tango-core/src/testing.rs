@@ -5,7 +5,7 @@
 
 use crate::engine::CallbackSender;
 use crate::model::{parse_machine_name, InputFile, Job, JobId, JobState, Machine};
-use crate::store::{OutboxEntry, Store, StoreError};
+use crate::store::{OutboxEntry, ServerRecord, Store, StoreError};
 use crate::vmms::{HostStatus, RunOutcome, RunRequest, RunStatus, Vmms, VmmsError};
 use async_trait::async_trait;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -21,6 +21,8 @@ pub struct MemoryStore {
     jobs: Mutex<BTreeMap<JobId, Job>>,
     files: Mutex<HashMap<(String, String), String>>,
     outbox: Mutex<BTreeMap<JobId, OutboxEntry>>,
+    servers: Mutex<BTreeMap<u64, ServerRecord>>,
+    server_seq: AtomicU64,
 }
 
 impl Store for MemoryStore {
@@ -118,6 +120,38 @@ impl Store for MemoryStore {
     }
     fn outbox_len(&self) -> Result<usize, StoreError> {
         Ok(self.outbox.lock().unwrap().len())
+    }
+    fn register_server(
+        &self,
+        server: &ServerRecord,
+    ) -> Result<(u64, Vec<ServerRecord>), StoreError> {
+        let mut servers = self.servers.lock().unwrap();
+        let others = servers.values().cloned().collect();
+        let id = self.server_seq.fetch_add(1, Ordering::SeqCst) + 1;
+        servers.insert(
+            id,
+            ServerRecord {
+                id,
+                ..server.clone()
+            },
+        );
+        Ok((id, others))
+    }
+    fn heartbeat_server(&self, id: u64, now_ms: i64) -> Result<bool, StoreError> {
+        Ok(self
+            .servers
+            .lock()
+            .unwrap()
+            .get_mut(&id)
+            .map(|s| s.heartbeat_ms = now_ms)
+            .is_some())
+    }
+    fn servers(&self) -> Result<Vec<ServerRecord>, StoreError> {
+        Ok(self.servers.lock().unwrap().values().cloned().collect())
+    }
+    fn remove_server(&self, id: u64) -> Result<(), StoreError> {
+        self.servers.lock().unwrap().remove(&id);
+        Ok(())
     }
 }
 

@@ -227,6 +227,27 @@ function renderHosts(hosts) {
   $("hosts").tBodies[0].replaceChildren(...rows);
 }
 
+// Every server registered in the store: this one, and others alive or
+// dead (killed, frozen or cut off: their heartbeat is older than their lease).
+function renderServers(servers) {
+  const rows = servers.map((s) =>
+    el(
+      "tr",
+      { "data-server": s.id, class: s.alive ? "" : "down" },
+      ...[
+        s.name + (s.answering ? " (this)" : ""),
+        s.alive ? "alive" : "dead",
+        duration(s.heartbeat_age_ms) + " ago",
+        duration(s.lease_ms),
+        s.address,
+        s.version,
+      ].map((v) => el("td", {}, v)),
+    ),
+  );
+  if (rows.length === 0) rows.push(el("tr", {}, el("td", { class: "empty", colspan: 6 }, "no servers registered")));
+  $("servers").tBodies[0].replaceChildren(...rows);
+}
+
 function renderQueue(queued, now) {
   $("c-queue").textContent = queued.length ? "(" + queued.length + ")" : "";
   // Oldest first: the longest waits lead (fair scheduling may start a
@@ -359,10 +380,11 @@ function showLogin(message) {
 }
 
 async function refresh() {
-  const [summary, pools, hosts, live, finished] = await Promise.all([
+  const [summary, pools, hosts, servers, live, finished] = await Promise.all([
     api("/v2/summary"),
     api("/v2/pools"),
     api("/v2/hosts"),
+    api("/v2/servers"),
     // Live jobs: queued and running together, newest first.
     Promise.all([api("/v2/jobs?state=running&limit=500"), api("/v2/jobs?state=queued&limit=500")]),
     api("/v2/jobs?limit=100"),
@@ -385,6 +407,7 @@ async function refresh() {
   renderChart(summary.throughput);
   renderPools(pools.pools);
   renderHosts(hosts.hosts);
+  renderServers(servers.servers);
   renderQueue(queued, now);
   renderRunning(running, details, now);
   renderFinished(

@@ -103,6 +103,8 @@ pub struct Config {
     /// (it shows counts only, so by default it needs none).
     #[serde(default)]
     pub metrics_require_key: bool,
+    /// This server among the servers sharing the store (`[server]`).
+    pub server: ServerSettings,
     pub engine: EngineConfig,
     pub sandbox: SandboxSettings,
     pub docker: DockerSettings,
@@ -135,6 +137,7 @@ impl Default for Config {
             full_sync: false,
             store: "sqlite".into(),
             metrics_require_key: false,
+            server: ServerSettings::default(),
             engine: EngineConfig::default(),
             sandbox: SandboxSettings::default(),
             docker: DockerSettings::default(),
@@ -142,6 +145,56 @@ impl Default for Config {
             courselabs: vec![],
             ec2: Ec2Settings::default(),
         }
+    }
+}
+
+/// The `[server]` section: how this server shows in the servers registry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    /// The name `/info`, `/metrics` and `tango servers` show; unset: the
+    /// machine's host name.
+    pub name: Option<String>,
+    /// A server whose heartbeat is older than this is dead; the heartbeat
+    /// is renewed every third of it.
+    pub lease_secs: u64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            name: None,
+            lease_secs: 15,
+        }
+    }
+}
+
+impl ServerSettings {
+    fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (1..=3600).contains(&self.lease_secs),
+            "[server] lease_secs is {}: give 1 to 3600 seconds",
+            self.lease_secs
+        );
+        if let Some(name) = &self.name {
+            anyhow::ensure!(
+                !name.trim().is_empty() && name.len() <= 255,
+                "[server] name must be 1 to 255 characters, or unset for the host name"
+            );
+        }
+        Ok(())
+    }
+
+    /// The name this server goes by: the configured one, else the host name.
+    pub fn name(&self) -> String {
+        if let Some(name) = &self.name {
+            return name.trim().to_string();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "tangod".to_string())
     }
 }
 
@@ -506,6 +559,7 @@ impl Config {
         }
         config.check_pools()?;
         config.docker.check()?;
+        config.server.check()?;
         config.engine.courselabs = config.courselabs.clone();
         config.engine.validate()?;
         Ok(config)

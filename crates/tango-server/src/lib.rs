@@ -7,6 +7,7 @@ pub mod callback;
 pub mod config;
 pub mod dashboard;
 pub mod metrics;
+pub mod servers;
 pub mod tls;
 pub mod v1;
 pub mod v2;
@@ -24,6 +25,9 @@ pub struct AppState {
     pub max_upload_bytes: u64,
     /// `/metrics` answers only with a key as a bearer token.
     pub metrics_require_key: bool,
+    /// This server in the servers registry; None for an app not started by
+    /// [`serve`] (tests that build their own engine).
+    pub servers: Option<Arc<servers::Membership>>,
 }
 
 pub fn app(state: AppState) -> axum::Router {
@@ -40,8 +44,14 @@ pub fn app(state: AppState) -> axum::Router {
 
 /// Opens the data dir and store, starts the backends and the engine (which
 /// recovers the previous run's jobs and VMs), and serves until SIGTERM or
-/// SIGINT, then stops gracefully.
-pub async fn serve(config: config::Config, listener: TcpListener) -> anyhow::Result<()> {
+/// SIGINT, then stops gracefully. `instance` says which tangod this is
+/// across restarts on this machine ([`servers::instance`]); give it only
+/// while holding the machine's lock on the VM prefix.
+pub async fn serve(
+    config: config::Config,
+    listener: TcpListener,
+    instance: Option<String>,
+) -> anyhow::Result<()> {
     if config.keys.is_empty() {
         anyhow::bail!(
             "no key configured: pass --key KEY or --key-file FILE (key_file in the config), \
@@ -56,6 +66,9 @@ pub async fn serve(config: config::Config, listener: TcpListener) -> anyhow::Res
         _ => None,
     };
     let store_kind = config::StoreKind::parse(&config.store)?;
+    // Several servers on one PostgreSQL database would each take every live
+    // job for its own: until they share the work (issue 21), one at a time.
+    let exclusive = matches!(store_kind, config::StoreKind::Postgres(_));
     let db = config.data_dir.join("tango.db");
     if store_kind == config::StoreKind::Sqlite {
         // Before anything in the data dir is touched: a newer tangod's data
@@ -90,6 +103,35 @@ pub async fn serve(config: config::Config, listener: TcpListener) -> anyhow::Res
             anyhow::bail!("this tangod was built without PostgreSQL support (feature postgres)")
         }
     };
+    // Before the backends and the engine start: a refused server must not
+    // touch the VMs or jobs of the one that runs.
+    let membership = servers::Membership::join(
+        store.clone(),
+        config.server.name(),
+        listener.local_addr()?.to_string(),
+        std::time::Duration::from_secs(config.server.lease_secs),
+        instance,
+        exclusive,
+    )
+    .await?;
+    let heartbeat = membership.keep_alive();
+    let served = serve_registered(config, listener, tls, store, data, membership.clone()).await;
+    heartbeat.abort();
+    // However serving ended: a server that failed to start or stopped is
+    // not one that died, and must not hold off the next start for a lease.
+    membership.leave().await;
+    served
+}
+
+/// The part of [`serve`] after this server registered.
+async fn serve_registered(
+    config: config::Config,
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    store: Arc<dyn tango_core::Store>,
+    data: Arc<DataDir>,
+    membership: Arc<servers::Membership>,
+) -> anyhow::Result<()> {
     let backends = backends::start(&config).await?;
     // Before the engine starts, so that no SIGHUP meanwhile ends tangod.
     let hangups = match &backends.docker {
@@ -122,6 +164,7 @@ pub async fn serve(config: config::Config, listener: TcpListener) -> anyhow::Res
         keys: Arc::new(config.keys.clone()),
         max_upload_bytes: config.max_upload_bytes,
         metrics_require_key: config.metrics_require_key,
+        servers: Some(membership),
     };
     tracing::info!(
         listen = %listener.local_addr()?,

@@ -30,9 +30,13 @@ async fn serve() -> anyhow::Result<()> {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
-    let _prefix_lock = lock_prefix(&config.engine.prefix).await?;
+    let prefix_lock = lock_prefix(&config.engine.prefix).await?;
+    // Only with the lock held is a record of the same instance surely dead.
+    let instance = prefix_lock
+        .as_ref()
+        .and_then(|_| tango_server::servers::instance(&config.engine.prefix));
     let listener = bind(config.listen).await?;
-    tango_server::serve(config, listener).await
+    tango_server::serve(config, listener, instance).await
 }
 
 /// Host-wide lock files of the VM prefixes in use (root's servers).

@@ -285,6 +285,33 @@ pub fn render(state: &AppState, http: &HttpMetrics) -> String {
 
     docker_hosts(&mut out, &engine.hosts());
 
+    if let Some(servers) = &state.servers {
+        family(
+            &mut out,
+            "tango_servers_alive",
+            "gauge",
+            "tangod servers sharing the store whose heartbeat is younger than their lease.",
+        );
+        sample(
+            &mut out,
+            "tango_servers_alive",
+            &[],
+            servers.alive_count() as f64,
+        );
+        family(
+            &mut out,
+            "tango_server_info",
+            "gauge",
+            "Always 1; the server label names the server that answered.",
+        );
+        sample(
+            &mut out,
+            "tango_server_info",
+            &[("server", servers.name())],
+            1.0,
+        );
+    }
+
     family(
         &mut out,
         "tango_backend_errors_total",

@@ -496,11 +496,14 @@ async fn partial_output(
 
 async fn info(State(state): State<AppState>, V1Path(key): V1Path<String>) -> Response {
     check_key!(state, key);
-    ok(
-        "Found info successfully",
-        json!({ "info": state.engine.info() }),
-    )
-    .into_response()
+    let mut info = json!(state.engine.info());
+    // Beyond Tango's fields: which server answered, and how many share
+    // the store (issue 21).
+    if let (Some(servers), Some(fields)) = (&state.servers, info.as_object_mut()) {
+        fields.insert("server_name".into(), json!(servers.name()));
+        fields.insert("servers_alive".into(), json!(servers.alive_count()));
+    }
+    ok("Found info successfully", json!({ "info": info })).into_response()
 }
 
 /// A job record in Tango's `/jobs` shape, plus `state`, `phases` and

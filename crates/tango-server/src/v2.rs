@@ -42,6 +42,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/v2/hosts", get(hosts))
         .route("/v2/hosts/{name}/drain", post(drain))
         .route("/v2/hosts/{name}/undrain", post(undrain))
+        .route("/v2/servers", get(servers))
         .route("/v2/{*rest}", any(no_such_route))
         .route_layer(axum::middleware::from_fn_with_state(state, authenticate))
 }
@@ -138,7 +139,7 @@ async fn no_such_route() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "no such route; v2 has GET /v2/jobs, /v2/jobs/{id}, /v2/pools, /v2/summary and \
-         /v2/hosts, and POST /v2/hosts/{name}/drain and /v2/hosts/{name}/undrain",
+         /v2/hosts and /v2/servers, and POST /v2/hosts/{name}/drain and /v2/hosts/{name}/undrain",
     )
 }
 
@@ -497,6 +498,22 @@ fn host_name(name: &str) -> Result<&str, ApiError> {
 /// backend has any.
 async fn hosts(State(state): State<AppState>) -> Response {
     fresh(json!({ "hosts": state.engine.hosts() }))
+}
+
+/// `GET /v2/servers`: the tangod servers registered in the store, by id,
+/// each with whether it is alive and how old its heartbeat is.
+async fn servers(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let list = match &state.servers {
+        Some(servers) => servers.fresh().await.map_err(|e| {
+            tracing::error!("cannot list the servers: {e:#}");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot read the servers from the store: {e:#}"),
+            )
+        })?,
+        None => Vec::new(),
+    };
+    Ok(fresh(json!({ "servers": list })))
 }
 
 /// `POST /v2/hosts/{name}/drain`: the host takes no new VMs, its idle VMs

@@ -9,8 +9,6 @@ mod common;
 use common::hosts_backend::{HostsServer, IMAGE};
 use common::*;
 use serde_json::Value;
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const MAKEFILE: &[u8] = b"all:\n\t@echo hello\n";
@@ -69,32 +67,6 @@ async fn run_job(c: &Client, output: &str) -> u64 {
     v["jobId"].as_str().unwrap().parse().unwrap()
 }
 
-/// The `tango` client: $TANGO_BIN, else built into this target directory.
-fn tango_bin() -> PathBuf {
-    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(build_tango).clone()
-}
-
-fn build_tango() -> PathBuf {
-    if let Some(bin) = std::env::var_os("TANGO_BIN") {
-        return PathBuf::from(bin);
-    }
-    let tangod = PathBuf::from(env!("CARGO_BIN_EXE_tangod"));
-    let profile_dir = tangod.parent().expect("tangod's directory");
-    let target = profile_dir.parent().expect("the target directory");
-    let mut args = vec!["build", "-p", "tango-cli", "--bin", "tango"];
-    if profile_dir.file_name().is_some_and(|p| p == "release") {
-        args.push("--release");
-    }
-    let status = Command::new(env!("CARGO"))
-        .args(&args)
-        .env("CARGO_TARGET_DIR", target)
-        .status()
-        .expect("run cargo");
-    assert!(status.success(), "building tango failed");
-    profile_dir.join("tango")
-}
-
 /// The cells of a host's row in `tango hosts` (empty cells left out).
 fn expected_row(h: &Value) -> Vec<String> {
     let text = |field: &str| match &h[field] {
@@ -111,28 +83,6 @@ fn expected_row(h: &Value) -> Vec<String> {
         row.push(text(field));
     }
     row
-}
-
-/// `tango --url URL --key KEY ARGS...` in a blocking thread, with a HOME
-/// holding no config file; (exit code, stdout, stderr).
-async fn tango(url: &str, key: &str, args: &[&str]) -> (i32, String, String) {
-    let home = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(tango_bin());
-    cmd.args(["--url", url, "--key", key])
-        .args(args)
-        .env("HOME", home.path());
-    for var in ["TANGO_CONFIG", "TANGO_URL", "TANGO_KEY", "TANGO_CA_CERT"] {
-        cmd.env_remove(var);
-    }
-    let out = tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .unwrap()
-        .expect("run tango");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

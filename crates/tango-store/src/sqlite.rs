@@ -9,7 +9,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
-use tango_core::{Job, JobId, JobState, OutboxEntry, Store, StoreError};
+use tango_core::{Job, JobId, JobState, OutboxEntry, ServerRecord, Store, StoreError};
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
@@ -53,6 +53,20 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error TEXT
 );
 CREATE INDEX IF NOT EXISTS outbox_by_due ON outbox (next_attempt_ms);
+",
+    // 2: the servers registry (issue 21). AUTOINCREMENT: a removed
+    // server's id is never given again.
+    "
+CREATE TABLE servers (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    address TEXT NOT NULL,
+    version TEXT NOT NULL,
+    started_ms INTEGER NOT NULL,
+    heartbeat_ms INTEGER NOT NULL,
+    lease_ms INTEGER NOT NULL,
+    instance TEXT
+);
 ",
 ];
 
@@ -270,6 +284,30 @@ fn upsert_outbox(conn: &Connection, e: &OutboxEntry) -> Result<(), StoreError> {
     Ok(())
 }
 
+const SERVER_COLUMNS: &str =
+    "id, name, address, version, started_ms, heartbeat_ms, lease_ms, instance";
+
+fn server_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ServerRecord> {
+    Ok(ServerRecord {
+        id: row.get::<_, i64>(0)? as u64,
+        name: row.get(1)?,
+        address: row.get(2)?,
+        version: row.get(3)?,
+        started_ms: row.get(4)?,
+        heartbeat_ms: row.get(5)?,
+        lease_ms: row.get(6)?,
+        instance: row.get(7)?,
+    })
+}
+
+fn all_servers(conn: &Connection) -> Result<Vec<ServerRecord>, StoreError> {
+    let mut stmt = conn
+        .prepare(&format!("SELECT {SERVER_COLUMNS} FROM servers ORDER BY id"))
+        .map_err(err)?;
+    let rows = stmt.query_map([], server_row).map_err(err)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(err)
+}
+
 impl Store for SqliteStore {
     fn next_job_id(&self) -> Result<JobId, StoreError> {
         self.next("job")
@@ -403,6 +441,58 @@ impl Store for SqliteStore {
             .map_err(err)?;
         Ok(n as usize)
     }
+
+    fn register_server(
+        &self,
+        server: &ServerRecord,
+    ) -> Result<(u64, Vec<ServerRecord>), StoreError> {
+        let mut conn = self.conn();
+        // Immediate: the write lock from the start, so that what is read is
+        // what the insert follows.
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let others = all_servers(&tx)?;
+        tx.execute(
+            "INSERT INTO servers (name, address, version, started_ms, heartbeat_ms, lease_ms,
+             instance) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                server.name,
+                server.address,
+                server.version,
+                server.started_ms,
+                server.heartbeat_ms,
+                server.lease_ms,
+                server.instance
+            ],
+        )
+        .map_err(err)?;
+        let id = tx.last_insert_rowid() as u64;
+        tx.commit().map_err(err)?;
+        Ok((id, others))
+    }
+
+    fn heartbeat_server(&self, id: u64, now_ms: i64) -> Result<bool, StoreError> {
+        let changed = self
+            .conn()
+            .execute(
+                "UPDATE servers SET heartbeat_ms = ?2 WHERE id = ?1",
+                params![id as i64, now_ms],
+            )
+            .map_err(err)?;
+        Ok(changed > 0)
+    }
+
+    fn servers(&self) -> Result<Vec<ServerRecord>, StoreError> {
+        all_servers(&self.conn())
+    }
+
+    fn remove_server(&self, id: u64) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM servers WHERE id = ?1", params![id as i64])
+            .map_err(err)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -454,7 +544,7 @@ mod tests {
         assert_eq!(store.get_job(7).unwrap().unwrap(), job(7, JobState::Queued));
         assert_eq!(store.next_job_id().unwrap(), 8);
         drop(store);
-        assert_eq!(user_version(&path), 1);
+        assert_eq!(user_version(&path), SCHEMA_VERSION);
     }
 
     #[test]

@@ -7,7 +7,7 @@ mod support;
 use std::collections::HashSet;
 use std::sync::Arc;
 use support::job::job;
-use tango_core::{JobState, OutboxEntry, Store};
+use tango_core::{JobState, OutboxEntry, ServerRecord, Store};
 
 /// Opens the case's database; each call opens the same one again.
 type Open<'a> = &'a (dyn Fn() -> Arc<dyn Store> + Sync);
@@ -31,6 +31,14 @@ const SUITE: &[(&str, Case)] = &[
     ("outbox_update_replaces", outbox_update_replaces),
     ("files", files),
     ("save_job_time", save_job_time),
+    (
+        "servers_register_heartbeat_and_remove",
+        servers_register_heartbeat_and_remove,
+    ),
+    (
+        "servers_registering_at_once_see_each_other",
+        servers_registering_at_once_see_each_other,
+    ),
 ];
 
 /// Runs every case on a fresh database from `fresh(case name)`.
@@ -194,6 +202,99 @@ fn save_job_time(open: Open) {
     );
 }
 
+fn server(name: &str, heartbeat_ms: i64) -> ServerRecord {
+    ServerRecord {
+        id: 0,
+        name: name.into(),
+        address: format!("{name}.example:3000"),
+        version: "0.1.0".into(),
+        started_ms: heartbeat_ms - 5,
+        heartbeat_ms,
+        lease_ms: 15_000,
+        instance: Some(format!("machine/0/{name}")),
+    }
+}
+
+fn servers_register_heartbeat_and_remove(open: Open) {
+    let store = open();
+    assert!(store.servers().unwrap().is_empty());
+    let (a, seen) = store.register_server(&server("a", 1_000)).unwrap();
+    assert!(seen.is_empty());
+    let (b, seen) = store.register_server(&server("b", 2_000)).unwrap();
+    assert_ne!(a, b);
+    assert_eq!(
+        seen,
+        vec![ServerRecord {
+            id: a,
+            ..server("a", 1_000)
+        }],
+        "the other server, as recorded"
+    );
+    assert!(store.heartbeat_server(a, 7_000).unwrap());
+    let all = store.servers().unwrap();
+    assert_eq!(
+        all.iter()
+            .map(|s| (s.id, s.heartbeat_ms))
+            .collect::<Vec<_>>(),
+        vec![(a, 7_000), (b, 2_000)]
+    );
+    assert_eq!(all[1].address, "b.example:3000");
+    store.remove_server(a).unwrap();
+    assert!(!store.heartbeat_server(a, 8_000).unwrap(), "no record left");
+    // Kept across a reopen; a removed server's id is never given again.
+    drop(store);
+    let store = open();
+    assert_eq!(
+        store
+            .servers()
+            .unwrap()
+            .iter()
+            .map(|s| s.id)
+            .collect::<Vec<_>>(),
+        vec![b]
+    );
+    store.remove_server(b).unwrap();
+    let unlocked = ServerRecord {
+        instance: None,
+        ..server("c", 9_000)
+    };
+    let (c, seen) = store.register_server(&unlocked).unwrap();
+    assert!(seen.is_empty());
+    assert!(c > b, "{c} after {b}");
+    assert_eq!(
+        store.servers().unwrap(),
+        vec![ServerRecord { id: c, ..unlocked }]
+    );
+}
+
+/// Eight servers (on two stores) registering at once: each sees every one
+/// registered before it, so exactly one saw none (the guard's premise).
+fn servers_registering_at_once_see_each_other(open: Open) {
+    let stores = [open(), open()];
+    let start = std::sync::Barrier::new(8);
+    let seen: Vec<(u64, Vec<u64>)> = std::thread::scope(|s| {
+        let registering: Vec<_> = (0..8)
+            .map(|t| {
+                let (store, start) = (stores[t % 2].clone(), &start);
+                s.spawn(move || {
+                    start.wait();
+                    let (id, others) = store
+                        .register_server(&server(&format!("s{t}"), 1_000))
+                        .unwrap();
+                    (id, others.iter().map(|o| o.id).collect::<Vec<_>>())
+                })
+            })
+            .collect();
+        registering.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let mut counts: Vec<usize> = seen.iter().map(|(_, others)| others.len()).collect();
+    counts.sort();
+    assert_eq!(counts, (0..8).collect::<Vec<_>>(), "{seen:?}");
+    for (id, others) in &seen {
+        assert!(others.iter().all(|o| o < id), "{seen:?}");
+    }
+}
+
 #[cfg(feature = "postgres")]
 mod postgres {
     use super::support::job::job;
@@ -242,9 +343,13 @@ mod postgres {
                 .map(|o| o.join().unwrap().unwrap())
                 .collect()
         });
+        // Each migration applied once.
         assert_eq!(
-            server.psql("shared", "SELECT count(*) FROM _sqlx_migrations"),
-            "1"
+            server.psql(
+                "shared",
+                "SELECT count(*) || ' ' || count(DISTINCT version) FROM _sqlx_migrations"
+            ),
+            "2 2"
         );
         let ids: std::collections::HashSet<u64> =
             stores.iter().map(|s| s.next_job_id().unwrap()).collect();
@@ -283,7 +388,7 @@ mod postgres {
         let e = PostgresStore::open(&url).err().expect("refused");
         assert!(
             e.0.contains("schema version 999")
-                && e.0.contains("versions up to 1")
+                && e.0.contains("versions up to 2")
                 && e.0.contains("restore a backup"),
             "{e}"
         );

@@ -198,6 +198,7 @@ impl HostsServer {
             keys: Arc::new(vec![super::KEY.to_string()]),
             max_upload_bytes: 1 << 20,
             metrics_require_key: false,
+            servers: None,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());

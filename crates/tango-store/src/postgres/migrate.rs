@@ -14,11 +14,18 @@ use tango_core::StoreError;
 /// `(version, description, sql)`, oldest first. Add a file and a line for
 /// any change; never edit one that shipped, as databases made by it exist
 /// (sqlx refuses a database whose applied migration's checksum changed).
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "schema",
-    include_str!("../../migrations/postgres/0001_schema.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "schema",
+        include_str!("../../migrations/postgres/0001_schema.sql"),
+    ),
+    (
+        2,
+        "servers",
+        include_str!("../../migrations/postgres/0002_servers.sql"),
+    ),
+];
 
 /// The schema version this build writes and the newest it can open.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;

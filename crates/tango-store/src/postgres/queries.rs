@@ -3,7 +3,7 @@
 
 use super::PostgresStore;
 use sqlx::{Executor, Postgres};
-use tango_core::{Job, JobId, JobState, OutboxEntry, Store, StoreError};
+use tango_core::{Job, JobId, JobState, OutboxEntry, ServerRecord, Store, StoreError};
 
 type Row = (i64, String, String, String, i32, i64, i64, Option<String>);
 
@@ -81,6 +81,25 @@ async fn upsert_outbox<'c>(
     .execute(db)
     .await?;
     Ok(())
+}
+
+type ServerRow = (i64, String, String, String, i64, i64, i64, Option<String>);
+
+const SERVER_COLUMNS: &str =
+    "id, name, address, version, started_ms, heartbeat_ms, lease_ms, instance";
+
+fn server_record(row: ServerRow) -> ServerRecord {
+    let (id, name, address, version, started_ms, heartbeat_ms, lease_ms, instance) = row;
+    ServerRecord {
+        id: id as u64,
+        name,
+        address,
+        version,
+        started_ms,
+        heartbeat_ms,
+        lease_ms,
+        instance,
+    }
 }
 
 fn parse_job(record: &str) -> Result<Job, StoreError> {
@@ -246,5 +265,72 @@ impl Store for PostgresStore {
                 .await
         })?;
         Ok(n as usize)
+    }
+
+    fn register_server(
+        &self,
+        server: &ServerRecord,
+    ) -> Result<(u64, Vec<ServerRecord>), StoreError> {
+        let server = server.clone();
+        let (id, rows): (i64, Vec<ServerRow>) =
+            self.call("registering this server", move |pool| async move {
+                let mut tx = pool.begin().await?;
+                // Servers registering at once take turns, so that the later
+                // one reads the earlier one's row (reads go on meanwhile;
+                // heartbeats wait the few ms it takes).
+                sqlx::query("LOCK TABLE servers IN SHARE ROW EXCLUSIVE MODE")
+                    .execute(&mut *tx)
+                    .await?;
+                let others: Vec<ServerRow> =
+                    sqlx::query_as(&format!("SELECT {SERVER_COLUMNS} FROM servers ORDER BY id"))
+                        .fetch_all(&mut *tx)
+                        .await?;
+                let id: i64 = sqlx::query_scalar(
+                    "INSERT INTO servers (name, address, version, started_ms, heartbeat_ms,
+                     lease_ms, instance) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                )
+                .bind(&server.name)
+                .bind(&server.address)
+                .bind(&server.version)
+                .bind(server.started_ms)
+                .bind(server.heartbeat_ms)
+                .bind(server.lease_ms)
+                .bind(&server.instance)
+                .fetch_one(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok((id, others))
+            })?;
+        Ok((id as u64, rows.into_iter().map(server_record).collect()))
+    }
+
+    fn heartbeat_server(&self, id: u64, now_ms: i64) -> Result<bool, StoreError> {
+        self.call("renewing this server's heartbeat", move |pool| async move {
+            sqlx::query("UPDATE servers SET heartbeat_ms = $2 WHERE id = $1")
+                .bind(id as i64)
+                .bind(now_ms)
+                .execute(&pool)
+                .await
+                .map(|done| done.rows_affected() > 0)
+        })
+    }
+
+    fn servers(&self) -> Result<Vec<ServerRecord>, StoreError> {
+        let rows: Vec<ServerRow> = self.call("listing servers", |pool| async move {
+            sqlx::query_as(&format!("SELECT {SERVER_COLUMNS} FROM servers ORDER BY id"))
+                .fetch_all(&pool)
+                .await
+        })?;
+        Ok(rows.into_iter().map(server_record).collect())
+    }
+
+    fn remove_server(&self, id: u64) -> Result<(), StoreError> {
+        self.call("removing a server's record", move |pool| async move {
+            sqlx::query("DELETE FROM servers WHERE id = $1")
+                .bind(id as i64)
+                .execute(&pool)
+                .await
+                .map(|_| ())
+        })
     }
 }

@@ -1,10 +1,12 @@
 //! The docker backend over several Docker engines (`[[docker.hosts]]`):
 //! each new container goes to the roomiest host that takes containers
-//! (`placement.rs`), images follow jobs to hosts that lack them
-//! (`spread.rs`: streamed from a host that has them, else pulled from the
-//! `[docker] registry`), and hosts that stop answering are taken out and, once
-//! back, swept and let in again (`health.rs`). Each host is driven by a
-//! [`Docker`] of its own; with one host this is that one backend.
+//! (`placement.rs`), images follow jobs to hosts that lack them, one
+//! transfer per host and image (`transfer.rs`; `spread.rs` streams from a
+//! host that has them, else pulls from the `[docker] registry`), and hosts
+//! that stop answering are taken out and, once back, swept and let in again
+//! (`health.rs`); what the fleet knows of each host is in `member.rs`. Each
+//! host is driven by a [`Docker`] of its own; with one host this is that
+//! one backend.
 //!
 //! A call for a VM on a host that is down answers
 //! [`VmmsError::Unavailable`]: the engine then runs the job again on
@@ -15,6 +17,7 @@ mod host;
 mod member;
 mod placement;
 mod spread;
+mod transfer;
 
 pub(in crate::docker) use host::connect_api;
 pub use host::{check_hosts, DockerHost, LOCAL_HOST};
@@ -31,6 +34,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tango_core::model::{InputFile, Machine};
 use tango_core::vmms::{HostStatus, RunOutcome, RunRequest, RunStatus, Vmms, VmmsError};
+use transfer::Fetch;
 
 /// Settings of the fleet.
 #[derive(Debug, Clone)]
@@ -82,14 +86,6 @@ struct Placed {
     /// Its host went down: the VM is forgotten (the host's sweep removes
     /// it), and calls for it answer `Unavailable` until the engine drops it.
     lost: bool,
-}
-
-/// How a host that lacks an image gets it.
-enum Fetch {
-    /// Streamed from the host of that name.
-    Stream(String),
-    /// Pulled from this registry.
-    Pull(String),
 }
 
 struct Inner {
@@ -411,87 +407,6 @@ impl Inner {
             "the docker host chosen for VM {} went down before it was made",
             vm.name
         )))
-    }
-
-    /// Brings `image` to `host` in a task of its own: a transfer that
-    /// outlasts the caller (the engine's initialize timeout) goes on, and
-    /// the VM's next attempt waits for it instead of starting over.
-    async fn bring(
-        self: &Arc<Self>,
-        host: &Arc<Host>,
-        docker: &Arc<Docker>,
-        fetch: Fetch,
-        image: &str,
-    ) -> Result<(), VmmsError> {
-        let (inner, host, docker, image) = (
-            self.clone(),
-            host.clone(),
-            docker.clone(),
-            image.to_string(),
-        );
-        tokio::spawn(async move { inner.bring_now(&host, &docker, fetch, &image).await })
-            .await
-            .map_err(|e| VmmsError::Backend(format!("docker: the image transfer failed: {e}")))?
-    }
-
-    /// Brings `image` to `host` (streamed from another host or pulled
-    /// from the registry) unless it is there by the time this transfer's
-    /// turn comes.
-    async fn bring_now(
-        &self,
-        host: &Arc<Host>,
-        docker: &Docker,
-        fetch: Fetch,
-        image: &str,
-    ) -> Result<(), VmmsError> {
-        let turn = lock(&self.transfers)
-            .entry((host.name.clone(), image.to_string()))
-            .or_default()
-            .clone();
-        let _turn = turn.lock().await;
-        if host.has_image(image) {
-            return Ok(());
-        }
-        let started = std::time::Instant::now();
-        let (brought, how) = match fetch {
-            Fetch::Stream(from) => {
-                let (source_host, source) = self
-                    .host(&from)
-                    .and_then(|h| h.docker().map(|d| (h, d)))
-                    .ok_or_else(|| VmmsError::Unavailable(format!("docker host {from} is down")))?;
-                tracing::info!(image, from, to = %host.name, "docker: streaming the image");
-                // Either end stopping to answer ends the transfer.
-                let streamed = source_host
-                    .unless_cut(host.unless_cut(spread::stream_image(&source, docker, image)))
-                    .await;
-                // A source that died mid-stream is the fault of its host,
-                // not the job's: `Unavailable`, as for the target below.
-                let streamed = self.settle(&source_host, &source, streamed).await;
-                (streamed, format!("streamed from docker host {from}"))
-            }
-            Fetch::Pull(registry) => {
-                tracing::info!(image, registry, to = %host.name, "docker: pulling the image");
-                let pulled = host
-                    .unless_cut(spread::pull_image(docker, &registry, image))
-                    .await;
-                (pulled, format!("pulled from registry {registry}"))
-            }
-        };
-        self.settle(host, docker, brought).await?;
-        {
-            let mut state = lock(&host.state);
-            state.outdated.remove(image);
-            if let Some(images) = state.images.as_mut() {
-                images.insert(image.to_string());
-            }
-        }
-        tracing::info!(
-            image,
-            to = %host.name,
-            secs = started.elapsed().as_secs_f64(),
-            "docker: image {how}"
-        );
-        Ok(())
     }
 }
 

@@ -9,5 +9,7 @@ pub mod conformance;
 pub mod docker;
 #[cfg(feature = "ec2")]
 pub mod ec2;
+#[cfg(any(feature = "docker", feature = "ec2"))]
+mod output_file;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;

@@ -531,16 +531,8 @@ impl Docker {
     /// Copies the last job's output file to `dest` (Tango's copyOut).
     pub(super) async fn copy_output(&self, vm: &Machine, dest: &Path) -> Result<(), VmmsError> {
         let name = container_name(vm);
-        let output = self
-            .with_state(&name, |state| state.output.clone())
-            .ok_or_else(|| VmmsError::Backend(format!("no job has run in {name}")))?;
-        tokio::fs::copy(&output, dest).await.map_err(|e| {
-            VmmsError::io(
-                format!("cannot copy {} to {}", output.display(), dest.display()),
-                e,
-            )
-        })?;
-        Ok(())
+        let output = self.with_state(&name, |state| state.output.clone());
+        crate::output_file::copy_last_output(output, &name, dest).await
     }
 
     /// What the running job has written so far, at most `max_bytes`.

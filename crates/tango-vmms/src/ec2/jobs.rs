@@ -244,16 +244,8 @@ impl Ec2 {
     }
 
     pub(super) async fn copy_output(&self, vm: &Machine, dest: &Path) -> Result<(), VmmsError> {
-        let output = self
-            .with_state(&vm.name, |s| s.output.clone())
-            .ok_or_else(|| VmmsError::Backend(format!("no job has run in {}", vm.name)))?;
-        tokio::fs::copy(&output, dest).await.map_err(|e| {
-            VmmsError::io(
-                format!("cannot copy {} to {}", output.display(), dest.display()),
-                e,
-            )
-        })?;
-        Ok(())
+        let output = self.with_state(&vm.name, |s| s.output.clone());
+        crate::output_file::copy_last_output(output, &vm.name, dest).await
     }
 
     pub(super) async fn read_partial_output(

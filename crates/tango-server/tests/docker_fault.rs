@@ -141,11 +141,5 @@ async fn dockerd_restart_mid_batch_loses_no_job() {
             "job {i}: {body}"
         );
     }
-    let prefix = server.prefix.clone();
-    let data_dir = server.data_dir.clone();
-    drop(server);
-    assert_eq!(
-        leftover_vms("docker", &prefix, &data_dir),
-        Vec::<String>::new()
-    );
+    stop_leaving_no_vms(server, "docker");
 }

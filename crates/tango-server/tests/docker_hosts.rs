@@ -16,37 +16,10 @@ use std::time::{Duration, Instant};
 const ENGINE: &str = "tango-hostsapi";
 const MAKEFILE: &[u8] = b"all:\n\t@echo 'Hello from a docker host'\n";
 
-async fn hosts(c: &Client) -> Vec<Value> {
-    let r = c
-        .http
-        .get(format!("{}/v2/hosts", c.url))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let v: Value = r.json().await.unwrap();
-    v["hosts"].as_array().unwrap().clone()
-}
-
-fn host<'a>(hosts: &'a [Value], name: &str) -> &'a Value {
-    hosts
-        .iter()
-        .find(|h| h["name"] == name)
-        .unwrap_or_else(|| panic!("no host {name}: {hosts:?}"))
-}
-
 async fn metric(c: &Client, line_start: &str) -> Option<f64> {
-    let text = c
-        .http
-        .get(format!("{}/metrics", c.url))
-        .send()
+    c.metrics_text()
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
+        .lines()
         .find_map(|l| l.strip_prefix(line_start)?.strip_prefix(' ')?.parse().ok())
 }
 
@@ -54,8 +27,8 @@ async fn metric(c: &Client, line_start: &str) -> Option<f64> {
 async fn wait_up(c: &Client, name: &str, up: bool) {
     let start = Instant::now();
     loop {
-        let all = hosts(c).await;
-        if host(&all, name)["up"] == up {
+        let all = c.v2_list("/v2/hosts", "hosts").await;
+        if by_name(&all, name)["up"] == up {
             return;
         }
         assert!(
@@ -92,14 +65,14 @@ async fn a_drained_engine_takes_no_jobs_and_a_dead_one_shows_down() {
     let server = Tangod::start(&dir.path().join("data"), &config);
     let c = server.client();
 
-    let all = hosts(&c).await;
+    let all = c.v2_list("/v2/hosts", "hosts").await;
     let names: Vec<&str> = all.iter().map(|h| h["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["local", ENGINE], "{all:?}");
     assert!(
         all.iter().all(|h| h["up"] == true && h["vmms"] == "docker"),
         "{all:?}"
     );
-    assert_eq!(host(&all, ENGINE)["url"], engine.url.as_str());
+    assert_eq!(by_name(&all, ENGINE)["url"], engine.url.as_str());
 
     // Drain the machine's own engine: every job runs on the other one.
     let r = c

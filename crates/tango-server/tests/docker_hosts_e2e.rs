@@ -183,12 +183,7 @@ async fn wait_until(what: &str, limit: Duration, mut check: impl AsyncFnMut() ->
 
 fn assert_no_leftovers(server: Tangod, engines: &[&Engine]) {
     let prefix = server.prefix.clone();
-    let data_dir = server.data_dir.clone();
-    drop(server);
-    assert_eq!(
-        leftover_vms("docker", &prefix, &data_dir),
-        Vec::<String>::new()
-    );
+    stop_leaving_no_vms(server, "docker");
     for engine in engines {
         assert_eq!(
             containers_of(engine, &prefix),

@@ -143,8 +143,6 @@ async fn every_example_job(vmms: &str, image: &str, run_as: Option<RootlessUser>
         run_as,
     );
     let c = server.client();
-    let prefix = server.prefix.clone();
-    let data_dir = server.data_dir.clone();
     let receiver = Receiver::start().await;
 
     // A secret in another courselab, which snoop must not see.
@@ -305,8 +303,7 @@ async fn every_example_job(vmms: &str, image: &str, run_as: Option<RootlessUser>
     assert!(o.contains(success), "{o}");
 
     // No container or sandbox of this server is left once it stops.
-    drop(server);
-    assert_eq!(leftover_vms(vmms, &prefix, &data_dir), Vec::<String>::new());
+    stop_leaving_no_vms(server, vmms);
     // Every process of the hostile jobs is gone.
     if vmms == "sandbox" {
         assert_eq!(

@@ -27,24 +27,11 @@ async fn v2(c: &Client, method: reqwest::Method, path: &str, token: Option<&str>
     )
 }
 
-async fn get_hosts(c: &Client) -> Vec<Value> {
-    let (status, v) = v2(c, reqwest::Method::GET, "/v2/hosts", Some(KEY)).await;
-    assert_eq!(status, 200, "{v}");
-    v["hosts"].as_array().unwrap().clone()
-}
-
-fn host<'a>(hosts: &'a [Value], name: &str) -> &'a Value {
-    hosts
-        .iter()
-        .find(|h| h["name"] == name)
-        .unwrap_or_else(|| panic!("no host {name} in {hosts:?}"))
-}
-
 /// Waits until `check` holds for `GET /v2/hosts`, or fails after 20 s.
 async fn wait_hosts(c: &Client, what: &str, check: impl Fn(&[Value]) -> bool) {
     let start = Instant::now();
     loop {
-        let hosts = get_hosts(c).await;
+        let hosts = c.v2_list("/v2/hosts", "hosts").await;
         if check(&hosts) {
             return;
         }
@@ -107,14 +94,16 @@ async fn hosts_are_listed_drained_undrained_and_measured() {
         assert_eq!(status, 400, "{method} {path}: a key in the URL is refused");
     }
     assert!(
-        !get_hosts(&c).await[0]["draining"].as_bool().unwrap(),
+        !c.v2_list("/v2/hosts", "hosts").await[0]["draining"]
+            .as_bool()
+            .unwrap(),
         "nothing was drained without the key"
     );
 
-    let hosts = get_hosts(&c).await;
+    let hosts = c.v2_list("/v2/hosts", "hosts").await;
     let names: Vec<&str> = hosts.iter().map(|h| h["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["alpha", "beta"]);
-    let alpha = host(&hosts, "alpha");
+    let alpha = by_name(&hosts, "alpha");
     for (field, value) in [
         ("vmms", Value::from("docker")),
         ("url", "tcp://alpha.example.edu:2376".into()),
@@ -158,7 +147,10 @@ async fn hosts_are_listed_drained_undrained_and_measured() {
     let v = c.get(&format!("/prealloc/{KEY}/{IMAGE}/2/")).await;
     assert_eq!(v["statusId"], 0, "{v}");
     c.wait_pool(IMAGE, 2).await;
-    assert_eq!(host(&get_hosts(&c).await, "alpha")["vms"], 2);
+    assert_eq!(
+        by_name(&c.v2_list("/v2/hosts", "hosts").await, "alpha")["vms"],
+        2
+    );
 
     // Drained: the answer is its new status; its idle VMs go.
     let (status, v) = v2(&c, Method::POST, "/v2/hosts/alpha/drain", Some(KEY)).await;
@@ -166,7 +158,7 @@ async fn hosts_are_listed_drained_undrained_and_measured() {
     assert_eq!(v["name"], "alpha", "{v}");
     assert_eq!(v["draining"], true, "{v}");
     wait_hosts(&c, "alpha's idle VMs removed", |h| {
-        host(h, "alpha")["vms"] == 0
+        by_name(h, "alpha")["vms"] == 0
     })
     .await;
     let pool = c.get(&format!("/pool/{KEY}/{IMAGE}/")).await;
@@ -202,10 +194,10 @@ async fn hosts_are_listed_drained_undrained_and_measured() {
     // (target 2) was topped up on beta after the job: wait for that first.
     c.wait_pool(IMAGE, 2).await;
     let text = c.metrics_text().await;
-    let hosts = get_hosts(&c).await;
-    assert_eq!(host(&hosts, "alpha")["vm_starts"], 2, "{hosts:?}");
+    let hosts = c.v2_list("/v2/hosts", "hosts").await;
+    assert_eq!(by_name(&hosts, "alpha")["vm_starts"], 2, "{hosts:?}");
     assert!(
-        host(&hosts, "beta")["vm_starts"].as_u64() >= Some(1),
+        by_name(&hosts, "beta")["vm_starts"].as_u64() >= Some(1),
         "{hosts:?}"
     );
     let mut lines = vec![
@@ -251,7 +243,10 @@ async fn hosts_are_listed_drained_undrained_and_measured() {
         .await
         .lines()
         .any(|l| l == "tango_docker_host_up{host=\"beta\"} 0"));
-    assert_eq!(host(&get_hosts(&c).await, "beta")["up"], false);
+    assert_eq!(
+        by_name(&c.v2_list("/v2/hosts", "hosts").await, "beta")["up"],
+        false
+    );
 
     // `tango hosts`: the table, JSON, drain and undrain, and the errors.
     let url = server.url.clone();
@@ -272,15 +267,15 @@ async fn hosts_are_listed_drained_undrained_and_measured() {
             .filter(|cell| !cell.is_empty())
             .collect()
     };
-    let hosts = get_hosts(&c).await;
+    let hosts = c.v2_list("/v2/hosts", "hosts").await;
     assert_eq!(
         row(&out, "alpha"),
-        expected_row(host(&hosts, "alpha")),
+        expected_row(by_name(&hosts, "alpha")),
         "{out}"
     );
     assert_eq!(
         row(&out, "beta"),
-        expected_row(host(&hosts, "beta")),
+        expected_row(by_name(&hosts, "beta")),
         "{out}"
     );
     assert_eq!(row(&out, "alpha")[2..4], ["up", "draining"], "{out}");
@@ -295,10 +290,13 @@ async fn hosts_are_listed_drained_undrained_and_measured() {
     assert!(out.contains("alpha undrained"), "{out}");
     assert_eq!(
         row(&out, "alpha"),
-        expected_row(host(&get_hosts(&c).await, "alpha")),
+        expected_row(by_name(&c.v2_list("/v2/hosts", "hosts").await, "alpha")),
         "{out}"
     );
-    assert_eq!(host(&get_hosts(&c).await, "alpha")["draining"], false);
+    assert_eq!(
+        by_name(&c.v2_list("/v2/hosts", "hosts").await, "alpha")["draining"],
+        false
+    );
     let (code, out, err) = tango(&url, KEY, &["--json", "hosts", "drain", "beta"]).await;
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
@@ -350,7 +348,7 @@ async fn hosts_are_listed_drained_undrained_and_measured() {
     let tag = &dom[at..at + dom[at..].find('>').unwrap()];
     assert!(!tag.contains("hidden"), "the hosts card is hidden: {tag}");
     let table = table_body(&dom, "hosts");
-    for h in get_hosts(&c).await {
+    for h in c.v2_list("/v2/hosts", "hosts").await {
         let state = match (h["up"].as_bool(), h["draining"].as_bool()) {
             (Some(true), Some(false)) => "up",
             (Some(true), Some(true)) => "up, draining",

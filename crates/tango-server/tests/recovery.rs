@@ -118,9 +118,7 @@ async fn kill9_with_200_jobs(vmms: &str, image: &str) {
     eprintln!(
         "crash test ({vmms}): {before_restart} callbacks before the crash, {duplicates} duplicates"
     );
-    let (prefix, data_dir) = (server.prefix.clone(), server.data_dir.clone());
-    drop(server);
-    assert_eq!(leftover_vms(vmms, &prefix, &data_dir), Vec::<String>::new());
+    stop_leaving_no_vms(server, vmms);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

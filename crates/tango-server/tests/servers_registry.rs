@@ -10,7 +10,6 @@ mod common;
 mod postgres;
 
 use common::*;
-use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,26 +18,6 @@ const LEASE_SECS: u64 = 3;
 
 fn config(store: &str, name: &str) -> String {
     format!("store = \"{store}\"\n[server]\nname = \"{name}\"\nlease_secs = {LEASE_SECS}\n")
-}
-
-/// `GET /v2/servers` with the key as a bearer token.
-async fn servers(c: &Client) -> Vec<Value> {
-    let r = c
-        .http
-        .get(format!("{}/v2/servers", c.url))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let v: Value = r.json().await.unwrap();
-    v["servers"].as_array().expect("a servers list").clone()
-}
-
-fn named<'a>(list: &'a [Value], name: &str) -> &'a Value {
-    list.iter()
-        .find(|s| s["name"] == name)
-        .unwrap_or_else(|| panic!("no server {name} in {list:?}"))
 }
 
 /// tangod as a plain process that is expected to exit: (exit code, stderr).
@@ -124,7 +103,7 @@ async fn a_second_server_on_postgres_waits_for_the_first_ones_lease() {
     );
     // The first heartbeats on: it stays alive well past its lease.
     tokio::time::sleep(Duration::from_secs(LEASE_SECS + 1)).await;
-    let list = servers(&c).await;
+    let list = c.v2_list("/v2/servers", "servers").await;
     assert_eq!(list.len(), 1, "{list:?}");
     assert_eq!(list[0]["alive"], true, "{list:?}");
     assert_eq!(list[0]["answering"], true, "{list:?}");
@@ -154,9 +133,9 @@ async fn a_second_server_on_postgres_waits_for_the_first_ones_lease() {
     let out = c.wait_output("lab", "slow", Duration::from_secs(30)).await;
     assert!(String::from_utf8_lossy(&out).contains("finished"));
 
-    let list = servers(&c).await;
+    let list = c.v2_list("/v2/servers", "servers").await;
     assert_eq!(list.len(), 2, "{list:?}");
-    let (dead, alive) = (named(&list, "first"), named(&list, "second"));
+    let (dead, alive) = (by_name(&list, "first"), by_name(&list, "second"));
     assert_eq!(dead["alive"], false, "{list:?}");
     assert_eq!(dead["answering"], false, "{list:?}");
     assert_eq!(dead["address"], first_address.as_str(), "{list:?}");
@@ -242,12 +221,12 @@ async fn with_sqlite_a_restart_right_after_a_crash_is_not_refused() {
     }
     let dir = tempfile::tempdir().unwrap();
     let mut server = Tangod::start(&dir.path().join("data"), &config("sqlite", "solo"));
-    let before = servers(&server.client()).await;
+    let before = server.client().v2_list("/v2/servers", "servers").await;
     assert_eq!(before.len(), 1, "{before:?}");
     // Within the lease of the killed run: SQLite has one server, so the
     // earlier record is a dead run, dropped.
     server.restart();
-    let after = servers(&server.client()).await;
+    let after = server.client().v2_list("/v2/servers", "servers").await;
     assert_eq!(after.len(), 1, "{after:?}");
     assert_ne!(after[0]["id"], before[0]["id"], "{after:?}");
     assert_eq!(after[0]["alive"], true);

@@ -71,6 +71,20 @@ pub fn leftover_vms(vmms: &str, prefix: &str, data_dir: &Path) -> Vec<String> {
     }
 }
 
+/// Stops `server` and checks that none of its VMs of backend `vmms` is left.
+pub fn stop_leaving_no_vms(server: Tangod, vmms: &str) {
+    let (prefix, data_dir) = (server.prefix.clone(), server.data_dir.clone());
+    drop(server);
+    assert_eq!(leftover_vms(vmms, &prefix, &data_dir), Vec::<String>::new());
+}
+
+/// The entry named `name` of a /v2 list (`/v2/hosts`, `/v2/servers`).
+pub fn by_name<'a>(list: &'a [Value], name: &str) -> &'a Value {
+    list.iter()
+        .find(|entry| entry["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {list:?}"))
+}
+
 /// The static autodriver: $TANGO_AUTODRIVER, or built now with cargo.
 pub fn autodriver() -> PathBuf {
     static BUILT: Mutex<Option<PathBuf>> = Mutex::new(None);
@@ -490,6 +504,24 @@ impl Client {
             .unwrap();
         assert_eq!(r.status(), 200);
         r.text().await.unwrap()
+    }
+
+    /// The list under `field` of `GET path`, a /v2 route, with the key as a
+    /// bearer token (answered 200).
+    pub async fn v2_list(&self, path: &str, field: &str) -> Vec<Value> {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "GET {path}");
+        let v: Value = r.json().await.unwrap();
+        v[field]
+            .as_array()
+            .unwrap_or_else(|| panic!("GET {path}: no list {field}: {v}"))
+            .clone()
     }
 
     pub async fn get(&self, path: &str) -> Value {

@@ -177,20 +177,23 @@ impl PgServer {
 
     /// A new empty database; its URL.
     pub fn create_db(&self, name: &str) -> String {
-        let port = self.port.to_string();
-        run_ok(
-            Command::new(self.bin.join("createdb")).args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-U",
-                "postgres",
-                name,
-            ]),
-            "createdb",
-        );
+        run_ok(self.client_tool("createdb").arg(name), "createdb");
         self.url(name)
+    }
+
+    /// A client program of PostgreSQL's (`psql`, `createdb`) pointed at this
+    /// server as the superuser.
+    fn client_tool(&self, program: &str) -> Command {
+        let mut command = Command::new(self.bin.join(program));
+        command.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+        ]);
+        command
     }
 
     pub fn url(&self, db: &str) -> String {
@@ -199,23 +202,9 @@ impl PgServer {
 
     /// SQL run by `psql` as the superuser; its output, unaligned.
     pub fn psql(&self, db: &str, sql: &str) -> String {
-        let port = self.port.to_string();
         let out = run_ok(
-            Command::new(self.bin.join("psql")).args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-U",
-                "postgres",
-                "-d",
-                db,
-                "-XAtq",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-c",
-                sql,
-            ]),
+            self.client_tool("psql")
+                .args(["-d", db, "-XAtq", "-v", "ON_ERROR_STOP=1", "-c", sql]),
             "psql",
         );
         String::from_utf8_lossy(&out.stdout).trim().to_string()

@@ -6,7 +6,8 @@ use crate::client::{JobFile, JobRequest, PollResult, PreallocOptions, TangoClien
 use crate::config::{self, Settings};
 use crate::run::{self, JobTemplate, Summary, Wait};
 use crate::{
-    AddJobArgs, BenchArgs, Cli, Command, HostsAction, JobRunArgs, RunArgs, EXIT_JOB_FAILED,
+    AddJobArgs, BenchArgs, Cli, Command, HostsAction, JobRunArgs, RunArgs, EXIT_ERROR,
+    EXIT_JOB_FAILED,
 };
 use anyhow::{anyhow, bail, Context, Result};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, ContentArrangement, Table};
@@ -58,13 +59,17 @@ async fn dispatch_with_key(
         Command::Bench(args) => args.run.image.clone(),
         _ => None,
     };
-    let settings = config::resolve(global.url, global.key, image_from_command, file)?;
-    let client = TangoClient::new(
-        &settings.url,
-        &settings.key,
-        Duration::from_secs(global.http_timeout.max(1)),
-        ca_cert.as_deref(),
-    )?;
+    let urls = given_urls(global.url, matches!(command, Command::Bench(_)))?;
+    let settings = config::resolve(urls.first().cloned(), global.key, image_from_command, file)?;
+    let new_client = |url: &str| {
+        TangoClient::new(
+            url,
+            &settings.key,
+            Duration::from_secs(global.http_timeout.max(1)),
+            ca_cert.as_deref(),
+        )
+    };
+    let client = new_client(&settings.url)?;
     let json = global.json;
     match command {
         Command::Open { courselab } => open(&client, &courselab, json).await,
@@ -121,9 +126,34 @@ async fn dispatch_with_key(
         Command::Hosts { action } => hosts(&client, action, json).await,
         Command::Servers => servers(&client, json).await,
         Command::Run(args) => run_dir(&client, &settings, args, json).await,
-        Command::Bench(args) => bench(&client, &settings, args, json).await,
+        Command::Bench(args) => {
+            let mut clients = vec![client];
+            for url in urls.iter().skip(1) {
+                clients.push(new_client(url)?);
+            }
+            bench(&clients, &settings, args, json).await
+        }
         Command::Health => probe(&client, &settings.url, true, json).await,
     }
+}
+
+/// The server URLs given (`--url` repeated or comma-separated, or
+/// `TANGO_URL`), blanks dropped; several only where `several` allows.
+fn given_urls(urls: Vec<String>, several: bool) -> Result<Vec<String>> {
+    let urls: Vec<String> = urls
+        .into_iter()
+        .map(|url| url.trim().to_string())
+        .filter(|url| !url.is_empty())
+        .collect();
+    if urls.len() > 1 && !several {
+        bail!(
+            "{} server URLs given ({}), but only `tango bench` spreads its requests over \
+             several servers; give this command one --url (or TANGO_URL)",
+            urls.len(),
+            urls.join(", ")
+        );
+    }
+    Ok(urls)
 }
 
 fn new_table(header: &[&str]) -> Table {
@@ -387,9 +417,8 @@ async fn health(
     file: config::ConfigFile,
     ca_cert: Option<std::path::PathBuf>,
 ) -> Result<u8> {
-    let url = global
-        .url
-        .filter(|u| !u.is_empty())
+    let url = given_urls(global.url, false)?
+        .pop()
         .or(file.url)
         .unwrap_or_else(|| config::DEFAULT_URL.to_string());
     let key = global
@@ -797,7 +826,15 @@ async fn run_dir(
         return Ok(EXIT_JOB_FAILED);
     }
     let label = args.dir.display().to_string();
-    let summary = batch(client, prepared, &label, args.jobs, args.concurrency, json).await;
+    let summary = batch(
+        std::slice::from_ref(client),
+        prepared,
+        &label,
+        args.jobs,
+        args.concurrency,
+        json,
+    )
+    .await;
     report_summary(&summary, json);
     Ok(if summary.failures == 0 {
         0
@@ -807,7 +844,7 @@ async fn run_dir(
 }
 
 async fn batch(
-    client: &TangoClient,
+    clients: &[TangoClient],
     prepared: Prepared,
     label: &str,
     count: usize,
@@ -816,7 +853,7 @@ async fn batch(
 ) -> Summary {
     let bar = progress_bar(count, json);
     let (results, wall) = run::run_batch(
-        client,
+        clients,
         prepared.template.clone(),
         prepared.wait.clone(),
         count,
@@ -825,14 +862,14 @@ async fn batch(
     )
     .await;
     bar.finish_and_clear();
-    run::summarize(
-        label,
-        &prepared.template.image,
-        &results,
+    let facts = run::BatchFacts {
+        job: label,
+        image: &prepared.template.image,
+        servers: clients.len(),
         concurrency,
         wall,
-        &prepared.wait,
-    )
+    };
+    run::summarize(&facts, &results, &prepared.wait)
 }
 
 fn list_or_none(items: &[String]) -> String {
@@ -870,6 +907,7 @@ fn report_summary(summary: &Summary, json: bool) {
             format!("{} / {} / {}", ms(l.min_ms), ms(l.mean_ms), ms(l.max_ms)),
         ]);
     }
+    add_latency_rows(&mut table, summary.add_latency.as_ref());
     table.add_row(vec![
         "throughput".to_string(),
         format!("{:.2} jobs/s", summary.throughput_jobs_per_sec),
@@ -879,19 +917,64 @@ fn report_summary(summary: &Summary, json: bool) {
         format!("{:.2} s", summary.wall_secs),
     ]);
     println!("{table}");
-    if !summary.failure_reasons.is_empty() {
-        let mut reasons = new_table(&["failure", "count"]);
-        for (reason, count) in &summary.failure_reasons {
-            reasons.add_row(vec![reason.clone(), count.to_string()]);
-        }
-        println!("{reasons}");
+    print_failure_reasons(&summary.failure_reasons);
+}
+
+/// How long addJob took to answer.
+fn add_latency_rows(table: &mut Table, latency: Option<&run::Latencies>) {
+    if let Some(l) = latency {
+        table.add_row(vec![
+            "addJob answer p50 / p95 / max".to_string(),
+            format!("{:.1} / {:.1} / {:.1} ms", l.p50_ms, l.p95_ms, l.max_ms),
+        ]);
     }
 }
 
+fn print_failure_reasons(reasons: &std::collections::BTreeMap<String, usize>) {
+    if reasons.is_empty() {
+        return;
+    }
+    let mut table = new_table(&["failure", "count"]);
+    for (reason, count) in reasons {
+        table.add_row(vec![reason.clone(), count.to_string()]);
+    }
+    println!("{table}");
+}
+
+fn report_adds(summary: &run::AddSummary, json: bool) {
+    if json {
+        print_json(summary);
+        return;
+    }
+    let mut table = new_table(&["measure", "value"]);
+    table.add_row(vec!["job".to_string(), summary.job.clone()]);
+    table.add_row(vec!["image".to_string(), summary.image.clone()]);
+    table.add_row(vec![
+        "addJobs (at once), servers".to_string(),
+        format!(
+            "{} ({}), {}",
+            summary.jobs, summary.concurrency, summary.servers
+        ),
+    ]);
+    table.add_row(vec!["added".to_string(), summary.added.to_string()]);
+    table.add_row(vec!["failures".to_string(), summary.failures.to_string()]);
+    add_latency_rows(&mut table, summary.add_latency.as_ref());
+    table.add_row(vec![
+        "addJob rate".to_string(),
+        format!("{:.1} addJobs/s", summary.addjob_per_sec),
+    ]);
+    table.add_row(vec![
+        "wall time".to_string(),
+        format!("{:.2} s", summary.wall_secs),
+    ]);
+    println!("{table}");
+    print_failure_reasons(&summary.failure_reasons);
+}
+
 async fn bench(
-    client: &TangoClient,
+    clients: &[TangoClient],
     settings: &Settings,
-    args: BenchArgs,
+    mut args: BenchArgs,
     json: bool,
 ) -> Result<u8> {
     if args.count == 0 {
@@ -900,10 +983,39 @@ async fn bench(
     if args.concurrency == 0 {
         bail!("-c/--concurrency must be at least 1");
     }
+    let Some(first) = clients.first() else {
+        bail!("no server to bench: give --url");
+    };
+    // Nobody waits for the results of --add-only, so no callback listener.
+    args.run.poll |= args.add_only;
     let dir = run::find_example_job(&args.job)?;
-    let prepared = prepare_run(client, settings, &dir, &args.run).await?;
+    // The files go to the first server only: servers that share a store
+    // share the courselab's files, as behind a load balancer.
+    let prepared = prepare_run(first, settings, &dir, &args.run).await?;
+    if args.add_only {
+        let bar = progress_bar(args.count, json);
+        let (results, wall) = run::add_batch(
+            clients,
+            prepared.template.clone(),
+            args.count,
+            args.concurrency,
+            &bar,
+        )
+        .await;
+        bar.finish_and_clear();
+        let facts = run::BatchFacts {
+            job: &args.job,
+            image: &prepared.template.image,
+            servers: clients.len(),
+            concurrency: args.concurrency,
+            wall,
+        };
+        let summary = run::summarize_adds(&facts, &results);
+        report_adds(&summary, json);
+        return Ok(if summary.failures == 0 { 0 } else { EXIT_ERROR });
+    }
     let summary = batch(
-        client,
+        clients,
         prepared,
         &args.job,
         args.count,

@@ -42,9 +42,11 @@ pub struct Cli {
 
 #[derive(Args, Debug)]
 pub struct Global {
-    /// Server address, e.g. http://127.0.0.1:3000
-    #[arg(long, env = "TANGO_URL", global = true)]
-    pub url: Option<String>,
+    /// Server address, e.g. http://127.0.0.1:3000. `bench` takes several
+    /// servers that share one store (repeat --url, or a comma-separated
+    /// list) and adds its jobs to them in turn
+    #[arg(long, env = "TANGO_URL", global = true, value_delimiter = ',')]
+    pub url: Vec<String>,
     /// Access key (the first path segment of every route)
     #[arg(long, env = "TANGO_KEY", global = true, hide_env_values = true)]
     pub key: Option<String>,
@@ -242,9 +244,14 @@ pub struct BenchArgs {
     /// Number of jobs
     #[arg(short = 'n', long = "count", default_value_t = 20)]
     pub count: usize,
-    /// Jobs in flight at once
+    /// Jobs in flight at once (with --add-only: addJob requests at once)
     #[arg(short = 'c', long, default_value_t = 4)]
     pub concurrency: usize,
+    /// Only add the jobs, C requests at a time, without waiting for their
+    /// results: measures the addJob rate alone (the jobs stay on the
+    /// server, queued or running)
+    #[arg(long)]
+    pub add_only: bool,
 }
 
 /// Exit status of a usage error (clap's own).

@@ -191,25 +191,20 @@ pub struct JobResult {
     pub score: Option<Value>,
     /// From sending addJob to receiving the result.
     pub latency_ms: f64,
+    /// From sending addJob to its answer.
+    #[serde(rename = "addjob_ms")]
+    pub add_ms: f64,
     #[serde(skip)]
     pub output: Vec<u8>,
 }
 
-/// Adds job number `index` and waits for its result.
-pub async fn run_job(
-    client: &TangoClient,
+/// The addJob request of job number `index`, and its output file.
+fn job_request(
     template: &JobTemplate,
-    wait: &Wait,
     index: usize,
-) -> Result<JobResult> {
+    callback_url: Option<String>,
+) -> (JobRequest, String) {
     let output_file = format!("tango-cli-{}-{index}.out", template.run_id);
-    let (callback_url, receiver) = match wait {
-        Wait::Callback(listener) => {
-            let (url, receiver) = listener.expect();
-            (Some(url), Some(receiver))
-        }
-        Wait::Poll => (None, None),
-    };
     let request = JobRequest {
         image: template.image.clone(),
         files: template.files.clone(),
@@ -220,9 +215,47 @@ pub async fn run_job(
         callback_url,
         disable_network: template.disable_network,
     };
-    let started = Instant::now();
-    let answer = client.add_job(&template.courselab, &request).await?;
-    let job_id = job_id_of(&answer)?;
+    (request, output_file)
+}
+
+/// A job tangod accepted: its id, and how long addJob took to answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Added {
+    pub job_id: u64,
+    pub sent_at: Instant,
+    pub add_ms: f64,
+}
+
+async fn add(client: &TangoClient, courselab: &str, request: &JobRequest) -> Result<Added> {
+    let sent_at = Instant::now();
+    let answer = client.add_job(courselab, request).await?;
+    Ok(Added {
+        job_id: job_id_of(&answer)?,
+        sent_at,
+        add_ms: sent_at.elapsed().as_secs_f64() * 1000.0,
+    })
+}
+
+/// Adds job number `index` and waits for its result.
+pub async fn run_job(
+    client: &TangoClient,
+    template: &JobTemplate,
+    wait: &Wait,
+    index: usize,
+) -> Result<JobResult> {
+    let (callback_url, receiver) = match wait {
+        Wait::Callback(listener) => {
+            let (url, receiver) = listener.expect();
+            (Some(url), Some(receiver))
+        }
+        Wait::Poll => (None, None),
+    };
+    let (request, output_file) = job_request(template, index, callback_url);
+    let Added {
+        job_id,
+        sent_at,
+        add_ms,
+    } = add(client, &template.courselab, &request).await?;
     let waited = async {
         match receiver {
             Some(receiver) => {
@@ -259,7 +292,8 @@ pub async fn run_job(
         exit_status: outcome.exit_status,
         timed_out: outcome.timed_out,
         score: outcome.score,
-        latency_ms: finished_at.duration_since(started).as_secs_f64() * 1000.0,
+        latency_ms: finished_at.duration_since(sent_at).as_secs_f64() * 1000.0,
+        add_ms,
         output,
     })
 }
@@ -332,11 +366,110 @@ impl Latencies {
     }
 }
 
+/// Runs `count` jobs at most `concurrency` at a time, ticking `progress`.
+/// Job `i` goes to `clients[i % clients.len()]` (and is polled there).
+pub async fn run_batch(
+    clients: &[TangoClient],
+    template: Arc<JobTemplate>,
+    wait: Arc<Wait>,
+    count: usize,
+    concurrency: usize,
+    progress: &indicatif::ProgressBar,
+) -> (Vec<Result<JobResult>>, Duration) {
+    let note = |result: &JobResult| {
+        (!result.ok).then(|| {
+            format!(
+                "last failure: job {}: {}",
+                result.job_id,
+                result.failure.as_deref().unwrap_or("failed")
+            )
+        })
+    };
+    in_turns(count, concurrency, progress, note, |index| {
+        let client = pick(clients, index);
+        let template = template.clone();
+        let wait = wait.clone();
+        async move { run_job(&client, &template, &wait, index).await }
+    })
+    .await
+}
+
+/// Adds `count` jobs, at most `concurrency` addJob requests at a time,
+/// without waiting for their results (no callback URL). Job `i` goes to
+/// `clients[i % clients.len()]`.
+pub async fn add_batch(
+    clients: &[TangoClient],
+    template: Arc<JobTemplate>,
+    count: usize,
+    concurrency: usize,
+    progress: &indicatif::ProgressBar,
+) -> (Vec<Result<Added>>, Duration) {
+    in_turns(
+        count,
+        concurrency,
+        progress,
+        |_| None,
+        |index| {
+            let client = pick(clients, index);
+            let template = template.clone();
+            async move {
+                let (request, _) = job_request(&template, index, None);
+                add(&client, &template.courselab, &request).await
+            }
+        },
+    )
+    .await
+}
+
+fn pick(clients: &[TangoClient], index: usize) -> TangoClient {
+    clients[index % clients.len()].clone()
+}
+
+/// Runs `task(0..count)`, `concurrency` at a time, each on its own tokio
+/// task so the two cores are both used for the client's share of the work;
+/// ticks `progress` and shows the last failure (`note` says which results
+/// are one). Returns the results and the time they all took.
+async fn in_turns<T, Fut>(
+    count: usize,
+    concurrency: usize,
+    progress: &indicatif::ProgressBar,
+    note: impl Fn(&T) -> Option<String>,
+    task: impl Fn(usize) -> Fut,
+) -> (Vec<Result<T>>, Duration)
+where
+    T: Send + 'static,
+    Fut: std::future::Future<Output = Result<T>> + Send + 'static,
+{
+    use futures_util::stream::{self, StreamExt};
+    let started = Instant::now();
+    let results: Vec<Result<T>> = stream::iter(0..count)
+        .map(|index| {
+            let spawned = tokio::spawn(task(index));
+            async move { spawned.await.map_err(|e| anyhow!("job task failed: {e}"))? }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .inspect(|result| {
+            progress.inc(1);
+            let message = match result {
+                Ok(value) => note(value),
+                Err(e) => Some(format!("last error: {e}")),
+            };
+            if let Some(message) = message {
+                progress.set_message(message);
+            }
+        })
+        .collect()
+        .await;
+    (results, started.elapsed())
+}
+
 /// What a batch of jobs came to.
 #[derive(Debug, Serialize)]
 pub struct Summary {
     pub job: String,
     pub image: String,
+    /// Servers the jobs were spread over.
+    pub servers: usize,
     pub jobs: usize,
     pub concurrency: usize,
     pub ok: usize,
@@ -349,100 +482,117 @@ pub struct Summary {
     /// `p50_ms`, `p95_ms`... at the top level of the JSON.
     #[serde(flatten)]
     pub latency: Option<Latencies>,
+    /// How long addJob took to answer, over the jobs it accepted.
+    #[serde(rename = "addjob_ms")]
+    pub add_latency: Option<Latencies>,
     pub wall_secs: f64,
     pub throughput_jobs_per_sec: f64,
     /// How results came back: "callback" or "poll".
     pub wait: String,
 }
 
-/// Runs `count` jobs at most `concurrency` at a time, ticking `progress`.
-pub async fn run_batch(
-    client: &TangoClient,
-    template: Arc<JobTemplate>,
-    wait: Arc<Wait>,
-    count: usize,
-    concurrency: usize,
-    progress: &indicatif::ProgressBar,
-) -> (Vec<Result<JobResult>>, Duration) {
-    use futures_util::stream::{self, StreamExt};
-    let started = Instant::now();
-    let results: Vec<Result<JobResult>> = stream::iter(0..count)
-        .map(|index| {
-            let client = client.clone();
-            let template = template.clone();
-            let wait = wait.clone();
-            // Each job on its own task so the two cores are both used for
-            // the client's share of the work.
-            async move {
-                tokio::spawn(async move { run_job(&client, &template, &wait, index).await })
-                    .await
-                    .map_err(|e| anyhow!("job task failed: {e}"))?
-            }
-        })
-        .buffer_unordered(concurrency.max(1))
-        .inspect(|result| {
-            progress.inc(1);
-            match result {
-                Ok(r) if !r.ok => progress.set_message(format!(
-                    "last failure: job {}: {}",
-                    r.job_id,
-                    r.failure.as_deref().unwrap_or("failed")
-                )),
-                Err(e) => progress.set_message(format!("last error: {e}")),
-                _ => {}
-            }
-        })
-        .collect()
-        .await;
-    (results, started.elapsed())
+/// What `bench --add-only` came to.
+#[derive(Debug, Serialize)]
+pub struct AddSummary {
+    pub job: String,
+    pub image: String,
+    pub servers: usize,
+    pub jobs: usize,
+    pub concurrency: usize,
+    pub added: usize,
+    pub failures: usize,
+    pub failure_reasons: BTreeMap<String, usize>,
+    #[serde(rename = "addjob_ms")]
+    pub add_latency: Option<Latencies>,
+    pub wall_secs: f64,
+    /// Jobs accepted per second of the whole submission.
+    pub addjob_per_sec: f64,
 }
 
-pub fn summarize(
-    job: &str,
-    image: &str,
-    results: &[Result<JobResult>],
-    concurrency: usize,
-    wall: Duration,
-    wait: &Wait,
-) -> Summary {
+fn per_sec(count: usize, wall: Duration) -> f64 {
+    let secs = wall.as_secs_f64();
+    if secs > 0.0 {
+        count as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+fn count_error(reasons: &mut BTreeMap<String, usize>, reason: String) {
+    *reasons.entry(reason).or_insert(0) += 1;
+}
+
+/// The fixed facts of a batch, for its summary.
+pub struct BatchFacts<'a> {
+    pub job: &'a str,
+    pub image: &'a str,
+    pub servers: usize,
+    pub concurrency: usize,
+    pub wall: Duration,
+}
+
+pub fn summarize(facts: &BatchFacts, results: &[Result<JobResult>], wait: &Wait) -> Summary {
     let mut failure_reasons = BTreeMap::new();
     let mut latencies = Vec::new();
+    let mut add_latencies = Vec::new();
     let mut ok = 0;
     for result in results {
         match result {
             Ok(r) => {
                 latencies.push(r.latency_ms);
+                add_latencies.push(r.add_ms);
                 if r.ok {
                     ok += 1;
                 } else {
                     let reason = r.failure.clone().unwrap_or_else(|| "failed".into());
-                    *failure_reasons.entry(reason).or_insert(0) += 1;
+                    count_error(&mut failure_reasons, reason);
                 }
             }
-            Err(e) => *failure_reasons.entry(format!("{e:#}")).or_insert(0) += 1,
+            Err(e) => count_error(&mut failure_reasons, format!("{e:#}")),
         }
     }
-    let wall_secs = wall.as_secs_f64();
     Summary {
-        job: job.to_string(),
-        image: image.to_string(),
+        job: facts.job.to_string(),
+        image: facts.image.to_string(),
+        servers: facts.servers,
         jobs: results.len(),
-        concurrency,
+        concurrency: facts.concurrency,
         ok,
         failures: results.len() - ok,
         failure_reasons,
         latency: Latencies::of(&latencies),
-        wall_secs,
-        throughput_jobs_per_sec: if wall_secs > 0.0 {
-            results.len() as f64 / wall_secs
-        } else {
-            0.0
-        },
+        add_latency: Latencies::of(&add_latencies),
+        wall_secs: facts.wall.as_secs_f64(),
+        throughput_jobs_per_sec: per_sec(results.len(), facts.wall),
         wait: match wait {
             Wait::Callback(_) => "callback",
             Wait::Poll => "poll",
         }
         .to_string(),
+    }
+}
+
+pub fn summarize_adds(facts: &BatchFacts, results: &[Result<Added>]) -> AddSummary {
+    let mut failure_reasons = BTreeMap::new();
+    let mut add_latencies = Vec::new();
+    for result in results {
+        match result {
+            Ok(added) => add_latencies.push(added.add_ms),
+            Err(e) => count_error(&mut failure_reasons, format!("{e:#}")),
+        }
+    }
+    AddSummary {
+        job: facts.job.to_string(),
+        image: facts.image.to_string(),
+        servers: facts.servers,
+        jobs: results.len(),
+        concurrency: facts.concurrency,
+        added: add_latencies.len(),
+        failures: results.len() - add_latencies.len(),
+        failure_reasons,
+        add_latency: Latencies::of(&add_latencies),
+        wall_secs: facts.wall.as_secs_f64(),
+        addjob_per_sec: per_sec(add_latencies.len(), facts.wall),
     }
 }
 

@@ -280,6 +280,19 @@ fn the_key_never_appears_in_messages_or_json() {
 }
 
 #[test]
+fn only_bench_takes_several_urls() {
+    let urls = format!("{},{}", dead_url(), dead_url());
+    tango()
+        .args(["--url", &urls, "--key", "k", "info"])
+        .assert()
+        .code(1)
+        .stderr(
+            predicate::str::contains("2 server URLs given")
+                .and(predicate::str::contains("only `tango bench`")),
+        );
+}
+
+#[test]
 fn concurrency_zero_is_refused_like_jobs_zero() {
     let url = dead_url();
     for (flag, message) in [

@@ -178,6 +178,10 @@ fn run_many_and_bench() {
     let p99 = v["p99_ms"].as_f64().unwrap();
     assert!(0.0 < p50 && p50 <= p95 && p95 <= p99, "{v}");
     assert!(v["throughput_jobs_per_sec"].as_f64().unwrap() > 0.0, "{v}");
+    assert_eq!(v["servers"], 1, "{v}");
+    // addJob's answer comes before the job's result.
+    let add_p50 = v["addjob_ms"]["p50_ms"].as_f64().unwrap();
+    assert!(0.0 < add_p50 && add_p50 <= p50, "{v}");
     eprintln!("bench hello -n 5 -c 2: {v}");
 
     // A failing job counts as failures and exits 3.
@@ -190,4 +194,83 @@ fn run_many_and_bench() {
     let v = stdout_json(&output);
     assert_eq!(v["failures"], 2, "{v}");
     assert_eq!(v["failure_reasons"]["make exited with status 2"], 2, "{v}");
+}
+
+/// Names of the finished jobs of `server` whose name starts with `prefix`.
+fn dead_job_names(server: &Tangod, prefix: &str) -> Vec<String> {
+    let v = stdout_json(
+        &server
+            .tango()
+            .args(["--json", "jobs", "--dead"])
+            .output()
+            .unwrap(),
+    );
+    let mut names: Vec<String> = v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|j| j["name"].as_str())
+        .filter(|name| name.starts_with(prefix))
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn bench_spreads_jobs_over_several_servers_in_turn() {
+    if !root_or_skip("bench_spreads_jobs_over_several_servers_in_turn") {
+        return;
+    }
+    let (a, b) = (Tangod::start(), Tangod::start());
+    // Two servers that share no store: the bench uploads to the first
+    // only, so the second gets the same files by hand.
+    b.tango()
+        .args(["run", "examples/jobs/hello", "--courselab", "spread"])
+        .assert()
+        .success();
+    let urls = format!("{},{}", a.url, b.url);
+    let output = a
+        .tango()
+        .args(["--url", &urls, "--json", "bench", "hello"])
+        .args(["--courselab", "spread", "-n", "6", "-c", "3"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let v = stdout_json(&output);
+    assert_eq!(
+        (v["servers"].as_u64(), v["ok"].as_u64()),
+        (Some(2), Some(6)),
+        "{v}"
+    );
+    // Job i went to server i mod 2, and its callback came back.
+    let prefix = "tango-cli_hello_";
+    let names =
+        |list: &[u32]| -> Vec<String> { list.iter().map(|i| format!("{prefix}{i}")).collect() };
+    assert_eq!(dead_job_names(&a, prefix), names(&[0, 2, 4]));
+    // (B's job 0 is the `tango run` above.)
+    assert_eq!(dead_job_names(&b, prefix), names(&[0, 1, 3, 5]));
+
+    // --add-only: every addJob answered, none waited for; a repeated
+    // --url counts like a comma-separated list.
+    let output = a
+        .tango()
+        .args(["--url", &a.url, "--url", &b.url, "--json", "bench", "hello"])
+        .args(["--courselab", "spread", "-n", "4", "-c", "2", "--add-only"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let v = stdout_json(&output);
+    assert_eq!(
+        (v["servers"].as_u64(), v["added"].as_u64()),
+        (Some(2), Some(4)),
+        "{v}"
+    );
+    assert_eq!(v["failures"], 0, "{v}");
+    assert!(v["addjob_per_sec"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["addjob_ms"]["p95_ms"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(
+        v.get("p50_ms").is_none(),
+        "no job latency without results: {v}"
+    );
 }

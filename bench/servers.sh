@@ -112,20 +112,51 @@ start_servers() {
   urls=$(IFS=,; echo "${list[*]}")
 }
 
+# CPU seconds used so far by the tangod servers and by PostgreSQL (the
+# postmaster, its live backends and those that exited): "TANGOD PG".
+cpu_secs() {
+  python3 - "$(head -1 "$pg_data/postmaster.pid")" "${pids[@]}" <<'EOF'
+import os, sys
+def ticks(pid, with_children=False):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # utime, stime (and cutime, cstime): fields 14 to 17 of proc(5).
+    return sum(int(x) for x in fields[11:15 if with_children else 13])
+def parent(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[1]
+postmaster, servers = sys.argv[1], sys.argv[2:]
+pg = ticks(postmaster, True)
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        if parent(pid) == postmaster:
+            pg += ticks(pid)
+    except (OSError, IndexError):
+        pass
+hz = os.sysconf("SC_CLK_TCK")
+print(sum(ticks(p) for p in servers) / hz, pg / hz)
+EOF
+}
+
 # Reads one `tango bench --json` summary; prints the fields asked for.
 field() { python3 -c 'import json,sys; r=json.load(sys.stdin); print(" ".join("%.1f" % eval(e, {}, {"r": r}) for e in sys.argv[1:]))' "$@"; }
 
-# One setup: NAME SERVERS STORE. Appends "addjob/s addjob-p50 p50 p95
-# jobs/s" to $work/results-NAME, or "-" when its servers did not start.
+# One setup: NAME SERVERS STORE. Appends "addjob/s addjob-p50
+# tangod-cpu-us pg-cpu-us p50 p95 jobs/s" to $work/results-NAME, or "-"
+# when its servers did not start.
 measure() {
   local name=$1 count=$2 store=$3 out
   if ! start_servers "$name" "$count" "$store" 0; then
     stop_servers; echo "-" >>"$work/results-$name"; return
   fi
+  local before after rate
+  before=$(cpu_secs)
   out=$("$tango" --url "$urls" --key "$key" bench hello --image "$image" --add-only \
     -n "$adds" -c "$add_conc" --json) || { echo "$out" >&2; exit 1; }
-  local rate
-  rate=$(echo "$out" | field 'r["addjob_per_sec"]' 'r["addjob_ms"]["p50_ms"]')
+  after=$(cpu_secs)
+  # Per addJob, the CPU of the servers and of PostgreSQL, in microseconds.
+  rate=$(echo "$out" | field 'r["addjob_per_sec"]' 'r["addjob_ms"]["p50_ms"]' \
+    "(${after% *} - ${before% *}) * 1e6 / r['added']" "(${after#* } - ${before#* }) * 1e6 / r['added']")
   stop_servers
   # A fresh store: the queued jobs of the addJob phase stay out of it.
   [ "$store" = sqlite ] || store=${store}_run
@@ -136,7 +167,7 @@ measure() {
     -n "$runs" -c "$run_conc" --json) || { echo "$out" >&2; exit 1; }
   stop_servers
   echo "$rate $(echo "$out" | field 'r["p50_ms"]' 'r["p95_ms"]' 'r["throughput_jobs_per_sec"]')" >>"$work/results-$name"
-  echo "  $name: addJob/s, addJob p50 ms | job p50 ms, p95 ms, jobs/s: $(tail -1 "$work/results-$name")"
+  echo "  $name: addJob/s, addJob p50 ms, CPU µs per addJob of tangod and PostgreSQL | job p50 ms, p95 ms, jobs/s: $(tail -1 "$work/results-$name")"
 }
 
 for round in $(seq 1 "$rounds"); do
@@ -158,23 +189,23 @@ for key in names:
         # Best round: highest addJob rate; lowest job p50 (its p95 and
         # jobs/s from that same round).
         add = max(rows, key=lambda r: r[0])
-        run = min(rows, key=lambda r: r[2])
-        best[key] = add[:2] + run[2:]
+        run = min(rows, key=lambda r: r[4])
+        best[key] = add[:4] + run[4:]
 print(f"\n{adds} addJobs {add_conc} at once (servers run nothing); {runs} hello jobs {run_conc} in flight; best of the rounds")
-print("| setup | addJob/s | addJob answer p50 | job latency p50 | p95 | jobs/s |")
-print("|---|---|---|---|---|---|")
+print("| setup | addJob/s | addJob answer p50 | CPU per addJob: tangod, PostgreSQL | job latency p50 | p95 | jobs/s |")
+print("|---|---|---|---|---|---|---|")
 for key, label in names.items():
     if key in best:
         r = best[key]
-        print(f"| {label} | {r[0]:.0f} | {r[1]:.1f} ms | {r[2]:.1f} ms | {r[3]:.1f} ms | {r[4]:.1f} |")
+        print(f"| {label} | {r[0]:.0f} | {r[1]:.1f} ms | {r[2]:.0f} µs, {r[3]:.0f} µs | {r[4]:.1f} ms | {r[5]:.1f} ms | {r[6]:.1f} |")
     else:
-        print(f"| {label} | did not start (see above) | | | | |")
+        print(f"| {label} | did not start (see above) | | | | | |")
 if "c" in best:
     for one in ("b", "a"):
         if one in best:
             print(f"addJob rate (c)/{one}: {best['c'][0] / best[one][0]:.2f}x (target: (c) at least 2x one server's)")
     if "a" in best:
-        print(f"job p50 (c)/(a): {best['c'][2] / best['a'][2]:.2f}x (target: at most 2x SQLite's)")
+        print(f"job p50 (c)/(a): {best['c'][4] / best['a'][4]:.2f}x (target: at most 2x SQLite's)")
 if "b" in best and "a" in best:
-    print(f"addJob rate (b)/(a): {best['b'][0] / best['a'][0]:.2f}x; job p50 (b)/(a): {best['b'][2] / best['a'][2]:.2f}x")
+    print(f"addJob rate (b)/(a): {best['b'][0] / best['a'][0]:.2f}x; job p50 (b)/(a): {best['b'][4] / best['a'][4]:.2f}x")
 EOF

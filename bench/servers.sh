@@ -3,9 +3,13 @@
 # job of examples/jobs, release builds, one real PostgreSQL):
 #   (a) one tangod on SQLite,
 #   (b) one tangod on PostgreSQL,
+#   (b') (b) with 16 runtime threads (TOKIO_WORKER_THREADS) instead of
+#       one per core: a store call blocks the runtime thread that makes
+#       it, so with two threads at most two calls (two addJobs) are in
+#       flight, each waiting on PostgreSQL;
 #   (c) three tangod on that PostgreSQL (own data dir, VM prefix and
 #       [server] name each), `tango bench` adding jobs to them in turn.
-# Each setup is measured twice, on fresh servers and a fresh database:
+# Each setup has two phases, each on fresh servers and a fresh store:
 #   addJob rate: `tango bench --add-only`, N addJobs, C requests at once,
 #     against servers with `max_vms = 0`, so nothing runs: on this machine's
 #     two cores, running the jobs would take the CPU the servers need to
@@ -93,7 +97,7 @@ start_servers() {
     rm -rf "$work/data-$name"
     printf 'store = "%s"\n[engine]\nprefix = "bench%s"\nmax_vms = %s\nshutdown_grace_secs = 1\n[server]\nname = "%s"\n' \
       "$store" "$i" "$max_vms" "$name" >"$work/$name.toml"
-    "$tangod" --listen "127.0.0.1:$port" --data-dir "$work/data-$name" --key "$key" --vmms sandbox \
+    env ${workers:+TOKIO_WORKER_THREADS=$workers} "$tangod" --listen "127.0.0.1:$port" --data-dir "$work/data-$name" --key "$key" --vmms sandbox \
       --config "$work/$name.toml" --autodriver "$target_dir/$musl/release/autodriver" \
       >"$work/tangod-$name.log" 2>&1 &
     pids+=($!)
@@ -141,11 +145,13 @@ EOF
 # Reads one `tango bench --json` summary; prints the fields asked for.
 field() { python3 -c 'import json,sys; r=json.load(sys.stdin); print(" ".join("%.1f" % eval(e, {}, {"r": r}) for e in sys.argv[1:]))' "$@"; }
 
-# One setup: NAME SERVERS STORE. Appends "addjob/s addjob-p50
+# One setup: NAME SERVERS STORE [WORKERS: tangod's runtime threads, by
+# default one per core]. Appends "addjob/s addjob-p50
 # tangod-cpu-us pg-cpu-us p50 p95 jobs/s" to $work/results-NAME, or "-"
 # when its servers did not start.
 measure() {
   local name=$1 count=$2 store=$3 out
+  workers=${4:-}
   if ! start_servers "$name" "$count" "$store" 0; then
     stop_servers; echo "-" >>"$work/results-$name"; return
   fi
@@ -174,13 +180,19 @@ for round in $(seq 1 "$rounds"); do
   echo "== round $round"
   measure a 1 sqlite
   measure b 1 bench_b
+  measure b16 1 bench_b16 16
   measure c 3 bench_c
 done
 
 python3 - "$work" "$adds" "$add_conc" "$runs" "$run_conc" <<'EOF'
 import sys
 work, adds, add_conc, runs, run_conc = sys.argv[1:]
-names = {"a": "(a) one tangod, SQLite", "b": "(b) one tangod, PostgreSQL", "c": "(c) three tangod, PostgreSQL"}
+names = {
+    "a": "(a) one tangod, SQLite",
+    "b": "(b) one tangod, PostgreSQL",
+    "b16": "(b') as (b), 16 runtime threads",
+    "c": "(c) three tangod, PostgreSQL",
+}
 best = {}
 for key in names:
     rows = [l.split() for l in open(f"{work}/results-{key}") if l.strip() != "-"]
@@ -203,9 +215,10 @@ for key, label in names.items():
 if "c" in best:
     for one in ("b", "a"):
         if one in best:
-            print(f"addJob rate (c)/{one}: {best['c'][0] / best[one][0]:.2f}x (target: (c) at least 2x one server's)")
+            print(f"addJob rate c/{one}: {best['c'][0] / best[one][0]:.2f}x (target: (c) at least 2x one server's)")
     if "a" in best:
-        print(f"job p50 (c)/(a): {best['c'][4] / best['a'][4]:.2f}x (target: at most 2x SQLite's)")
-if "b" in best and "a" in best:
-    print(f"addJob rate (b)/(a): {best['b'][0] / best['a'][0]:.2f}x; job p50 (b)/(a): {best['b'][4] / best['a'][4]:.2f}x")
+        print(f"job p50 c/a: {best['c'][4] / best['a'][4]:.2f}x (target: at most 2x SQLite's)")
+for one in ("b", "b16"):
+    if one in best and "a" in best:
+        print(f"addJob rate {one}/a: {best[one][0] / best['a'][0]:.2f}x; job p50 {one}/a: {best[one][4] / best['a'][4]:.2f}x")
 EOF

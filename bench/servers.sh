@@ -142,12 +142,18 @@ print(sum(ticks(p) for p in servers) / hz, pg / hz)
 EOF
 }
 
+# CPU seconds of this script's finished children in the file of `times`
+# (run in this shell, not in a subshell, whose children they are not).
+child_secs() {
+  tail -1 "$1" | python3 -c 'import re,sys; print(sum(int(m)*60+float(s) for m,s in re.findall(r"(\d+)m([\d.]+)s", sys.stdin.read())))'
+}
+
 # Reads one `tango bench --json` summary; prints the fields asked for.
 field() { python3 -c 'import json,sys; r=json.load(sys.stdin); print(" ".join("%.1f" % eval(e, {}, {"r": r}) for e in sys.argv[1:]))' "$@"; }
 
 # One setup: NAME SERVERS STORE [WORKERS: tangod's runtime threads, by
-# default one per core]. Appends "addjob/s addjob-p50
-# tangod-cpu-us pg-cpu-us p50 p95 jobs/s" to $work/results-NAME, or "-"
+# default one per core]. Appends "addjob/s addjob-p50 tangod-cpu-us
+# pg-cpu-us client-cpu-us p50 p95 jobs/s" to $work/results-NAME, or "-"
 # when its servers did not start.
 measure() {
   local name=$1 count=$2 store=$3 out
@@ -155,14 +161,20 @@ measure() {
   if ! start_servers "$name" "$count" "$store" 0; then
     stop_servers; echo "-" >>"$work/results-$name"; return
   fi
-  local before after rate
+  local before after client_before client_after rate
   before=$(cpu_secs)
+  times >"$work/times-before"
   out=$("$tango" --url "$urls" --key "$key" bench hello --image "$image" --add-only \
     -n "$adds" -c "$add_conc" --json) || { echo "$out" >&2; exit 1; }
+  times >"$work/times-after"
   after=$(cpu_secs)
-  # Per addJob, the CPU of the servers and of PostgreSQL, in microseconds.
+  client_before=$(child_secs "$work/times-before")
+  client_after=$(child_secs "$work/times-after")
+  # Per addJob, the CPU of the servers, of PostgreSQL and of the client,
+  # in microseconds.
   rate=$(echo "$out" | field 'r["addjob_per_sec"]' 'r["addjob_ms"]["p50_ms"]' \
-    "(${after% *} - ${before% *}) * 1e6 / r['added']" "(${after#* } - ${before#* }) * 1e6 / r['added']")
+    "(${after% *} - ${before% *}) * 1e6 / r['added']" "(${after#* } - ${before#* }) * 1e6 / r['added']" \
+    "($client_after - $client_before) * 1e6 / r['added']")
   stop_servers
   # A fresh store: the queued jobs of the addJob phase stay out of it.
   [ "$store" = sqlite ] || store=${store}_run
@@ -173,9 +185,10 @@ measure() {
     -n "$runs" -c "$run_conc" --json) || { echo "$out" >&2; exit 1; }
   stop_servers
   echo "$rate $(echo "$out" | field 'r["p50_ms"]' 'r["p95_ms"]' 'r["throughput_jobs_per_sec"]')" >>"$work/results-$name"
-  echo "  $name: addJob/s, addJob p50 ms, CPU µs per addJob of tangod and PostgreSQL | job p50 ms, p95 ms, jobs/s: $(tail -1 "$work/results-$name")"
+  echo "  $name: addJob/s, addJob p50 ms, CPU µs per addJob of tangod, PostgreSQL, client | job p50 ms, p95 ms, jobs/s: $(tail -1 "$work/results-$name")"
 }
 
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg) (other work on this machine takes its share of the cores)"
 for round in $(seq 1 "$rounds"); do
   echo "== round $round"
   measure a 1 sqlite
@@ -184,6 +197,7 @@ for round in $(seq 1 "$rounds"); do
   measure c 3 bench_c
 done
 
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 python3 - "$work" "$adds" "$add_conc" "$runs" "$run_conc" <<'EOF'
 import sys
 work, adds, add_conc, runs, run_conc = sys.argv[1:]
@@ -201,24 +215,26 @@ for key in names:
         # Best round: highest addJob rate; lowest job p50 (its p95 and
         # jobs/s from that same round).
         add = max(rows, key=lambda r: r[0])
-        run = min(rows, key=lambda r: r[4])
-        best[key] = add[:4] + run[4:]
+        run = min(rows, key=lambda r: r[5])
+        best[key] = add[:5] + run[5:]
 print(f"\n{adds} addJobs {add_conc} at once (servers run nothing); {runs} hello jobs {run_conc} in flight; best of the rounds")
-print("| setup | addJob/s | addJob answer p50 | CPU per addJob: tangod, PostgreSQL | job latency p50 | p95 | jobs/s |")
-print("|---|---|---|---|---|---|---|")
+print("cores busy: the addJob rate times the CPU per addJob of servers, PostgreSQL and client (this machine has 2)")
+print("| setup | addJob/s | addJob answer p50 | CPU per addJob: tangod, PostgreSQL, client | cores busy | job latency p50 | p95 | jobs/s |")
+print("|---|---|---|---|---|---|---|---|")
 for key, label in names.items():
     if key in best:
         r = best[key]
-        print(f"| {label} | {r[0]:.0f} | {r[1]:.1f} ms | {r[2]:.0f} µs, {r[3]:.0f} µs | {r[4]:.1f} ms | {r[5]:.1f} ms | {r[6]:.1f} |")
+        busy = r[0] * (r[2] + r[3] + r[4]) / 1e6
+        print(f"| {label} | {r[0]:.0f} | {r[1]:.1f} ms | {r[2]:.0f}, {r[3]:.0f}, {r[4]:.0f} µs | {busy:.2f} | {r[5]:.1f} ms | {r[6]:.1f} ms | {r[7]:.1f} |")
     else:
-        print(f"| {label} | did not start (see above) | | | | | |")
+        print(f"| {label} | did not start (see above) | | | | | | |")
 if "c" in best:
     for one in ("b", "a"):
         if one in best:
             print(f"addJob rate c/{one}: {best['c'][0] / best[one][0]:.2f}x (target: (c) at least 2x one server's)")
     if "a" in best:
-        print(f"job p50 c/a: {best['c'][4] / best['a'][4]:.2f}x (target: at most 2x SQLite's)")
+        print(f"job p50 c/a: {best['c'][5] / best['a'][5]:.2f}x (target: at most 2x SQLite's)")
 for one in ("b", "b16"):
     if one in best and "a" in best:
-        print(f"addJob rate {one}/a: {best[one][0] / best['a'][0]:.2f}x; job p50 {one}/a: {best[one][4] / best['a'][4]:.2f}x")
+        print(f"addJob rate {one}/a: {best[one][0] / best['a'][0]:.2f}x; job p50 {one}/a: {best[one][5] / best['a'][5]:.2f}x")
 EOF

@@ -387,13 +387,17 @@ impl Engine {
                 }
             }
         }
-        let mut job = job;
-        job.id = inner.store.next_job_id()?;
-        job.add_trace(format!("Added job {}:{} to queue", job.name, job.id));
-        // A queued job's record stays in memory until it runs: no spare
-        // room in its trace (the next entry comes when it is dispatched).
-        job.trace.shrink_to_fit();
-        inner.store.save_job(&job)?;
+        // A shared store's calls wait on the network and the database's
+        // commit: made here, they would hold one of the few async threads
+        // (one per core) for that long, and those threads, not the
+        // database, would bound the addJob rate.
+        let job = if inner.shared().is_some() {
+            inner
+                .on_store(move |store| record_new_job(store, job))
+                .await?
+        } else {
+            record_new_job(inner.store.as_ref(), job)?
+        };
         inner.counters.job_requests.fetch_add(1, Ordering::Relaxed);
         let id = job.id;
         info!(job = id, courselab = %job.courselab, image = %job.image, "job added");
@@ -827,6 +831,17 @@ impl Inner {
             .insert(vmms.to_string(), (Instant::now(), images.clone()));
         Ok(images)
     }
+}
+
+/// Gives a new job its id and first trace entry and stores it, queued.
+fn record_new_job(store: &dyn Store, mut job: Job) -> Result<Job, StoreError> {
+    job.id = store.next_job_id()?;
+    job.add_trace(format!("Added job {}:{} to queue", job.name, job.id));
+    // A queued job's record stays in memory until it runs: no spare
+    // room in its trace (the next entry comes when it is dispatched).
+    job.trace.shrink_to_fit();
+    store.save_job(&job)?;
+    Ok(job)
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@
 
 use super::worker::{Step, SystemFailure};
 use super::{call, Engine, EngineError, Inner};
-use crate::model::{Job, JobState};
+use crate::model::{Job, JobId, JobState};
 use crate::store::{OutboxEntry, ServerRecord, SharedOutput, SharedStore, Store, StoreError};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -326,6 +326,15 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// The server running job `id`, when it is another server sharing the
+    /// store (its output so far is there).
+    pub async fn running_elsewhere(&self, id: JobId) -> Option<u64> {
+        let me = self.inner.server_id()?;
+        let job = self.inner.on_store(move |s| s.get_job(id)).await.ok()??;
+        job.owner
+            .filter(|owner| job.state == JobState::Running && *owner != me)
     }
 
     /// Makes courselab `dir` (in the shared store too); true when it is new.

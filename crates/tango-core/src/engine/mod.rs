@@ -366,6 +366,21 @@ impl Engine {
             return Err(EngineError::ShuttingDown);
         }
         let job = inner.validate(new).await?;
+        // With a shared store, every server's queued jobs count.
+        let shared_queued = match (inner.config.max_queued_per_submitter, inner.shared()) {
+            (Some(_), Some(_)) => {
+                let (dir, who) = (job.courselab_dir.clone(), job.submitter.clone());
+                Some(
+                    inner
+                        .on_store(move |s| match s.shared() {
+                            Some(shared) => shared.queued_of(&dir, &who),
+                            None => Ok(0),
+                        })
+                        .await?,
+                )
+            }
+            _ => None,
+        };
         {
             let st = inner.lock();
             if let Some(existing) = st.same_live_request(&job) {
@@ -377,7 +392,8 @@ impl Engine {
                 return Ok(existing.id);
             }
             if let Some(max) = inner.config.max_queued_per_submitter {
-                let queued = st.queue.queued_of(&job.courselab_dir, &job.submitter);
+                let queued = shared_queued
+                    .unwrap_or_else(|| st.queue.queued_of(&job.courselab_dir, &job.submitter));
                 if queued >= max {
                     return Err(EngineError::Invalid(format!(
                         "{} already has {queued} jobs queued in courselab {} (the server's \

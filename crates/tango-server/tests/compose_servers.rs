@@ -123,22 +123,42 @@ fn the_example_servers_share_a_store_and_nothing_else() {
     );
 }
 
-#[test]
-fn the_example_compose_file_is_valid() {
+/// `docker-compose config` of the example with these variables (and none
+/// of the images' from the environment); None without docker-compose.
+fn compose_config(envs: &[(&str, &str)]) -> Option<std::process::Output> {
     let mut command = Command::new("docker-compose");
     command
         .arg("-f")
         .arg(example_dir().join("docker-compose.yml"))
-        .arg("config")
-        .env("DOCKER_GID", "105")
-        .env("RESTFUL_KEY", "k")
-        .env("POSTGRES_PASSWORD", "pw");
-    let output = match command.output() {
-        Ok(output) => output,
+        .arg("config");
+    for name in [
+        "TANGO_RS_IMAGE",
+        "TANGO_PG_IMAGE",
+        "TANGO_LB_IMAGE",
+        "DOCKER_GID",
+        "RESTFUL_KEY",
+        "POSTGRES_PASSWORD",
+    ] {
+        command.env_remove(name);
+    }
+    match command.envs(envs.iter().copied()).output() {
+        Ok(output) => Some(output),
         Err(e) => {
             eprintln!("SKIPPED the_example_compose_file_is_valid: no docker-compose ({e})");
-            return;
+            None
         }
+    }
+}
+
+#[test]
+fn the_example_compose_file_is_valid() {
+    const REQUIRED: [(&str, &str); 3] = [
+        ("DOCKER_GID", "105"),
+        ("RESTFUL_KEY", "k"),
+        ("POSTGRES_PASSWORD", "pw"),
+    ];
+    let Some(output) = compose_config(&REQUIRED) else {
+        return;
     };
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(
@@ -171,6 +191,16 @@ fn the_example_compose_file_is_valid() {
         !text.contains("DOCKER_DEPLOYMENT"),
         "DOCKER_DEPLOYMENT would give the servers one prefix:\n{text}"
     );
+    for (missing, _) in REQUIRED {
+        let envs: Vec<_> = REQUIRED
+            .into_iter()
+            .filter(|(n, _)| *n != missing)
+            .collect();
+        let output = compose_config(&envs).expect("docker-compose");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "config without {missing} passed");
+        assert!(stderr.contains(&format!("set {missing}")), "{stderr}");
+    }
 }
 
 fn free_port() -> u16 {

@@ -249,7 +249,7 @@ async fn open(
 ) -> Response {
     let dir = checked_courselab_dir!(state, key, courselab);
     let engine = &state.engine;
-    let created = match engine.data().open_courselab(&dir).await {
+    let created = match engine.open_courselab(&dir).await {
         Ok(created) => created,
         Err(e) => return V1::from(e).into_response(),
     };
@@ -258,9 +258,11 @@ async fn open(
         Err(e) => return V1::from(EngineError::Store(e)).into_response(),
     };
     let courselab_path = engine.data().courselab_path(&dir);
+    // A shared store's files may have been uploaded on another server.
+    let shared = engine.is_shared();
     let files: Map<String, Value> = files
         .into_iter()
-        .filter(|(name, _)| courselab_path.join(name).is_file())
+        .filter(|(name, _)| shared || courselab_path.join(name).is_file())
         .map(|(name, md5)| (name, json!(md5)))
         .collect();
     let msg = if created {
@@ -285,6 +287,10 @@ async fn upload(
         return fail("header Filename is not valid text").into_response();
     };
     let engine = &state.engine;
+    // With a shared store, a courselab opened on another server.
+    if let Err(e) = engine.courselab_exists(&dir).await {
+        return V1::from(e).into_response();
+    }
     let mut upload = match engine
         .data()
         .begin_upload(&dir, name, state.max_upload_bytes)
@@ -462,6 +468,19 @@ async fn poll(
     let dir = checked_courselab_dir!(state, key, courselab);
     if tango_core::names::check_component("output file", &output_file).is_err() {
         return fail("Output file not found").into_response();
+    }
+    match state.engine.shared_output(&dir, &output_file).await {
+        Ok(Some(Some(content))) => {
+            return (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/octet-stream")],
+                content,
+            )
+                .into_response()
+        }
+        Ok(Some(None)) => return fail("Output file not found").into_response(),
+        Ok(None) => {}
+        Err(e) => return V1::from(e).into_response(),
     }
     let path = state.engine.data().output_path(&dir, &output_file);
     // Output files are renamed into place whole, so an open file is complete.

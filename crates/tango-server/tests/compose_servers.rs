@@ -283,6 +283,21 @@ impl Drop for Haproxy {
     }
 }
 
+/// The server that HAProxy's log (option httplog) says served the one
+/// request to `route`.
+fn haproxy_server_of(log: &str, route: &str) -> String {
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&format!(" {route}")))
+        .collect();
+    assert_eq!(lines.len(), 1, "requests to {route} in\n{log}");
+    lines[0]
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("tangod/"))
+        .unwrap_or_else(|| panic!("no server in {}", lines[0]))
+        .to_string()
+}
+
 /// The `server_name`s that `/info` through the load balancer gives in
 /// `requests` requests, checking each answer.
 async fn names_behind(lb: &Client, requests: usize) -> BTreeSet<String> {
@@ -345,8 +360,24 @@ async fn three_servers_behind_haproxy_act_as_one() {
         names_behind(&lb, 2 * SERVERS.len()).await,
         BTreeSet::from(SERVERS.map(String::from))
     );
-    let info = lb.get(&format!("/info/{KEY}/")).await;
-    assert_eq!(info["info"]["servers_alive"], 3, "{info}");
+    // Each server counts the alive ones at its heartbeat (every third of
+    // the lease): the first started saw only itself.
+    let lease = Duration::from_secs(
+        example_config(SERVERS[0]).3["server"]["lease_secs"]
+            .as_integer()
+            .expect("lease_secs") as u64,
+    );
+    let start = Instant::now();
+    for server in &servers {
+        loop {
+            let info = server.client().get(&format!("/info/{KEY}/")).await;
+            if info["info"]["servers_alive"] == 3 {
+                break;
+            }
+            assert!(start.elapsed() < lease, "{info}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 
     // One job through the load balancer: open, upload, addJob and the
     // polls each land on another server than the one before.
@@ -389,6 +420,13 @@ async fn three_servers_behind_haproxy_act_as_one() {
     }
     let callbacks = receiver.get("balanced");
     assert_eq!(callbacks.len(), 1, "{callbacks:?}");
+    // HAProxy's log names the server of each request.
+    let log = haproxy.log();
+    let served: BTreeSet<String> = ["/open/", "/upload/", "/addJob/"]
+        .iter()
+        .map(|route| haproxy_server_of(&log, route))
+        .collect();
+    assert_eq!(served.len(), 3, "{served:?} in\n{log}");
 
     // A dead server: HAProxy sends its requests to the others at once
     // (the refused connection is retried elsewhere), before its health

@@ -127,6 +127,8 @@ pub trait SharedStore: Send + Sync {
     fn callback_body(&self, job_id: JobId) -> Result<Option<Vec<u8>>, StoreError>;
     /// How many jobs are queued, owned or not.
     fn queued_count(&self) -> Result<usize, StoreError>;
+    /// How many jobs of `submitter` in courselab `dir` are queued.
+    fn queued_of(&self, dir: &str, submitter: &str) -> Result<usize, StoreError>;
 
     /// Woken when a job no server owns is queued (added or released).
     fn jobs_signal(&self) -> std::sync::Arc<tokio::sync::Notify>;

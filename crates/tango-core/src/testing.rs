@@ -669,6 +669,14 @@ impl SharedStore for SharedMemoryStore {
     fn queued_count(&self) -> Result<usize, StoreError> {
         Ok(self.base.jobs_in_states(&[JobState::Queued], None)?.len())
     }
+    fn queued_of(&self, dir: &str, submitter: &str) -> Result<usize, StoreError> {
+        Ok(self
+            .base
+            .jobs_in_states(&[JobState::Queued], None)?
+            .iter()
+            .filter(|j| j.courselab_dir == dir && j.submitter == submitter)
+            .count())
+    }
     fn jobs_signal(&self) -> std::sync::Arc<tokio::sync::Notify> {
         self.jobs_signal.clone()
     }

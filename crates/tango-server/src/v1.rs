@@ -503,6 +503,9 @@ async fn partial_output(
     let Ok(id) = job_id.parse::<u64>() else {
         return fail(format!("job id {job_id:?} is not a number")).into_response();
     };
+    if let Some(forwarded) = partial_output_elsewhere(&state, &key, id).await {
+        return forwarded;
+    }
     match state.engine.partial_output(id, 1 << 20).await {
         Ok(bytes) => ok(
             "Partial output obtained",
@@ -511,6 +514,36 @@ async fn partial_output(
         .into_response(),
         Err(e) => V1::from(e).into_response(),
     }
+}
+
+/// With servers sharing a store, the partial output of a job another
+/// server runs, asked of that server (its VM is there).
+async fn partial_output_elsewhere(state: &AppState, key: &str, id: u64) -> Option<Response> {
+    let owner = state.engine.running_elsewhere(id).await?;
+    let server = state
+        .servers
+        .as_ref()?
+        .last_seen()
+        .into_iter()
+        .find(|s| s.id == owner)?;
+    let url = format!("http://{}/getPartialOutput/{key}/{id}/", server.address);
+    let asked = async {
+        let answer = reqwest::Client::new()
+            .get(&url)
+            .timeout(std::time::Duration::from_secs(10))
+            .send()
+            .await?
+            .error_for_status()?;
+        answer.json::<Value>().await
+    };
+    Some(match asked.await {
+        Ok(answer) => (StatusCode::OK, axum::Json(answer)).into_response(),
+        Err(e) => fail(format!(
+            "job {id} runs on server {:?} at {}, which did not answer for its output: {e}",
+            server.name, server.address
+        ))
+        .into_response(),
+    })
 }
 
 async fn info(State(state): State<AppState>, V1Path(key): V1Path<String>) -> Response {

@@ -96,6 +96,12 @@ async fn two_servers_share_the_work_and_the_survivor_takes_over() {
         "first" => (first, second),
         _ => (second, first),
     };
+    // Its output so far, asked of the server that does not run it.
+    let partial = survivor
+        .client()
+        .get(&format!("/getPartialOutput/{KEY}/{id}/"))
+        .await;
+    assert_eq!(partial["statusMsg"], "Partial output obtained", "{partial}");
     let dead_address = dead.url.trim_start_matches("http://").to_string();
     dead.kill9();
     let killed = Instant::now();

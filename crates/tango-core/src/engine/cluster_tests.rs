@@ -23,6 +23,17 @@ struct Server {
 }
 
 async fn server(store: &Arc<SharedMemoryStore>, name: &str) -> Server {
+    let server = server_with(store, name, config()).await;
+    server.engine.join_cluster(server.id);
+    server
+}
+
+/// A server that has not joined yet (it claims nothing).
+async fn server_with(
+    store: &Arc<SharedMemoryStore>,
+    name: &str,
+    config: crate::config::EngineConfig,
+) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let data = Arc::new(DataDir::open(dir.path()).unwrap());
     let vmms = Arc::new(FakeVmms::default());
@@ -31,7 +42,7 @@ async fn server(store: &Arc<SharedMemoryStore>, name: &str) -> Server {
         crate::config::EngineConfig {
             prefix: name.into(),
             max_vms: 2,
-            ..config()
+            ..config
         },
         store.clone(),
         data.clone(),
@@ -53,7 +64,6 @@ async fn server(store: &Arc<SharedMemoryStore>, name: &str) -> Server {
             prefix: name.into(),
         })
         .unwrap();
-    engine.join_cluster(id);
     Server {
         _dir: dir,
         data,
@@ -191,4 +201,27 @@ async fn a_fenced_server_stops_its_jobs_and_the_survivor_reports_them_once() {
     assert_eq!(store.get_job(id).unwrap().unwrap().vm, done_vm);
     let out = store.output("k-lab", "out").unwrap().unwrap();
     assert!(String::from_utf8_lossy(&out).contains(&format!(":{id}\n")));
+}
+
+#[tokio::test]
+async fn max_queued_per_submitter_counts_every_servers_queue() {
+    let store = Arc::new(SharedMemoryStore::default());
+    let limited = || crate::config::EngineConfig {
+        max_queued_per_submitter: Some(2),
+        ..config()
+    };
+    // Neither claims: the jobs stay queued in the store.
+    let a = server_with(&store, "a", limited()).await;
+    let b = server_with(&store, "b", limited()).await;
+    a.upload("Makefile", b"all:\n", store.as_ref()).await;
+    // One submitter's three jobs (its name says who).
+    let of_alice = |output: &str| crate::engine::NewJob {
+        name: format!("course_lab_{}_alice@x.edu", output.len()),
+        ..job(output)
+    };
+    a.engine.add_job(of_alice("one")).await.unwrap();
+    b.engine.add_job(of_alice("two")).await.unwrap();
+    let e = b.engine.add_job(of_alice("three")).await.unwrap_err();
+    assert!(e.to_string().contains("already has 2 jobs queued"), "{e}");
+    assert_eq!(a.engine.queue_len(), 2, "the queue of every server");
 }

@@ -366,6 +366,7 @@ impl Engine {
             return Err(EngineError::ShuttingDown);
         }
         let job = inner.validate(new).await?;
+        let shared_queued = inner.shared_queued_of(&job).await?;
         {
             let st = inner.lock();
             if let Some(existing) = st.same_live_request(&job) {
@@ -377,7 +378,8 @@ impl Engine {
                 return Ok(existing.id);
             }
             if let Some(max) = inner.config.max_queued_per_submitter {
-                let queued = st.queue.queued_of(&job.courselab_dir, &job.submitter);
+                let queued = shared_queued
+                    .unwrap_or_else(|| st.queue.queued_of(&job.courselab_dir, &job.submitter));
                 if queued >= max {
                     return Err(EngineError::Invalid(format!(
                         "{} already has {queued} jobs queued in courselab {} (the server's \
@@ -511,18 +513,6 @@ impl Engine {
             }
         }
         self.inner.lock().queued()
-    }
-
-    /// With a shared store, the live jobs of every server, oldest first.
-    fn shared_live_jobs(&self) -> Option<Vec<Job>> {
-        self.inner.shared()?;
-        match (self.inner.store).jobs_in_states(&[JobState::Queued, JobState::Running], None) {
-            Ok(jobs) => Some(jobs),
-            Err(e) => {
-                warn!("cannot list the live jobs: {e}");
-                None
-            }
-        }
     }
 
     /// Output printed so far by a running job.

@@ -297,6 +297,24 @@ impl SharedStore for PostgresStore {
         Ok(n as usize)
     }
 
+    fn queued_of(&self, dir: &str, submitter: &str) -> Result<usize, StoreError> {
+        let (dir, submitter) = (dir.to_owned(), submitter.to_owned());
+        let n: i64 = self.call(
+            "counting a submitter's queued jobs",
+            move |pool| async move {
+                sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND courselab = $1
+                 AND submitter = $2",
+                )
+                .bind(dir)
+                .bind(submitter)
+                .fetch_one(&pool)
+                .await
+            },
+        )?;
+        Ok(n as usize)
+    }
+
     fn jobs_signal(&self) -> Arc<tokio::sync::Notify> {
         self.signals.jobs.clone()
     }

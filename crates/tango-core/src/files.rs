@@ -217,7 +217,9 @@ impl DataDir {
         check_component("file name", name)?;
         if let Some(md5) = store.file_md5(dir, name)? {
             let blob = self.blob_path(&md5);
-            if blob.is_file() {
+            // A shared store has the bytes of every file it records: the
+            // server that runs the job fetches them if it lacks them.
+            if blob.is_file() || store.shared().is_some() {
                 return Ok((blob, md5));
             }
         }
@@ -236,6 +238,9 @@ impl DataDir {
         tokio::fs::rename(&temp, &blob)
             .await
             .map_err(io_err("cannot store a file snapshot"))?;
+        if let Some(shared) = store.shared() {
+            shared.put_blob(&md5, &blob)?;
+        }
         store.set_file(dir, name, &md5)?;
         Ok((blob, md5))
     }
@@ -344,6 +349,11 @@ impl Upload {
         tokio::fs::rename(&self.temp, &dest)
             .await
             .map_err(io_err(format!("cannot store uploaded file {}", self.name)))?;
+        // The bytes first: a server that sees the file's record can then
+        // always fetch them.
+        if let Some(shared) = store.shared() {
+            shared.put_blob(&md5, &blob)?;
+        }
         store.set_file(&self.dir, &self.name, &md5)?;
         Ok(Uploaded { md5, existed })
     }

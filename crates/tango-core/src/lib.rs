@@ -29,5 +29,5 @@ pub mod vmms;
 pub use config::{CourselabPolicy, EngineConfig, Scheduling, Timeouts};
 pub use engine::{CallbackSender, Engine, EngineError, NewJob, MAX_POOL_SIZE};
 pub use model::*;
-pub use store::{OutboxEntry, ServerRecord, Store, StoreError};
+pub use store::{OutboxEntry, ServerRecord, SharedOutput, SharedStore, Store, StoreError};
 pub use vmms::*;

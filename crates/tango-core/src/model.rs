@@ -178,6 +178,10 @@ pub struct Job {
     /// engine's `backend_wait_max_secs`, after which failures count as retries.
     #[serde(default)]
     pub backend_wait_ms: u64,
+    /// The server that claimed the job, in a store several servers share
+    /// (kept by the store beside the record, not in it).
+    #[serde(skip)]
+    pub owner: Option<u64>,
 }
 
 impl Job {
@@ -217,6 +221,7 @@ impl Job {
             },
             outcome: None,
             backend_wait_ms: 0,
+            owner: None,
         }
     }
 

@@ -48,6 +48,9 @@ pub struct ServerRecord {
     /// user and VM prefix), when it holds that machine's lock on the
     /// prefix: a record of the same instance is then a run that died.
     pub instance: Option<String>,
+    /// Its VM prefix: the names of the VMs it made. Servers sharing a
+    /// store each have their own, so the VMs of one that died are found.
+    pub prefix: String,
 }
 
 impl ServerRecord {
@@ -61,6 +64,76 @@ impl ServerRecord {
     pub fn alive(&self, now_ms: i64) -> bool {
         self.heartbeat_age_ms(now_ms) < self.lease_ms
     }
+}
+
+/// An output file as several servers share it (see [`SharedStore`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedOutput {
+    pub courselab_dir: String,
+    pub output_file: String,
+    pub content: Vec<u8>,
+}
+
+/// What a store shared by several servers keeps beyond [`Store`]: the
+/// bytes that one server wrote and another serves (uploads, outputs,
+/// callback bodies), courselabs, and which server owns which job.
+///
+/// A job's owner is the server that claimed it; only the owner may change
+/// its record ([`Store::save_job`] refuses otherwise) and only the owner
+/// finishes it, once ([`SharedStore::finish_owned`]): a server that lost
+/// its jobs to the others cannot report them.
+pub trait SharedStore: Send + Sync {
+    /// Records courselab `dir`; true when it did not exist.
+    fn open_courselab(&self, dir: &str) -> Result<bool, StoreError>;
+    fn courselab_exists(&self, dir: &str) -> Result<bool, StoreError>;
+
+    /// Stores the bytes of file `path` as blob `md5`, streamed in chunks;
+    /// nothing when the blob is there already.
+    fn put_blob(&self, md5: &str, path: &std::path::Path) -> Result<(), StoreError>;
+    /// Writes blob `md5` to `dest`, streamed in chunks; false when the
+    /// store has no such blob.
+    fn fetch_blob(&self, md5: &str, dest: &std::path::Path) -> Result<bool, StoreError>;
+
+    /// Takes up to `limit` queued jobs no server owns for server `owner`,
+    /// skipping any another server is taking right now: every submitter's
+    /// first queued job before anyone's second, and so on, oldest first.
+    /// A retired server claims none.
+    fn claim_jobs(&self, owner: u64, limit: usize) -> Result<Vec<Job>, StoreError>;
+    /// Records `job` (queued again, `owner` None) if server `from` still
+    /// owns it; false when it does not (another server released it first).
+    fn release_job(&self, job: &Job, from: u64) -> Result<bool, StoreError>;
+    /// Queued or running jobs whose owner is retired or has no record in
+    /// the servers registry, with that owner.
+    fn orphaned_jobs(&self) -> Result<Vec<Job>, StoreError>;
+    /// Retires dead server `id`: its jobs are orphans from now on, and its
+    /// heartbeats are refused ([`Store::heartbeat_server`] answers false),
+    /// so that it stops if it was only frozen. Its record stays, to show.
+    /// True when this call retired it (false: it was already).
+    fn retire_server(&self, id: u64, now_ms: i64) -> Result<bool, StoreError>;
+
+    /// Records the finished `job` with its output file and callback (whose
+    /// body is the output), if server `owner` owns it and it is not
+    /// finished: false, and nothing recorded, otherwise.
+    fn finish_owned(
+        &self,
+        job: &Job,
+        owner: u64,
+        output: &SharedOutput,
+        callback: Option<&OutboxEntry>,
+    ) -> Result<bool, StoreError>;
+    /// The output file `output_file` of courselab `dir`, as its last job wrote it.
+    fn output(&self, dir: &str, output_file: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The body of a job's callback.
+    fn callback_body(&self, job_id: JobId) -> Result<Option<Vec<u8>>, StoreError>;
+    /// How many jobs are queued, owned or not.
+    fn queued_count(&self) -> Result<usize, StoreError>;
+    /// How many jobs of `submitter` in courselab `dir` are queued.
+    fn queued_of(&self, dir: &str, submitter: &str) -> Result<usize, StoreError>;
+
+    /// Woken when a job no server owns is queued (added or released).
+    fn jobs_signal(&self) -> std::sync::Arc<tokio::sync::Notify>;
+    /// Woken when a callback is added to the outbox.
+    fn outbox_signal(&self) -> std::sync::Arc<tokio::sync::Notify>;
 }
 
 pub trait Store: Send + Sync + 'static {
@@ -93,6 +166,28 @@ pub trait Store: Send + Sync + 'static {
     fn outbox_update(&self, entry: &OutboxEntry) -> Result<(), StoreError>;
     fn outbox_remove(&self, job_id: JobId) -> Result<(), StoreError>;
     fn outbox_len(&self) -> Result<usize, StoreError>;
+    /// Takes up to `limit` callbacks due at `now_ms` for delivery: each is
+    /// moved to `until_ms`, so that no other delivery takes it meanwhile
+    /// and a crash mid-delivery retries it then.
+    fn outbox_claim(
+        &self,
+        now_ms: i64,
+        until_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        let mut due = self.outbox_due(now_ms, limit)?;
+        for entry in &mut due {
+            let mut claimed = entry.clone();
+            claimed.next_attempt_ms = until_ms;
+            self.outbox_update(&claimed)?;
+        }
+        Ok(due)
+    }
+
+    /// The store's shared side, when several servers may use it.
+    fn shared(&self) -> Option<&dyn SharedStore> {
+        None
+    }
 
     /// Records a server (its `id` is ignored) under a fresh id, and returns
     /// that id with the other servers' records as they were at that
@@ -124,6 +219,7 @@ mod tests {
             heartbeat_ms,
             lease_ms,
             instance: None,
+            prefix: "tango".into(),
         }
     }
 

@@ -5,7 +5,7 @@
 
 use crate::engine::CallbackSender;
 use crate::model::{parse_machine_name, InputFile, Job, JobId, JobState, Machine};
-use crate::store::{OutboxEntry, ServerRecord, Store, StoreError};
+use crate::store::{OutboxEntry, ServerRecord, SharedStore, Store, StoreError};
 use crate::vmms::{HostStatus, RunOutcome, RunRequest, RunStatus, Vmms, VmmsError};
 use async_trait::async_trait;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -417,5 +417,270 @@ impl CallbackSender for RecordingCallbacks {
             .push((url.into(), output_file.into(), body));
         self.notify.notify_waiters();
         Ok(())
+    }
+}
+
+/// A [`MemoryStore`] as several servers share one ([`SharedStore`]): the
+/// same rules of ownership as the PostgreSQL store, in memory, for unit
+/// tests of the engine's cluster logic (the PostgreSQL store's own suite
+/// checks the real one).
+#[derive(Default)]
+pub struct SharedMemoryStore {
+    pub base: MemoryStore,
+    courselabs: Mutex<std::collections::HashSet<String>>,
+    blobs: Mutex<HashMap<String, Vec<u8>>>,
+    outputs: Mutex<HashMap<(String, String), Vec<u8>>>,
+    bodies: Mutex<HashMap<JobId, Vec<u8>>>,
+    retired: Mutex<std::collections::HashSet<u64>>,
+    jobs_signal: std::sync::Arc<tokio::sync::Notify>,
+    outbox_signal: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl SharedMemoryStore {
+    /// Every server waiting, as PostgreSQL notifies every listener.
+    fn wake_servers(&self) {
+        self.jobs_signal.notify_waiters();
+        self.jobs_signal.notify_one();
+    }
+
+    fn owner_of(&self, id: JobId) -> Option<Option<u64>> {
+        self.base.jobs.lock().unwrap().get(&id).map(|j| j.owner)
+    }
+}
+
+impl Store for SharedMemoryStore {
+    fn next_job_id(&self) -> Result<JobId, StoreError> {
+        self.base.next_job_id()
+    }
+    fn next_vm_id(&self) -> Result<u64, StoreError> {
+        self.base.next_vm_id()
+    }
+    fn save_job(&self, job: &Job) -> Result<(), StoreError> {
+        let mut jobs = self.base.jobs.lock().unwrap();
+        if let Some(stored) = jobs.get(&job.id) {
+            if stored.owner != job.owner {
+                return Err(StoreError(format!(
+                    "job {} belongs to another server now",
+                    job.id
+                )));
+            }
+        }
+        jobs.insert(job.id, job.clone());
+        if job.state == JobState::Queued && job.owner.is_none() {
+            self.wake_servers();
+        }
+        Ok(())
+    }
+    fn finish_job(&self, job: &Job, callback: Option<&OutboxEntry>) -> Result<(), StoreError> {
+        self.save_job(job)?;
+        if let Some(entry) = callback {
+            self.base.outbox_update(entry)?;
+        }
+        Ok(())
+    }
+    fn get_job(&self, id: JobId) -> Result<Option<Job>, StoreError> {
+        self.base.get_job(id)
+    }
+    fn jobs_in_states(
+        &self,
+        states: &[JobState],
+        limit: Option<usize>,
+    ) -> Result<Vec<Job>, StoreError> {
+        self.base.jobs_in_states(states, limit)
+    }
+    fn set_file(&self, dir: &str, name: &str, md5: &str) -> Result<(), StoreError> {
+        self.base.set_file(dir, name, md5)
+    }
+    fn file_md5(&self, dir: &str, name: &str) -> Result<Option<String>, StoreError> {
+        self.base.file_md5(dir, name)
+    }
+    fn files(&self, dir: &str) -> Result<Vec<(String, String)>, StoreError> {
+        self.base.files(dir)
+    }
+    fn outbox_due(&self, now_ms: i64, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.base.outbox_due(now_ms, limit)
+    }
+    fn outbox_next_due(&self) -> Result<Option<i64>, StoreError> {
+        self.base.outbox_next_due()
+    }
+    fn outbox_update(&self, entry: &OutboxEntry) -> Result<(), StoreError> {
+        self.base.outbox_update(entry)
+    }
+    fn outbox_remove(&self, job_id: JobId) -> Result<(), StoreError> {
+        self.bodies.lock().unwrap().remove(&job_id);
+        self.base.outbox_remove(job_id)
+    }
+    fn outbox_len(&self) -> Result<usize, StoreError> {
+        self.base.outbox_len()
+    }
+    fn register_server(
+        &self,
+        server: &ServerRecord,
+    ) -> Result<(u64, Vec<ServerRecord>), StoreError> {
+        self.base.register_server(server)
+    }
+    fn heartbeat_server(&self, id: u64, now_ms: i64) -> Result<bool, StoreError> {
+        if self.retired.lock().unwrap().contains(&id) {
+            return Ok(false);
+        }
+        self.base.heartbeat_server(id, now_ms)
+    }
+    fn servers(&self) -> Result<Vec<ServerRecord>, StoreError> {
+        self.base.servers()
+    }
+    fn remove_server(&self, id: u64) -> Result<(), StoreError> {
+        self.base.remove_server(id)
+    }
+    fn shared(&self) -> Option<&dyn SharedStore> {
+        Some(self)
+    }
+}
+
+impl SharedStore for SharedMemoryStore {
+    fn open_courselab(&self, dir: &str) -> Result<bool, StoreError> {
+        Ok(self.courselabs.lock().unwrap().insert(dir.to_string()))
+    }
+    fn courselab_exists(&self, dir: &str) -> Result<bool, StoreError> {
+        Ok(self.courselabs.lock().unwrap().contains(dir))
+    }
+    fn put_blob(&self, md5: &str, path: &Path) -> Result<(), StoreError> {
+        let bytes = std::fs::read(path).map_err(|e| StoreError(e.to_string()))?;
+        self.blobs.lock().unwrap().insert(md5.to_string(), bytes);
+        Ok(())
+    }
+    fn fetch_blob(&self, md5: &str, dest: &Path) -> Result<bool, StoreError> {
+        let Some(bytes) = self.blobs.lock().unwrap().get(md5).cloned() else {
+            return Ok(false);
+        };
+        std::fs::write(dest, bytes).map_err(|e| StoreError(e.to_string()))?;
+        Ok(true)
+    }
+    fn claim_jobs(&self, owner: u64, limit: usize) -> Result<Vec<Job>, StoreError> {
+        if self.retired.lock().unwrap().contains(&owner) {
+            return Ok(Vec::new());
+        }
+        let mut jobs = self.base.jobs.lock().unwrap();
+        let mut turns: HashMap<(String, String), usize> = HashMap::new();
+        let mut order: Vec<(usize, JobId)> = jobs
+            .values()
+            .filter(|j| j.state == JobState::Queued && j.owner.is_none())
+            .map(|j| {
+                let turn = turns
+                    .entry((j.courselab_dir.clone(), j.submitter.clone()))
+                    .or_default();
+                *turn += 1;
+                (*turn, j.id)
+            })
+            .collect();
+        order.sort_unstable();
+        Ok(order
+            .into_iter()
+            .take(limit)
+            .filter_map(|(_, id)| {
+                let job = jobs.get_mut(&id)?;
+                job.owner = Some(owner);
+                Some(job.clone())
+            })
+            .collect())
+    }
+    fn release_job(&self, job: &Job, from: u64) -> Result<bool, StoreError> {
+        if self.owner_of(job.id) != Some(Some(from)) {
+            return Ok(false);
+        }
+        let released = Job {
+            owner: None,
+            ..job.clone()
+        };
+        self.base.jobs.lock().unwrap().insert(job.id, released);
+        self.wake_servers();
+        Ok(true)
+    }
+    fn orphaned_jobs(&self) -> Result<Vec<Job>, StoreError> {
+        let alive: std::collections::HashSet<u64> = self
+            .base
+            .servers
+            .lock()
+            .unwrap()
+            .keys()
+            .copied()
+            .filter(|id| !self.retired.lock().unwrap().contains(id))
+            .collect();
+        Ok(self
+            .base
+            .jobs
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|j| j.state.is_live())
+            .filter(|j| j.owner.is_some_and(|o| !alive.contains(&o)))
+            .cloned()
+            .collect())
+    }
+    fn retire_server(&self, id: u64, _now_ms: i64) -> Result<bool, StoreError> {
+        Ok(self.retired.lock().unwrap().insert(id))
+    }
+    fn finish_owned(
+        &self,
+        job: &Job,
+        owner: u64,
+        output: &crate::store::SharedOutput,
+        callback: Option<&OutboxEntry>,
+    ) -> Result<bool, StoreError> {
+        let mut jobs = self.base.jobs.lock().unwrap();
+        let mine = jobs
+            .get(&job.id)
+            .is_some_and(|j| j.owner == Some(owner) && j.state.is_live());
+        if !mine {
+            return Ok(false);
+        }
+        jobs.insert(
+            job.id,
+            Job {
+                owner: None,
+                ..job.clone()
+            },
+        );
+        drop(jobs);
+        self.outputs.lock().unwrap().insert(
+            (output.courselab_dir.clone(), output.output_file.clone()),
+            output.content.clone(),
+        );
+        if let Some(entry) = callback {
+            self.base.outbox_update(entry)?;
+            self.bodies
+                .lock()
+                .unwrap()
+                .insert(job.id, output.content.clone());
+            self.outbox_signal.notify_one();
+        }
+        Ok(true)
+    }
+    fn output(&self, dir: &str, output_file: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .outputs
+            .lock()
+            .unwrap()
+            .get(&(dir.to_string(), output_file.to_string()))
+            .cloned())
+    }
+    fn callback_body(&self, job_id: JobId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.bodies.lock().unwrap().get(&job_id).cloned())
+    }
+    fn queued_count(&self) -> Result<usize, StoreError> {
+        Ok(self.base.jobs_in_states(&[JobState::Queued], None)?.len())
+    }
+    fn queued_of(&self, dir: &str, submitter: &str) -> Result<usize, StoreError> {
+        Ok(self
+            .base
+            .jobs_in_states(&[JobState::Queued], None)?
+            .iter()
+            .filter(|j| j.courselab_dir == dir && j.submitter == submitter)
+            .count())
+    }
+    fn jobs_signal(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.jobs_signal.clone()
+    }
+    fn outbox_signal(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.outbox_signal.clone()
     }
 }

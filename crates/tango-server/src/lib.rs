@@ -66,9 +66,6 @@ pub async fn serve(
         _ => None,
     };
     let store_kind = config::StoreKind::parse(&config.store)?;
-    // Several servers on one PostgreSQL database would each take every live
-    // job for its own: until they share the work (issue 21), one at a time.
-    let exclusive = matches!(store_kind, config::StoreKind::Postgres(_));
     let db = config.data_dir.join("tango.db");
     if store_kind == config::StoreKind::Sqlite {
         // Before anything in the data dir is touched: a newer tangod's data
@@ -104,14 +101,14 @@ pub async fn serve(
         }
     };
     // Before the backends and the engine start: a refused server must not
-    // touch the VMs or jobs of the one that runs.
+    // touch the VMs or jobs of the one that uses its prefix.
     let membership = servers::Membership::join(
         store.clone(),
         config.server.name(),
         listener.local_addr()?.to_string(),
         std::time::Duration::from_secs(config.server.lease_secs),
         instance,
-        exclusive,
+        config.engine.prefix.clone(),
     )
     .await?;
     let heartbeat = membership.keep_alive();
@@ -148,6 +145,7 @@ async fn serve_registered(
     )?);
     let engine =
         Arc::new(Engine::start(config.engine.clone(), store, data, backends, callbacks).await?);
+    membership.attach(engine.clone()).await;
     for pool in &config.pools {
         tokio::spawn(keep_pool(engine.clone(), pool.clone()));
     }

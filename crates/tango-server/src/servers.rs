@@ -3,12 +3,15 @@
 //! removes its record when it stops cleanly. A server whose heartbeat is
 //! older than its lease is dead.
 //!
-//! Several servers on one PostgreSQL database do not share the work yet
-//! (each takes every live job in the database for its own at start), so
-//! with PostgreSQL a server refuses to start while another is alive: at
-//! most one runs, and a new one may start once the last one's lease has
-//! lapsed. With SQLite only one server can use the database (it is in the
-//! data dir), so records of earlier runs are dropped at start.
+//! With PostgreSQL several servers share the work (the engine's
+//! `cluster.rs`): each heartbeat also looks for servers whose lease
+//! lapsed, retires them and takes over their jobs and VMs; a server that
+//! finds its own heartbeat refused was retired by another (it was frozen
+//! or cut off) and is fenced: its jobs stop unreported, and it goes on as
+//! a new server. Servers sharing a store must each have their own VM
+//! prefix: a server whose prefix an alive one uses is refused. With SQLite
+//! only one server can use the database (it is in the data dir), so
+//! records of earlier runs are dropped at start.
 //!
 //! A server restarted on the same machine (systemd after a crash) need not
 //! wait for its own dead run's lease: when tangod holds the machine's lock
@@ -17,10 +20,10 @@
 //! is a run that died.
 
 use anyhow::Context;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
-use tango_core::{now_ms, ServerRecord, Store};
+use tango_core::{now_ms, Engine, ServerRecord, Store};
 
 /// Records of servers dead this long are removed when a server starts:
 /// long enough to see in `tango servers` what died, short enough that
@@ -33,6 +36,10 @@ pub struct Membership {
     id: AtomicU64,
     me: ServerRecord,
     seen: Mutex<Vec<ServerRecord>>,
+    /// With a shared store, the engine whose jobs the heartbeat guards.
+    engine: OnceLock<Arc<Engine>>,
+    /// Unix ms of the last heartbeat that failed (the store away).
+    last_failure_ms: AtomicI64,
 }
 
 /// A server in the views (`/v2/servers`, `tango servers`).
@@ -64,25 +71,24 @@ fn earlier_run(other: &ServerRecord, instance: Option<&str>) -> bool {
     instance.is_some() && other.instance.as_deref() == instance
 }
 
-/// Whether another server is alive to refuse this one's start, and why.
-fn refusal(others: &[ServerRecord], now_ms: i64) -> Option<String> {
-    let alive: Vec<&ServerRecord> = others.iter().filter(|s| s.alive(now_ms)).collect();
-    let first = alive.first()?;
+/// Whether an alive server uses this one's VM prefix (so that each would
+/// destroy the other's VMs), to refuse this one's start, and why.
+fn refusal(others: &[ServerRecord], prefix: &str, now_ms: i64) -> Option<String> {
+    let first = others
+        .iter()
+        .find(|s| s.alive(now_ms) && s.prefix == prefix)?;
     let secs = |ms: i64| ms as f64 / 1000.0;
     Some(format!(
-        "another tangod is alive on this database: server {:?} (id {}) at {}, last heartbeat \
-         {:.1} s ago (lease {} s){}. Several tangod servers on one PostgreSQL database are not \
-         supported yet (issue 21), so at most one runs at a time: stop that server first, or, \
-         if it died, start this one after its lease lapses ({:.1} s from now)",
+        "another tangod alive on this database uses the VM prefix {prefix:?}: server {:?} \
+         (id {}) at {}, last heartbeat {:.1} s ago (lease {} s). Servers sharing a database \
+         each need their own prefix, or each destroys the other's VMs: set a different \
+         `prefix` in this server's config. If that server died, this one may start after its \
+         lease lapses ({:.1} s from now)",
         first.name,
         first.id,
         first.address,
         secs(first.heartbeat_age_ms(now_ms)),
         secs(first.lease_ms),
-        match alive.len() {
-            1 => String::new(),
-            n => format!(", and {} more", n - 1),
-        },
         secs(first.lease_ms - first.heartbeat_age_ms(now_ms)),
     ))
 }
@@ -98,17 +104,18 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Membership {
-    /// Registers this server. With `exclusive` (PostgreSQL), refuses while
-    /// another registered server is alive, leaving no record of this one;
-    /// otherwise records of earlier runs are dropped.
+    /// Registers this server. With a shared store (PostgreSQL), refuses
+    /// while an alive server has the same VM prefix, leaving no record of
+    /// this one; otherwise records of earlier runs are dropped.
     pub async fn join(
         store: Arc<dyn Store>,
         name: String,
         address: String,
         lease: Duration,
         instance: Option<String>,
-        exclusive: bool,
+        prefix: String,
     ) -> anyhow::Result<Arc<Membership>> {
+        let shared = store.shared().is_some();
         let now = now_ms();
         let mut me = ServerRecord {
             id: 0,
@@ -119,6 +126,7 @@ impl Membership {
             heartbeat_ms: now,
             lease_ms: lease.as_millis() as i64,
             instance,
+            prefix,
         };
         let record = me.clone();
         let (id, others) = blocking(&store, move |s| s.register_server(&record))
@@ -128,8 +136,8 @@ impl Membership {
         let (earlier, others): (Vec<ServerRecord>, Vec<ServerRecord>) = others
             .into_iter()
             .partition(|s| earlier_run(s, me.instance.as_deref()));
-        if exclusive {
-            if let Some(why) = refusal(&others, now_ms()) {
+        if shared {
+            if let Some(why) = refusal(&others, &me.prefix, now_ms()) {
                 if let Err(e) = blocking(&store, move |s| s.remove_server(id)).await {
                     tracing::warn!("cannot remove this server's record after refusing: {e:#}");
                 }
@@ -139,7 +147,7 @@ impl Membership {
         let now = now_ms();
         let forget: Vec<u64> = others
             .iter()
-            .filter(|s| !exclusive || s.heartbeat_age_ms(now) > FORGET_DEAD_AFTER_MS)
+            .filter(|s| !shared || s.heartbeat_age_ms(now) > FORGET_DEAD_AFTER_MS)
             .chain(&earlier)
             .map(|s| s.id)
             .collect();
@@ -167,7 +175,69 @@ impl Membership {
             id: AtomicU64::new(id),
             me,
             seen: Mutex::new(seen),
+            engine: OnceLock::new(),
+            last_failure_ms: AtomicI64::new(0),
         }))
+    }
+
+    /// Hands the engine to the heartbeat: with a shared store, the engine
+    /// claims jobs as this server, and takes over from dead servers now
+    /// (among them an earlier run of this very server).
+    pub async fn attach(&self, engine: Arc<Engine>) {
+        engine.join_cluster(self.id());
+        let _ = self.engine.set(engine);
+        if let Err(e) = self.take_over().await {
+            tracing::warn!("cannot take over from dead servers: {e:#}");
+        }
+    }
+
+    /// Retires the servers whose lease lapsed and takes over their jobs
+    /// and VMs; also re-queues any job whose owner was retired before (by
+    /// a server that died in the middle of a takeover). Not while this
+    /// server's own store calls failed within a lease: after PostgreSQL
+    /// was away, every server's heartbeat is late, and each must have the
+    /// time to renew it before it counts as dead.
+    async fn take_over(&self) -> anyhow::Result<()> {
+        let Some(engine) = self.engine.get().filter(|e| e.is_shared()) else {
+            return Ok(());
+        };
+        let now = now_ms();
+        if now - self.last_failure_ms.load(Ordering::Relaxed) < self.me.lease_ms {
+            return Ok(());
+        }
+        let me = self.id();
+        let earlier = self.me.instance.clone();
+        let seen = self.last_seen();
+        let mut retired = Vec::new();
+        for server in &seen {
+            let dead = !server.alive(now) || earlier_run(server, earlier.as_deref());
+            if server.id == me || !dead {
+                continue;
+            }
+            let id = server.id;
+            let newly = blocking(&self.store, move |s| match s.shared() {
+                Some(shared) => shared.retire_server(id, now),
+                None => Ok(false),
+            })
+            .await?;
+            // Its VMs go once, and not when a live server (a restart of
+            // it) uses its prefix now: that one's own sweep removes them.
+            let prefix_in_use = seen
+                .iter()
+                .any(|s| s.id != id && s.alive(now) && s.prefix == server.prefix);
+            if newly && !prefix_in_use {
+                retired.push(server.clone());
+            }
+        }
+        let requeued = engine.take_over(&retired).await?;
+        if requeued > 0 {
+            tracing::warn!(
+                requeued,
+                retired = ?retired.iter().map(|s| &s.name).collect::<Vec<_>>(),
+                "took over the jobs of servers whose lease lapsed"
+            );
+        }
+        Ok(())
     }
 
     pub fn name(&self) -> &str {
@@ -217,7 +287,13 @@ impl Membership {
     async fn beat(&self, last_ok: &mut i64) -> anyhow::Result<()> {
         let id = self.id();
         let now = now_ms();
-        let kept = blocking(&self.store, move |s| s.heartbeat_server(id, now)).await?;
+        let kept = match blocking(&self.store, move |s| s.heartbeat_server(id, now)).await {
+            Ok(kept) => kept,
+            Err(e) => {
+                self.last_failure_ms.store(now_ms(), Ordering::Relaxed);
+                return Err(e);
+            }
+        };
         if !kept {
             let record = ServerRecord {
                 heartbeat_ms: now,
@@ -226,9 +302,13 @@ impl Membership {
             let (id, _) = blocking(&self.store, move |s| s.register_server(&record)).await?;
             tracing::warn!(
                 id,
-                "this server's record was gone from the servers registry; registered again"
+                "this server's heartbeat was refused (another server took over its jobs, or its \
+                 record was removed): registered again"
             );
             self.id.store(id, Ordering::Relaxed);
+            if let Some(engine) = self.engine.get() {
+                engine.fence(id).await;
+            }
         }
         if now - *last_ok >= self.me.lease_ms {
             // Frozen, or the store was away: another server may have
@@ -243,7 +323,7 @@ impl Membership {
         *last_ok = now;
         let list = blocking(&self.store, |s| s.servers()).await?;
         *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = list;
-        Ok(())
+        self.take_over().await
     }
 
     /// Renews the heartbeat every third of the lease until the task is
@@ -289,50 +369,51 @@ mod tests {
             heartbeat_ms,
             lease_ms: 15_000,
             instance: None,
+            prefix: format!("p{id}"),
         }
     }
 
     #[test]
-    fn only_an_alive_server_refuses_a_start_and_is_named() {
+    fn only_an_alive_server_of_the_same_prefix_refuses_a_start_and_is_named() {
         let now = 100_000;
-        assert_eq!(refusal(&[], now), None);
-        let dead = server(1, "old", now - 15_000);
-        assert_eq!(refusal(std::slice::from_ref(&dead), now), None);
-        let why = refusal(&[dead, server(2, "grader1", now - 2_500)], now).unwrap();
+        assert_eq!(refusal(&[], "p2", now), None);
+        let dead = ServerRecord {
+            prefix: "p2".into(),
+            ..server(1, "old", now - 15_000)
+        };
+        assert_eq!(refusal(std::slice::from_ref(&dead), "p2", now), None);
+        let others = [dead, server(2, "grader1", now - 2_500), server(3, "b", now)];
+        assert_eq!(refusal(&others, "p9", now), None, "other prefixes share");
+        let why = refusal(&others, "p2", now).unwrap();
         for part in [
+            "prefix \"p2\"",
             "\"grader1\" (id 2)",
             "at 10.0.0.2:3000",
             "2.5 s ago",
             "lease 15 s",
-            "issue 21",
             "12.5 s from now",
         ] {
             assert!(why.contains(part), "{part:?} in {why}");
         }
-        let two = refusal(&[server(3, "a", now), server(4, "b", now)], now).unwrap();
-        assert!(two.contains("and 1 more"), "{two}");
     }
 
     #[tokio::test]
-    async fn joining_removes_earlier_runs_or_refuses_and_leaves_no_record() {
+    async fn joining_a_store_of_its_own_removes_earlier_runs() {
         let store: Arc<dyn Store> = Arc::new(tango_core::testing::MemoryStore::default());
         let lease = Duration::from_secs(15);
-        let join = |name: &str, exclusive| {
+        let join = |name: &str| {
             Membership::join(
                 store.clone(),
                 name.into(),
                 "x:1".into(),
                 lease,
                 Some(format!("machine/0/{name}")),
-                exclusive,
+                "tango".into(),
             )
         };
-        let first = join("a", true).await.unwrap();
-        let e = join("b", true).await.err().expect("a is alive");
-        assert!(format!("{e}").contains("\"a\""), "{e}");
-        assert_eq!(store.servers().unwrap().len(), 1, "b left no record");
-        // Without exclusivity (SQLite) the earlier record is a dead run.
-        let second = join("c", false).await.unwrap();
+        let first = join("a").await.unwrap();
+        // A store of its own (SQLite): the earlier record is a dead run.
+        let second = join("c").await.unwrap();
         let names: Vec<String> = store
             .servers()
             .unwrap()
@@ -360,7 +441,7 @@ mod tests {
         assert_eq!(store.servers().unwrap().len(), 1);
         // The same instance again (restarted on its machine, its prefix
         // lock held): its alive-looking record is an earlier run.
-        let again = join("a", true).await.unwrap();
+        let again = join("a").await.unwrap();
         let left: Vec<u64> = store.servers().unwrap().iter().map(|s| s.id).collect();
         assert_eq!(left, [again.id()]);
     }

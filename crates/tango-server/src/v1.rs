@@ -249,7 +249,7 @@ async fn open(
 ) -> Response {
     let dir = checked_courselab_dir!(state, key, courselab);
     let engine = &state.engine;
-    let created = match engine.data().open_courselab(&dir).await {
+    let created = match engine.open_courselab(&dir).await {
         Ok(created) => created,
         Err(e) => return V1::from(e).into_response(),
     };
@@ -258,9 +258,11 @@ async fn open(
         Err(e) => return V1::from(EngineError::Store(e)).into_response(),
     };
     let courselab_path = engine.data().courselab_path(&dir);
+    // A shared store's files may have been uploaded on another server.
+    let shared = engine.is_shared();
     let files: Map<String, Value> = files
         .into_iter()
-        .filter(|(name, _)| courselab_path.join(name).is_file())
+        .filter(|(name, _)| shared || courselab_path.join(name).is_file())
         .map(|(name, md5)| (name, json!(md5)))
         .collect();
     let msg = if created {
@@ -285,6 +287,10 @@ async fn upload(
         return fail("header Filename is not valid text").into_response();
     };
     let engine = &state.engine;
+    // With a shared store, a courselab opened on another server.
+    if let Err(e) = engine.courselab_exists(&dir).await {
+        return V1::from(e).into_response();
+    }
     let mut upload = match engine
         .data()
         .begin_upload(&dir, name, state.max_upload_bytes)
@@ -463,6 +469,19 @@ async fn poll(
     if tango_core::names::check_component("output file", &output_file).is_err() {
         return fail("Output file not found").into_response();
     }
+    match state.engine.shared_output(&dir, &output_file).await {
+        Ok(Some(Some(content))) => {
+            return (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/octet-stream")],
+                content,
+            )
+                .into_response()
+        }
+        Ok(Some(None)) => return fail("Output file not found").into_response(),
+        Ok(None) => {}
+        Err(e) => return V1::from(e).into_response(),
+    }
     let path = state.engine.data().output_path(&dir, &output_file);
     // Output files are renamed into place whole, so an open file is complete.
     match tokio::fs::File::open(&path).await {
@@ -484,6 +503,9 @@ async fn partial_output(
     let Ok(id) = job_id.parse::<u64>() else {
         return fail(format!("job id {job_id:?} is not a number")).into_response();
     };
+    if let Some(forwarded) = partial_output_elsewhere(&state, &key, id).await {
+        return forwarded;
+    }
     match state.engine.partial_output(id, 1 << 20).await {
         Ok(bytes) => ok(
             "Partial output obtained",
@@ -492,6 +514,36 @@ async fn partial_output(
         .into_response(),
         Err(e) => V1::from(e).into_response(),
     }
+}
+
+/// With servers sharing a store, the partial output of a job another
+/// server runs, asked of that server (its VM is there).
+async fn partial_output_elsewhere(state: &AppState, key: &str, id: u64) -> Option<Response> {
+    let owner = state.engine.running_elsewhere(id).await?;
+    let server = state
+        .servers
+        .as_ref()?
+        .last_seen()
+        .into_iter()
+        .find(|s| s.id == owner)?;
+    let url = format!("http://{}/getPartialOutput/{key}/{id}/", server.address);
+    let asked = async {
+        let answer = reqwest::Client::new()
+            .get(&url)
+            .timeout(std::time::Duration::from_secs(10))
+            .send()
+            .await?
+            .error_for_status()?;
+        answer.json::<Value>().await
+    };
+    Some(match asked.await {
+        Ok(answer) => (StatusCode::OK, axum::Json(answer)).into_response(),
+        Err(e) => fail(format!(
+            "job {id} runs on server {:?} at {}, which did not answer for its output: {e}",
+            server.name, server.address
+        ))
+        .into_response(),
+    })
 }
 
 async fn info(State(state): State<AppState>, V1Path(key): V1Path<String>) -> Response {

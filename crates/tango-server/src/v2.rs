@@ -313,6 +313,15 @@ async fn output_file_tail(state: &AppState, job: &Job) -> Option<(Vec<u8>, bool)
     if job.output_file.is_empty() {
         return None;
     }
+    if let Ok(Some(shared)) = state
+        .engine
+        .shared_output(&job.courselab_dir, &job.output_file)
+        .await
+    {
+        let content = shared?;
+        let start = content.len().saturating_sub(OUTPUT_TAIL_BYTES);
+        return Some((content[start..].to_vec(), start > 0));
+    }
     let path = state
         .engine
         .data()

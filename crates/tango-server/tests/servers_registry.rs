@@ -1,17 +1,16 @@
 //! The servers registry (issue 21) with real tangod processes: on one real
-//! PostgreSQL a second server refuses to start while the first is alive,
-//! starts once the first was killed and its lease lapsed, takes its jobs,
+//! PostgreSQL two servers share the work (a file uploaded on one serves a
+//! job added on the other; the output is polled on both); the one running
+//! a job is killed and the other takes the job over once the lease lapsed,
 //! and `/v2/servers`, `tango servers`, `/info` and `/metrics` show the
-//! first dead and the second alive. With SQLite a restart right after a
-//! crash is never refused.
+//! killed one dead and the other alive. With SQLite a restart right after
+//! a crash is never refused.
 
 mod common;
 #[path = "../../tango-store/tests/support/postgres.rs"]
 mod postgres;
 
 use common::*;
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const LEASE_SECS: u64 = 3;
@@ -20,53 +19,9 @@ fn config(store: &str, name: &str) -> String {
     format!("store = \"{store}\"\n[server]\nname = \"{name}\"\nlease_secs = {LEASE_SECS}\n")
 }
 
-/// tangod as a plain process that is expected to exit: (exit code, stderr).
-fn tangod_that_exits(dir: &Path, store: &str, name: &str) -> (Option<i32>, String) {
-    let config_file = dir.join("refused.toml");
-    // Its own VM prefix: a refused server must not even contend for the
-    // running one's prefix lock.
-    std::fs::write(
-        &config_file,
-        format!(
-            "{}[engine]\nprefix = \"refused{}\"\n",
-            config(store, name),
-            std::process::id()
-        ),
-    )
-    .unwrap();
-    let log = dir.join("refused.log");
-    let mut child = Command::new(tangod_bin())
-        .args(["--listen", "127.0.0.1:0", "--key", KEY, "--data-dir"])
-        .arg(dir.join("refused-data"))
-        .arg("--config")
-        .arg(&config_file)
-        .arg("--autodriver")
-        .arg(autodriver())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "tangod did not exit: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    (status.code(), std::fs::read_to_string(&log).unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_server_on_postgres_waits_for_the_first_ones_lease() {
-    let test = "a_second_server_on_postgres_waits_for_the_first_ones_lease";
+async fn two_servers_share_the_work_and_the_survivor_takes_over() {
+    let test = "two_servers_share_the_work_and_the_survivor_takes_over";
     if !root_or_skip(test) {
         return;
     }
@@ -75,67 +30,108 @@ async fn a_second_server_on_postgres_waits_for_the_first_ones_lease() {
     };
     let url = pg.create_db("tango");
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let mut first = Tangod::start(&data, &config(&url, "first"));
-    let c = first.client();
+    let first = Tangod::start(&dir.path().join("data1"), &config(&url, "first"));
+    let second = Tangod::start(&dir.path().join("data2"), &config(&url, "second"));
+    let (c1, c2) = (first.client(), second.client());
     let first_address = first.url.trim_start_matches("http://").to_string();
 
-    let info = c.get(&format!("/info/{KEY}/")).await;
-    assert_eq!(info["info"]["server_name"], "first", "{info}");
-    assert_eq!(info["info"]["servers_alive"], 1, "{info}");
-
-    // Refused while the first is alive, naming it, and leaving no record.
-    let (code, stderr) = tangod_that_exits(dir.path(), &url, "second");
-    assert_eq!(code, Some(1), "{stderr}");
-    for part in [
-        "another tangod is alive on this database",
-        "\"first\"",
-        &format!("at {first_address}"),
-        "last heartbeat",
-        &format!("lease {LEASE_SECS} s"),
-        "not supported yet (issue 21)",
-    ] {
-        assert!(stderr.contains(part), "{part:?} not in {stderr}");
-    }
-    assert_eq!(
-        pg.psql("tango", "SELECT string_agg(name, ',') FROM servers"),
-        "first"
-    );
-    // The first heartbeats on: it stays alive well past its lease.
+    // Both heartbeat on: well past the lease, both are alive.
     tokio::time::sleep(Duration::from_secs(LEASE_SECS + 1)).await;
-    let list = c.v2_list("/v2/servers", "servers").await;
-    assert_eq!(list.len(), 1, "{list:?}");
-    assert_eq!(list[0]["alive"], true, "{list:?}");
-    assert_eq!(list[0]["answering"], true, "{list:?}");
-    assert!(
-        list[0]["heartbeat_age_ms"].as_i64().unwrap() < (LEASE_SECS * 1000) as i64,
-        "{list:?}"
-    );
+    let info = c1.get(&format!("/info/{KEY}/")).await;
+    assert_eq!(info["info"]["server_name"], "first", "{info}");
+    assert_eq!(info["info"]["servers_alive"], 2, "{info}");
+    let list = c2.v2_list("/v2/servers", "servers").await;
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert!(list.iter().all(|s| s["alive"] == true), "{list:?}");
+    assert_eq!(by_name(&list, "second")["answering"], true, "{list:?}");
 
-    // A job in flight when the first is killed.
-    c.open("lab").await;
-    c.upload("lab", "Makefile", b"all:\n\t@sleep 2\n\t@echo finished\n")
+    // Opened and uploaded on one server, added on the other, the output
+    // polled on both.
+    c1.open("lab").await;
+    c1.upload("lab", "Makefile", b"all:\n\t@echo shared $$(cat in.txt)\n")
         .await;
-    let v = c.add_job("lab", &job("slow", "slow", None, 30)).await;
+    c1.upload("lab", "in.txt", b"bytes-from-first").await;
+    let files = c2.get(&format!("/open/{KEY}/lab/")).await;
+    assert_eq!(files["statusMsg"], "Found directory", "{files}");
+    assert!(files["files"].get("in.txt").is_some(), "{files}");
+    let mut quick = job("quick", "quick", None, 30);
+    quick["files"] = serde_json::json!([
+        {"localFile": "Makefile", "destFile": "Makefile"},
+        {"localFile": "in.txt", "destFile": "in.txt"}
+    ]);
+    let v = c2.add_job("lab", &quick).await;
     assert_eq!(v["statusMsg"], "Job added", "{v}");
-    first.kill9();
+    for c in [&c1, &c2] {
+        let out = c.wait_output("lab", "quick", Duration::from_secs(30)).await;
+        assert!(
+            String::from_utf8_lossy(&out).contains("shared bytes-from-first"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+
+    // A job in flight when the server running it is killed.
+    c1.upload("lab", "Makefile", b"all:\n\t@sleep 3\n\t@echo finished\n")
+        .await;
+    let v = c1.add_job("lab", &job("slow", "slow", None, 30)).await;
+    assert_eq!(v["statusMsg"], "Job added", "{v}");
+    let id = v["jobId"].as_str().unwrap().to_string();
+    let owner_query = format!(
+        "SELECT s.name FROM jobs j JOIN servers s ON s.id = j.owner \
+         WHERE j.id = {id} AND j.state = 'running'"
+    );
+    let started = Instant::now();
+    let runner = loop {
+        let name = pg.psql("tango", &owner_query);
+        if !name.is_empty() {
+            break name;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "job {id} never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (mut dead, survivor) = match runner.as_str() {
+        "first" => (first, second),
+        _ => (second, first),
+    };
+    // Its output so far, asked of the server that does not run it.
+    let partial = survivor
+        .client()
+        .get(&format!("/getPartialOutput/{KEY}/{id}/"))
+        .await;
+    assert_eq!(partial["statusMsg"], "Partial output obtained", "{partial}");
+    let dead_address = dead.url.trim_start_matches("http://").to_string();
+    dead.kill9();
     let killed = Instant::now();
-
-    // Until its lease lapses the dead server still counts as alive.
-    let (code, stderr) = tangod_that_exits(dir.path(), &url, "second");
-    assert_eq!(code, Some(1), "refused within the lease: {stderr}");
-    let lapsed = Duration::from_millis(LEASE_SECS * 1000 + 300);
-    tokio::time::sleep(lapsed.saturating_sub(killed.elapsed())).await;
-
-    // The second starts on the same data dir and takes the job.
-    let second = Tangod::start(&data, &config(&url, "second"));
-    let c = second.client();
-    let out = c.wait_output("lab", "slow", Duration::from_secs(30)).await;
+    let c = survivor.client();
+    let out = c
+        .wait_output("lab", "slow", Duration::from_secs(LEASE_SECS + 30))
+        .await;
     assert!(String::from_utf8_lossy(&out).contains("finished"));
+    assert!(
+        killed.elapsed() < Duration::from_secs(LEASE_SECS + 10 + 3),
+        "taken over and run in {:?}",
+        killed.elapsed()
+    );
+    let record = c.v2_get(&format!("/v2/jobs/{id}")).await;
+    let trace = record.to_string();
+    assert!(
+        trace.contains(&format!("Re-queued: server \\\"{runner}\\\"")),
+        "{trace}"
+    );
+    assert_eq!(record["retries"], 0, "a takeover spends no retry: {record}");
+    let (first, second) = match runner.as_str() {
+        "first" => ("first", "second"),
+        _ => ("second", "first"),
+    };
+    let _ = first_address;
+    let first_address = dead_address;
 
     let list = c.v2_list("/v2/servers", "servers").await;
     assert_eq!(list.len(), 2, "{list:?}");
-    let (dead, alive) = (by_name(&list, "first"), by_name(&list, "second"));
+    let (dead, alive) = (by_name(&list, first), by_name(&list, second));
     assert_eq!(dead["alive"], false, "{list:?}");
     assert_eq!(dead["answering"], false, "{list:?}");
     assert_eq!(dead["address"], first_address.as_str(), "{list:?}");
@@ -157,9 +153,12 @@ async fn a_second_server_on_postgres_waits_for_the_first_ones_lease() {
             .unwrap_or_else(|| panic!("no {name} row in\n{table}"))
             .to_string()
     };
-    assert!(row("first").contains("dead"), "{table}");
-    assert!(row(&first_address).contains("first"), "{table}");
-    assert!(row("second (this)").contains("alive"), "{table}");
+    assert!(row(first).contains("dead"), "{table}");
+    assert!(row(&first_address).contains(first), "{table}");
+    assert!(
+        row(&format!("{second} (this)")).contains("alive"),
+        "{table}"
+    );
 
     // /info keeps Tango's fields and adds the server's.
     let info = c.get(&format!("/info/{KEY}/")).await;
@@ -172,12 +171,12 @@ async fn a_second_server_on_postgres_waits_for_the_first_ones_lease() {
     ] {
         assert!(info["info"].get(field).is_some(), "{field} in {info}");
     }
-    assert_eq!(info["info"]["server_name"], "second", "{info}");
+    assert_eq!(info["info"]["server_name"], second, "{info}");
     assert_eq!(info["info"]["servers_alive"], 1, "{info}");
     let metrics = c.metrics_text().await;
     assert!(metrics.contains("\ntango_servers_alive 1\n"), "{metrics}");
     assert!(
-        metrics.contains("\ntango_server_info{server=\"second\"} 1\n"),
+        metrics.contains(&format!("\ntango_server_info{{server=\"{second}\"}} 1\n")),
         "{metrics}"
     );
 
@@ -197,8 +196,8 @@ async fn a_second_server_on_postgres_waits_for_the_first_ones_lease() {
                     .unwrap_or_else(|| panic!("no {name} in {rows}"));
                 &rows[at..at + rows[at..].find("</tr>").unwrap()]
             };
-            assert!(row("first").contains("dead"), "{rows}");
-            assert!(row("second (this)").contains("alive"), "{rows}");
+            assert!(row(first).contains("dead"), "{rows}");
+            assert!(row(&format!("{second} (this)")).contains("alive"), "{rows}");
         }
         None => eprintln!(
             "SKIPPED the dashboard part of {test}: no `chromium` (apt-get install -y chromium)"
@@ -206,11 +205,11 @@ async fn a_second_server_on_postgres_waits_for_the_first_ones_lease() {
     }
 
     // A clean stop removes the record: the next start need not wait.
-    let mut second = second;
-    assert!(second.sigterm().success());
+    let mut survivor = survivor;
+    assert!(survivor.sigterm().success());
     assert_eq!(
         pg.psql("tango", "SELECT string_agg(name, ',') FROM servers"),
-        "first"
+        first
     );
 }
 

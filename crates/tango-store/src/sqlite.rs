@@ -68,6 +68,8 @@ CREATE TABLE servers (
     instance TEXT
 );
 ",
+    // 3: each server's VM prefix, for finding a dead server's VMs.
+    "ALTER TABLE servers ADD COLUMN prefix TEXT NOT NULL DEFAULT '';",
 ];
 
 /// The schema version this build writes and the newest it can open.
@@ -285,7 +287,7 @@ fn upsert_outbox(conn: &Connection, e: &OutboxEntry) -> Result<(), StoreError> {
 }
 
 const SERVER_COLUMNS: &str =
-    "id, name, address, version, started_ms, heartbeat_ms, lease_ms, instance";
+    "id, name, address, version, started_ms, heartbeat_ms, lease_ms, instance, prefix";
 
 fn server_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ServerRecord> {
     Ok(ServerRecord {
@@ -297,6 +299,7 @@ fn server_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ServerRecord> {
         heartbeat_ms: row.get(5)?,
         lease_ms: row.get(6)?,
         instance: row.get(7)?,
+        prefix: row.get(8)?,
     })
 }
 
@@ -455,7 +458,7 @@ impl Store for SqliteStore {
         let others = all_servers(&tx)?;
         tx.execute(
             "INSERT INTO servers (name, address, version, started_ms, heartbeat_ms, lease_ms,
-             instance) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+             instance, prefix) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 server.name,
                 server.address,
@@ -463,7 +466,8 @@ impl Store for SqliteStore {
                 server.started_ms,
                 server.heartbeat_ms,
                 server.lease_ms,
-                server.instance
+                server.instance,
+                server.prefix
             ],
         )
         .map_err(err)?;

@@ -212,6 +212,7 @@ fn server(name: &str, heartbeat_ms: i64) -> ServerRecord {
         heartbeat_ms,
         lease_ms: 15_000,
         instance: Some(format!("machine/0/{name}")),
+        prefix: format!("p-{name}"),
     }
 }
 
@@ -322,6 +323,188 @@ mod postgres {
         });
     }
 
+    /// Two servers' stores on one database: claiming in turns without
+    /// overlap, ownership refusing other servers' writes, a finish recorded
+    /// once with its output and callback body, retiring a dead server and
+    /// releasing its jobs once, and upload bytes in chunks.
+    #[test]
+    fn shared_store_claims_fences_and_keeps_the_bytes() {
+        use tango_core::SharedOutput;
+        let Some((_server, url)) = server_with_db("shared_store_claims_fences_and_keeps_the_bytes")
+        else {
+            return;
+        };
+        let (a, b) = (
+            PostgresStore::open(&url).unwrap(),
+            PostgresStore::open(&url).unwrap(),
+        );
+        let (sa, _) = a.register_server(&super::server("a", 1_000)).unwrap();
+        let (sb, _) = b.register_server(&super::server("b", 1_000)).unwrap();
+        let (a_shared, b_shared) = (a.shared().unwrap(), b.shared().unwrap());
+
+        // alice submits four, then bob and carol one each.
+        let submitters = ["alice", "alice", "alice", "alice", "bob", "carol"];
+        let ids: Vec<u64> = submitters
+            .iter()
+            .map(|who| {
+                let mut j = job(a.next_job_id().unwrap(), JobState::Queued);
+                j.submitter = who.to_string();
+                a.save_job(&j).unwrap();
+                j.id
+            })
+            .collect();
+        let first = a_shared.claim_jobs(sa, 3).unwrap();
+        assert_eq!(
+            first.iter().map(|j| j.id).collect::<Vec<_>>(),
+            vec![ids[0], ids[4], ids[5]],
+            "every submitter's first job before alice's second"
+        );
+        assert!(first.iter().all(|j| j.owner == Some(sa)));
+        let rest = b_shared.claim_jobs(sb, 10).unwrap();
+        assert_eq!(
+            rest.iter().map(|j| j.id).collect::<Vec<_>>(),
+            ids[1..4].to_vec()
+        );
+        assert!(b_shared.claim_jobs(sb, 10).unwrap().is_empty());
+
+        // Claims at once never take one job twice.
+        let more: Vec<u64> = (0..20)
+            .map(|_| {
+                let j = job(a.next_job_id().unwrap(), JobState::Queued);
+                a.save_job(&j).unwrap();
+                j.id
+            })
+            .collect();
+        let taken: Vec<Vec<u64>> = std::thread::scope(|scope| {
+            let (a, b) = (&a, &b);
+            let claims: Vec<_> = (0..4)
+                .map(|i| {
+                    scope.spawn(move || {
+                        let (store, me) = if i % 2 == 0 { (a, sa) } else { (b, sb) };
+                        let mut got = Vec::new();
+                        while let Some(job) =
+                            store.shared().unwrap().claim_jobs(me, 1).unwrap().pop()
+                        {
+                            got.push(job.id);
+                        }
+                        got
+                    })
+                })
+                .collect();
+            claims.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        let mut all: Vec<u64> = taken.concat();
+        all.sort_unstable();
+        assert_eq!(all, more, "each claimed once");
+
+        // Only the owner writes a claimed job.
+        let mut mine = first[0].clone();
+        mine.owner = Some(sb);
+        let e = b.save_job(&mine).unwrap_err();
+        assert!(e.0.contains("belongs to another server"), "{e}");
+        mine.owner = Some(sa);
+        mine.state = JobState::Running;
+        a.save_job(&mine).unwrap();
+
+        // Finished once, by its owner, with its output and callback body.
+        let output = SharedOutput {
+            courselab_dir: mine.courselab_dir.clone(),
+            output_file: "out".into(),
+            content: b"the output".to_vec(),
+        };
+        let callback = super::entry(mine.id, 0);
+        let mut done = mine.clone();
+        done.state = JobState::Done;
+        assert!(!b_shared
+            .finish_owned(&done, sb, &output, Some(&callback))
+            .unwrap());
+        assert!(a_shared
+            .finish_owned(&done, sa, &output, Some(&callback))
+            .unwrap());
+        assert!(
+            !a_shared
+                .finish_owned(&done, sa, &output, Some(&callback))
+                .unwrap(),
+            "a finished job is not finished again"
+        );
+        let stored = b.get_job(mine.id).unwrap().unwrap();
+        assert_eq!((stored.state, stored.owner), (JobState::Done, None));
+        assert_eq!(
+            b_shared
+                .output(&mine.courselab_dir, "out")
+                .unwrap()
+                .unwrap(),
+            b"the output"
+        );
+        assert_eq!(
+            b_shared.callback_body(mine.id).unwrap().unwrap(),
+            b"the output"
+        );
+        let claimed = a.outbox_claim(1, 90_000, 10).unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert!(
+            b.outbox_claim(1, 90_000, 10).unwrap().is_empty(),
+            "claimed once"
+        );
+
+        // b dies: retired once, its heartbeats refused, its jobs orphans,
+        // each released once.
+        assert!(a_shared.retire_server(sb, 50_000).unwrap());
+        assert!(!b_shared.retire_server(sb, 50_000).unwrap());
+        assert!(!b.heartbeat_server(sb, 51_000).unwrap());
+        let orphans = a_shared.orphaned_jobs().unwrap();
+        let of_b: Vec<u64> = orphans.iter().map(|j| j.id).collect();
+        assert!(of_b.starts_with(&ids[1..4]), "{of_b:?}");
+        assert!(orphans.iter().all(|j| j.owner == Some(sb)));
+        for job in &orphans {
+            let requeued = tango_core::Job {
+                state: JobState::Queued,
+                ..job.clone()
+            };
+            assert!(a_shared.release_job(&requeued, sb).unwrap());
+            assert!(!b_shared.release_job(&requeued, sb).unwrap());
+        }
+        assert!(a_shared.orphaned_jobs().unwrap().is_empty());
+        assert!(
+            b_shared.claim_jobs(sb, 100).unwrap().is_empty(),
+            "a retired server claims nothing"
+        );
+        assert_eq!(a_shared.claim_jobs(sa, 100).unwrap().len(), orphans.len());
+
+        // Upload bytes, in chunks, fetched whole on the other server.
+        let dir = tempfile::tempdir().unwrap();
+        let big: Vec<u8> = (0..(5 << 19) + 7).map(|i| (i % 251) as u8).collect();
+        std::fs::write(dir.path().join("big"), &big).unwrap();
+        a_shared
+            .put_blob("md5big", &dir.path().join("big"))
+            .unwrap();
+        a_shared
+            .put_blob("md5big", &dir.path().join("big"))
+            .unwrap();
+        assert!(b_shared
+            .fetch_blob("md5big", &dir.path().join("back"))
+            .unwrap());
+        assert_eq!(std::fs::read(dir.path().join("back")).unwrap(), big);
+        assert!(!b_shared
+            .fetch_blob("nothing", &dir.path().join("none"))
+            .unwrap());
+        std::fs::write(dir.path().join("empty"), b"").unwrap();
+        a_shared
+            .put_blob("md5empty", &dir.path().join("empty"))
+            .unwrap();
+        assert!(b_shared
+            .fetch_blob("md5empty", &dir.path().join("empty-back"))
+            .unwrap());
+        assert!(std::fs::read(dir.path().join("empty-back"))
+            .unwrap()
+            .is_empty());
+
+        assert!(a_shared.open_courselab("k-lab").unwrap());
+        assert!(!b_shared.open_courselab("k-lab").unwrap());
+        assert!(b_shared.courselab_exists("k-lab").unwrap());
+        assert!(!b_shared.courselab_exists("k-other").unwrap());
+    }
+
     #[test]
     fn three_servers_opening_a_fresh_database_at_once() {
         let Some(server) = PgServer::start("three_servers_opening_a_fresh_database_at_once") else {
@@ -349,7 +532,7 @@ mod postgres {
                 "shared",
                 "SELECT count(*) || ' ' || count(DISTINCT version) FROM _sqlx_migrations"
             ),
-            "2 2"
+            format!("{0} {0}", tango_store::postgres::SCHEMA_VERSION)
         );
         let ids: std::collections::HashSet<u64> =
             stores.iter().map(|s| s.next_job_id().unwrap()).collect();
@@ -388,7 +571,10 @@ mod postgres {
         let e = PostgresStore::open(&url).err().expect("refused");
         assert!(
             e.0.contains("schema version 999")
-                && e.0.contains("versions up to 2")
+                && e.0.contains(&format!(
+                    "versions up to {}",
+                    tango_store::postgres::SCHEMA_VERSION
+                ))
                 && e.0.contains("restore a backup"),
             "{e}"
         );

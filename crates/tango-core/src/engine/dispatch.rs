@@ -10,7 +10,12 @@ use super::{EngineError, Inner, State};
 use crate::config::EngineConfig;
 use crate::model::{now_ms, Job, JobId, JobState, Machine};
 use std::sync::Arc;
+use std::time::Duration;
 use tracing::{info, Instrument};
+
+/// With a shared store, the longest a server waits for the store's word
+/// before it looks for queued jobs anyway.
+const SHARED_SAFETY_NET: Duration = Duration::from_secs(30);
 
 impl Inner {
     pub(super) async fn recover(self: &Arc<Self>) -> Result<(), EngineError> {
@@ -65,10 +70,24 @@ impl Inner {
     }
 
     pub(super) async fn dispatch_loop(self: Arc<Self>) {
+        // With a shared store, the store's notifications say when a job
+        // waits for a server; the timer is a safety net for one lost
+        // while the database connection was down.
+        let jobs_signal = self.shared().map(|s| s.jobs_signal());
+        let new_work = || async {
+            match &jobs_signal {
+                Some(signal) => {
+                    let _ = tokio::time::timeout(SHARED_SAFETY_NET, signal.notified()).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         loop {
+            self.claim().await;
             self.dispatch();
             tokio::select! {
                 _ = self.dispatch_wake.notified() => {}
+                _ = new_work() => {}
                 _ = self.stop.cancelled() => return,
             }
         }
@@ -148,8 +167,9 @@ impl Inner {
             let job = Job::clone(job);
             let inner = self.clone();
             let span = tracing::info_span!("job", job = id, courselab = %job.courselab);
+            let epoch = self.epoch();
             self.workers
-                .spawn(async move { inner.run_worker(job, warm).await }.instrument(span));
+                .spawn(async move { inner.run_worker(job, warm, epoch).await }.instrument(span));
         }
     }
 }

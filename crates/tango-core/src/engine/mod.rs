@@ -12,6 +12,7 @@
 //! steps and retries), `outbox` (callback delivery) and `sweeps` (orphan
 //! VMs and unused upload blobs).
 
+mod cluster;
 mod dispatch;
 mod outbox;
 mod pools;
@@ -233,6 +234,11 @@ struct Inner {
     abandon: CancellationToken,
     workers: TaskTracker,
     images_cache: Mutex<HashMap<String, (Instant, Vec<String>)>>,
+    /// With a shared store: this server among the others (`cluster.rs`).
+    cluster: Option<cluster::Cluster>,
+    /// Cancelled when this server is fenced (it lost its jobs to the
+    /// other servers): each worker holds the one current at its start.
+    epoch: Mutex<CancellationToken>,
 }
 
 impl Engine {
@@ -260,6 +266,7 @@ impl Engine {
             .validate()
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
         let scheduling = config.scheduling;
+        let cluster = store.shared().map(|_| cluster::Cluster::default());
         let inner = Arc::new(Inner {
             config,
             store,
@@ -280,9 +287,15 @@ impl Engine {
             abandon: CancellationToken::new(),
             workers: TaskTracker::new(),
             images_cache: Mutex::new(HashMap::new()),
+            cluster,
+            epoch: Mutex::new(CancellationToken::new()),
         });
         inner.sweep_orphans().await;
-        inner.recover().await?;
+        if inner.cluster.is_none() {
+            // With a shared store, the jobs of a run that died are taken
+            // over like any dead server's (`take_over`).
+            inner.recover().await?;
+        }
 
         let dispatcher = inner.clone();
         tokio::spawn(async move { dispatcher.dispatch_loop().await });
@@ -323,7 +336,13 @@ impl Engine {
             .oldest()
             .and_then(|id| st.live.get(&id))
             .and_then(|job| job.phases.added);
-        (st.queued(), oldest.map(|added| now_ms() - added))
+        let queued = st.queued();
+        drop(st);
+        let queued = match self.inner.shared() {
+            Some(_) => self.queue_len(),
+            None => queued,
+        };
+        (queued, oldest.map(|added| now_ms() - added))
     }
 
     /// Live jobs by state: (queued, running).
@@ -347,6 +366,21 @@ impl Engine {
             return Err(EngineError::ShuttingDown);
         }
         let job = inner.validate(new).await?;
+        // With a shared store, every server's queued jobs count.
+        let shared_queued = match (inner.config.max_queued_per_submitter, inner.shared()) {
+            (Some(_), Some(_)) => {
+                let (dir, who) = (job.courselab_dir.clone(), job.submitter.clone());
+                Some(
+                    inner
+                        .on_store(move |s| match s.shared() {
+                            Some(shared) => shared.queued_of(&dir, &who),
+                            None => Ok(0),
+                        })
+                        .await?,
+                )
+            }
+            _ => None,
+        };
         {
             let st = inner.lock();
             if let Some(existing) = st.same_live_request(&job) {
@@ -358,7 +392,8 @@ impl Engine {
                 return Ok(existing.id);
             }
             if let Some(max) = inner.config.max_queued_per_submitter {
-                let queued = st.queue.queued_of(&job.courselab_dir, &job.submitter);
+                let queued = shared_queued
+                    .unwrap_or_else(|| st.queue.queued_of(&job.courselab_dir, &job.submitter));
                 if queued >= max {
                     return Err(EngineError::Invalid(format!(
                         "{} already has {queued} jobs queued in courselab {} (the server's \
@@ -378,6 +413,11 @@ impl Engine {
         inner.counters.job_requests.fetch_add(1, Ordering::Relaxed);
         let id = job.id;
         info!(job = id, courselab = %job.courselab, image = %job.image, "job added");
+        if inner.cluster.is_some() {
+            // It waits in the shared store, for whichever server has room.
+            inner.dispatch_wake.notify_one();
+            return Ok(id);
+        }
         {
             let mut st = inner.lock();
             st.enqueue(&job, &inner.config);
@@ -410,8 +450,12 @@ impl Engine {
         }
     }
 
-    /// Live jobs (queued or running), oldest first.
+    /// Live jobs (queued or running), oldest first; with a shared store,
+    /// those of every server.
     pub fn live_jobs(&self) -> Vec<Job> {
+        if let Some(jobs) = self.shared_live_jobs() {
+            return jobs;
+        }
         let st = self.inner.lock();
         st.live.values().map(|job| Job::clone(job)).collect()
     }
@@ -427,8 +471,18 @@ impl Engine {
         running_only: bool,
         mut wanted: impl FnMut(&Job) -> bool,
     ) -> Vec<Job> {
-        let st = self.inner.lock();
         let below = ..before.unwrap_or(JobId::MAX);
+        if let Some(jobs) = self.shared_live_jobs() {
+            return jobs
+                .into_iter()
+                .rev()
+                .filter(|job| below.contains(&job.id))
+                .filter(|job| !running_only || job.state == JobState::Running)
+                .filter(|job| wanted(job))
+                .take(limit)
+                .collect();
+        }
+        let st = self.inner.lock();
         if running_only {
             let mut ids: Vec<JobId> = st.queue.running().filter(|id| below.contains(id)).collect();
             ids.sort_unstable_by(|a, b| b.cmp(a));
@@ -466,7 +520,25 @@ impl Engine {
     }
 
     pub fn queue_len(&self) -> usize {
+        if let Some(shared) = self.inner.shared() {
+            match shared.queued_count() {
+                Ok(n) => return n,
+                Err(e) => warn!("cannot count the queued jobs: {e}"),
+            }
+        }
         self.inner.lock().queued()
+    }
+
+    /// With a shared store, the live jobs of every server, oldest first.
+    fn shared_live_jobs(&self) -> Option<Vec<Job>> {
+        self.inner.shared()?;
+        match (self.inner.store).jobs_in_states(&[JobState::Queued, JobState::Running], None) {
+            Ok(jobs) => Some(jobs),
+            Err(e) => {
+                warn!("cannot list the live jobs: {e}");
+                None
+            }
+        }
     }
 
     /// Output printed so far by a running job.

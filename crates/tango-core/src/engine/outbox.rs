@@ -13,23 +13,28 @@ use tracing::{debug, warn, Instrument};
 impl Inner {
     pub(super) async fn outbox_loop(self: Arc<Self>) {
         let in_flight = Arc::new(Semaphore::new(32));
+        // With a shared store, another server's finished job may be due
+        // here (when that server dies before delivering it).
+        let added_elsewhere = self.shared().map(|s| s.outbox_signal());
+        let signalled = || async {
+            match &added_elsewhere {
+                Some(signal) => signal.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         loop {
             let now = now_ms();
-            let due = match self.store.outbox_due(now, 64) {
+            // Claimed: no other delivery takes it, and a crash
+            // mid-delivery retries it after this.
+            let due = match self.store.outbox_claim(now, now + 90_000, 64) {
                 Ok(due) => due,
                 Err(e) => {
                     warn!("cannot read the callback outbox: {e}");
                     Vec::new()
                 }
             };
-            for mut entry in due {
+            for entry in due {
                 let span = self.callback_span(entry.job_id);
-                // Claim it: a crash mid-delivery retries it after this.
-                entry.next_attempt_ms = now + 90_000;
-                if let Err(e) = self.store.outbox_update(&entry) {
-                    span.in_scope(|| warn!(job = entry.job_id, "cannot claim callback: {e}"));
-                    continue;
-                }
                 let Ok(permit) = in_flight.clone().acquire_owned().await else {
                     return;
                 };
@@ -53,6 +58,7 @@ impl Inner {
             tokio::select! {
                 _ = tokio::time::sleep(sleep) => {}
                 _ = self.outbox_wake.notified() => {}
+                _ = signalled() => {}
                 _ = self.stop.cancelled() => return,
             }
         }
@@ -74,7 +80,7 @@ impl Inner {
     }
 
     async fn deliver(self: Arc<Self>, mut entry: OutboxEntry) {
-        let body = match tokio::fs::read(&entry.body_path).await {
+        let body = match self.callback_body(&entry).await {
             Ok(body) => body,
             Err(e) => {
                 warn!(
@@ -95,7 +101,7 @@ impl Inner {
         match sent {
             Ok(()) => {
                 let _ = self.store.outbox_remove(entry.job_id);
-                let _ = tokio::fs::remove_file(&entry.body_path).await;
+                self.remove_body(&entry).await;
                 self.counters
                     .callbacks_delivered
                     .fetch_add(1, Ordering::Relaxed);
@@ -124,7 +130,7 @@ impl Inner {
                         .callbacks_abandoned
                         .fetch_add(1, Ordering::Relaxed);
                     let _ = self.store.outbox_remove(entry.job_id);
-                    let _ = tokio::fs::remove_file(&entry.body_path).await;
+                    self.remove_body(&entry).await;
                     let attempts = entry.attempts;
                     self.note_on_dead_job(entry.job_id, |job| {
                         job.add_trace(format!("Callback abandoned after {attempts} attempts: {e}"))
@@ -144,6 +150,14 @@ impl Inner {
                     self.outbox_wake.notify_one();
                 }
             }
+        }
+    }
+
+    /// Removes a callback's frozen body file (a shared store's body went
+    /// with its outbox entry).
+    async fn remove_body(&self, entry: &OutboxEntry) {
+        if !entry.body_path.is_empty() {
+            let _ = tokio::fs::remove_file(&entry.body_path).await;
         }
     }
 

@@ -27,6 +27,27 @@ pub(super) fn config() -> EngineConfig {
     }
 }
 
+/// A job of courselab `k-lab` running its Makefile, with a callback.
+pub(super) fn job(output: &str) -> NewJob {
+    NewJob {
+        name: format!("job-{output}"),
+        courselab_dir: "k-lab".into(),
+        courselab: "lab".into(),
+        image: "img".into(),
+        files: vec![("Makefile".into(), "Makefile".into())],
+        output_file: output.into(),
+        callback_url: Some("http://127.0.0.1:9/cb".into()),
+        ..NewJob::default()
+    }
+}
+
+/// Uploads `bytes` as `name` into courselab `k-lab` of `data`.
+pub(super) async fn upload(data: &DataDir, store: &dyn Store, name: &str, bytes: &[u8]) {
+    let mut up = data.begin_upload("k-lab", name, 1 << 20).await.unwrap();
+    up.write(bytes).await.unwrap();
+    up.finish(data, store).await.unwrap();
+}
+
 impl Harness {
     pub(super) fn new() -> Harness {
         let dir = tempfile::tempdir().unwrap();
@@ -54,26 +75,11 @@ impl Harness {
 
     pub(super) async fn upload(&self, name: &str, bytes: &[u8]) {
         self.data.open_courselab("k-lab").await.unwrap();
-        let mut up = self
-            .data
-            .begin_upload("k-lab", name, 1 << 20)
-            .await
-            .unwrap();
-        up.write(bytes).await.unwrap();
-        up.finish(&self.data, self.store.as_ref()).await.unwrap();
+        upload(&self.data, self.store.as_ref(), name, bytes).await;
     }
 
     pub(super) fn job(&self, output: &str) -> NewJob {
-        NewJob {
-            name: format!("job-{output}"),
-            courselab_dir: "k-lab".into(),
-            courselab: "lab".into(),
-            image: "img".into(),
-            files: vec![("Makefile".into(), "Makefile".into())],
-            output_file: output.into(),
-            callback_url: Some("http://127.0.0.1:9/cb".into()),
-            ..NewJob::default()
-        }
+        job(output)
     }
 
     pub(super) fn output(&self, name: &str) -> String {

@@ -15,7 +15,7 @@ impl Inner {
         }
         check_image(&new.image).map_err(|_| EngineError::InvalidImage)?;
         check_component("output_file", &new.output_file).map_err(|e| invalid(e.to_string()))?;
-        if !self.data.courselab_exists(&new.courselab_dir) {
+        if !self.courselab_exists(&new.courselab_dir).await? {
             return Err(EngineError::NoCourselab);
         }
         if new.files.is_empty() {

@@ -64,7 +64,12 @@ impl Inner {
         }
     }
 
-    pub(super) async fn run_worker(self: Arc<Self>, mut job: Job, warm: Option<Machine>) {
+    pub(super) async fn run_worker(
+        self: Arc<Self>,
+        mut job: Job,
+        warm: Option<Machine>,
+        epoch: tokio_util::sync::CancellationToken,
+    ) {
         job.add_trace(format!(
             "Dispatched job {}:{} [try {}]",
             job.name,
@@ -87,6 +92,14 @@ impl Inner {
                 if let Some(vm) = job.vm.clone() {
                     self.destroy(&vm).await;
                 }
+                return;
+            }
+            () = epoch.cancelled() => {
+                // Fenced: another server runs the job now.
+                if let Some(vm) = job.vm.clone() {
+                    self.destroy(&vm).await;
+                }
+                self.drop_unowned(job.id);
                 return;
             }
             executed = self.execute(&mut job, warm) => executed,
@@ -172,6 +185,14 @@ impl Inner {
         job.add_trace(format!("Assigned job to VM {}", vm.name));
         self.update_live(job);
 
+        if self.shared().is_some() {
+            self.fetch_inputs(job)
+                .await
+                .map_err(|failure| SystemFailure {
+                    vm: Some(vm.clone()),
+                    ..failure
+                })?;
+        }
         call(
             self.timeout(t.copy_in_secs),
             "copying input into the VM",
@@ -296,18 +317,24 @@ impl Inner {
     ) {
         let received = job.phases.added.unwrap_or_else(now_ms);
         let content = compose_output(&job.name, job.id, received, &outcome_line, extra, output);
-        let dest = self.data.output_path(&job.courselab_dir, &job.output_file);
+        let shared = self.shared().is_some();
+        // With a shared store, the output and the callback's body go to the
+        // store with the finished job; alone, to the data dir first.
         let frozen = job
             .callback_url
             .as_ref()
+            .filter(|_| !shared)
             .map(|_| self.data.outbox_path(job.id));
-        if let Err(e) = self
-            .data
-            .write_atomically(&dest, &content, frozen.as_deref())
-            .await
-        {
-            warn!(job = job.id, "cannot write the output file: {e}");
-            job.add_trace(format!("Error: cannot write the output file: {e}"));
+        if !shared {
+            let dest = self.data.output_path(&job.courselab_dir, &job.output_file);
+            if let Err(e) = self
+                .data
+                .write_atomically(&dest, &content, frozen.as_deref())
+                .await
+            {
+                warn!(job = job.id, "cannot write the output file: {e}");
+                job.add_trace(format!("Error: cannot write the output file: {e}"));
+            }
         }
         job.state = state;
         job.outcome = Some(outcome_line.clone());
@@ -320,11 +347,14 @@ impl Inner {
             job.add_trace(line);
         }
         let callback = match (&job.callback_url, frozen) {
-            (Some(url), Some(path)) => Some(OutboxEntry {
+            (Some(url), frozen) if shared || frozen.is_some() => Some(OutboxEntry {
                 job_id: job.id,
                 url: url.clone(),
                 output_file: job.output_file.clone(),
-                body_path: path.to_string_lossy().into_owned(),
+                // Empty: the body is in the shared store.
+                body_path: frozen
+                    .map(|path| path.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
                 attempts: 0,
                 next_attempt_ms: now_ms(),
                 deadline_ms: now_ms() + (self.config.callback_deadline_secs as i64) * 1000,
@@ -337,7 +367,17 @@ impl Inner {
         if let Some(vm) = &mut job.vm {
             vm.credentials = None;
         }
-        if let Err(e) = self.store.finish_job(job, callback.as_ref()) {
+        if shared {
+            if !self.finish_owned(job, content, callback.clone()).await {
+                warn!(
+                    job = job.id,
+                    "another server owns this job now (this one lost it when its lease \
+                     lapsed): its result here is dropped"
+                );
+                self.drop_unowned(job.id);
+                return;
+            }
+        } else if let Err(e) = self.store.finish_job(job, callback.as_ref()) {
             warn!(job = job.id, "cannot record the finished job: {e}");
         }
         match state {

@@ -509,6 +509,15 @@ impl Client {
     /// The list under `field` of `GET path`, a /v2 route, with the key as a
     /// bearer token (answered 200).
     pub async fn v2_list(&self, path: &str, field: &str) -> Vec<Value> {
+        let v = self.v2_get(path).await;
+        v[field]
+            .as_array()
+            .unwrap_or_else(|| panic!("GET {path}: no list {field}: {v}"))
+            .clone()
+    }
+
+    /// `GET path`, a /v2 route, with the key as a bearer token (answered 200).
+    pub async fn v2_get(&self, path: &str) -> Value {
         let r = self
             .http
             .get(format!("{}{path}", self.url))
@@ -517,11 +526,7 @@ impl Client {
             .await
             .unwrap();
         assert_eq!(r.status(), 200, "GET {path}");
-        let v: Value = r.json().await.unwrap();
-        v[field]
-            .as_array()
-            .unwrap_or_else(|| panic!("GET {path}: no list {field}: {v}"))
-            .clone()
+        r.json().await.unwrap()
     }
 
     pub async fn get(&self, path: &str) -> Value {

@@ -25,6 +25,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "servers",
         include_str!("../../migrations/postgres/0002_servers.sql"),
     ),
+    (
+        3,
+        "shared",
+        include_str!("../../migrations/postgres/0003_shared.sql"),
+    ),
 ];
 
 /// The schema version this build writes and the newest it can open.

@@ -4,9 +4,10 @@
 //! database. Schema migrations are embedded in the binary and run on open
 //! under sqlx's advisory lock, so several servers may start at once.
 //!
-//! Several servers sharing one database is the aim of this store, but not
-//! yet what it does: each server still keeps uploads and outputs in its own
-//! data dir and runs the jobs it was given.
+//! Several servers share one database ([`tango_core::SharedStore`],
+//! `shared.rs`): uploads, outputs and callback bodies are kept in it too,
+//! jobs are claimed with `FOR UPDATE SKIP LOCKED`, and `LISTEN` wakes the
+//! servers when a job waits for one or a callback is due.
 //!
 //! # Threads
 //!
@@ -28,10 +29,15 @@
 
 mod migrate;
 mod queries;
+mod shared;
+
+/// The schema version this build writes and the newest it can open.
+pub use migrate::SCHEMA_VERSION;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 use tango_core::StoreError;
 
@@ -59,8 +65,60 @@ impl Default for PostgresOptions {
 
 type Work = Box<dyn FnOnce(PgPool) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
+/// Woken by the database's notifications (see the migrations' triggers).
+#[derive(Default)]
+struct Signals {
+    jobs: Arc<tokio::sync::Notify>,
+    outbox: Arc<tokio::sync::Notify>,
+}
+
+impl Signals {
+    /// Wakes both: after a lost connection, whatever was notified
+    /// meanwhile is unknown.
+    fn all(&self) {
+        self.jobs.notify_one();
+        self.outbox.notify_one();
+    }
+}
+
+/// Listens for the database's notifications for as long as the pool is
+/// open, connecting again after the connection is lost.
+async fn listen(pool: PgPool, signals: Arc<Signals>, target: String) {
+    loop {
+        let listener = async {
+            let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+            listener.listen_all(["tango_jobs", "tango_outbox"]).await?;
+            Ok::<_, sqlx::Error>(listener)
+        }
+        .await;
+        let mut listener = match listener {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::debug!(store = %target, "cannot listen for notifications yet: {e}");
+                // The database is away: try again in a second.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        signals.all();
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(note)) if note.channel() == "tango_jobs" => signals.jobs.notify_one(),
+                Ok(Some(_)) => signals.outbox.notify_one(),
+                // The connection was lost; the next call makes a new one.
+                Ok(None) => signals.all(),
+                Err(e) => {
+                    tracing::warn!(store = %target, "listening for notifications failed: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
 pub struct PostgresStore {
     work: tokio::sync::mpsc::UnboundedSender<Work>,
+    signals: Arc<Signals>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// The database, without the password, for messages.
     target: String,
@@ -132,6 +190,8 @@ impl PostgresStore {
         let (work, mut queue) = tokio::sync::mpsc::unbounded_channel::<Work>();
         let (ready, opened) = std::sync::mpsc::sync_channel(1);
         let (thread_target, thread_options) = (target.clone(), options.clone());
+        let signals = Arc::new(Signals::default());
+        let thread_signals = signals.clone();
         let thread = std::thread::Builder::new()
             .name("tango-postgres".into())
             .spawn(move || {
@@ -158,10 +218,13 @@ impl PostgresStore {
                         pool.close().await;
                         return;
                     }
+                    let listening =
+                        tokio::spawn(listen(pool.clone(), thread_signals, thread_target.clone()));
                     // Calls run side by side, each on a connection of the pool.
                     while let Some(work) = queue.recv().await {
                         tokio::spawn(work(pool.clone()));
                     }
+                    listening.abort();
                     pool.close().await;
                 })
             })
@@ -178,6 +241,7 @@ impl PostgresStore {
         tracing::info!(store = %target, "PostgreSQL store open");
         Ok(PostgresStore {
             work,
+            signals,
             thread: Some(thread),
             target,
             call_timeout: options.call_timeout,
@@ -192,8 +256,22 @@ impl PostgresStore {
         F: FnOnce(PgPool) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, sqlx::Error>> + Send + 'static,
     {
+        self.call_for(self.call_timeout, what, query)
+    }
+
+    /// [`Self::call`] with a time limit of its own.
+    fn call_for<T, F, Fut>(
+        &self,
+        limit: Duration,
+        what: &'static str,
+        query: F,
+    ) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(PgPool) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, sqlx::Error>> + Send + 'static,
+    {
         let (reply, answer) = std::sync::mpsc::sync_channel(1);
-        let limit = self.call_timeout;
         let work: Work = Box::new(move |pool| {
             Box::pin(async move {
                 // A call cut off by the timeout drops its future, which
@@ -211,9 +289,9 @@ impl PostgresStore {
         match answer.recv().map_err(|_| stopped())? {
             Ok(result) => result.map_err(|e| explain(&self.target, what, e)),
             Err(_) => Err(StoreError(format!(
-                "PostgreSQL store {}: {what} took over {:?}: is PostgreSQL overloaded or \
+                "PostgreSQL store {}: {what} took over {limit:?}: is PostgreSQL overloaded or \
                  unreachable?",
-                self.target, self.call_timeout
+                self.target
             ))),
         }
     }

@@ -26,40 +26,60 @@ fn outbox_entry(row: Row) -> OutboxEntry {
 }
 
 /// A job's indexed columns and record, owned, to move to the store's thread.
-struct JobRow {
-    id: i64,
+pub(super) struct JobRow {
+    pub(super) id: i64,
     state: &'static str,
     courselab: String,
+    submitter: String,
+    owner: Option<i64>,
     record: String,
 }
 
 impl JobRow {
-    fn of(job: &Job) -> Result<JobRow, StoreError> {
+    pub(super) fn of(job: &Job) -> Result<JobRow, StoreError> {
         Ok(JobRow {
             id: job.id as i64,
             state: job.state.as_str(),
             courselab: job.courselab_dir.clone(),
+            submitter: job.submitter_or_derived().into_owned(),
+            owner: job.owner.map(|o| o as i64),
             record: crate::job_record(job)?,
         })
     }
 }
 
-async fn save<'c>(db: impl Executor<'c, Database = Postgres>, job: &JobRow) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO jobs (id, state, courselab, record) VALUES ($1, $2, $3, $4)
+/// Inserts or updates a job, unless another server owns it now: false then.
+pub(super) async fn save<'c>(
+    db: impl Executor<'c, Database = Postgres>,
+    job: &JobRow,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "INSERT INTO jobs (id, state, courselab, submitter, owner, record)
+         VALUES ($1, $2, $3, $4, $5, $6)
          ON CONFLICT (id) DO UPDATE SET state = excluded.state, courselab = excluded.courselab,
-         record = excluded.record",
+         submitter = excluded.submitter, record = excluded.record
+         WHERE jobs.owner IS NOT DISTINCT FROM excluded.owner",
     )
     .bind(job.id)
     .bind(job.state)
     .bind(&job.courselab)
+    .bind(&job.submitter)
+    .bind(job.owner)
     .bind(&job.record)
     .execute(db)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() > 0)
 }
 
-async fn upsert_outbox<'c>(
+/// The error of a save that another server's ownership refused.
+pub(super) fn not_owned(id: i64) -> StoreError {
+    StoreError(format!(
+        "job {id} belongs to another server now (this server lost it when its lease lapsed); \
+         its record was not changed"
+    ))
+}
+
+pub(super) async fn upsert_outbox<'c>(
     db: impl Executor<'c, Database = Postgres>,
     e: &OutboxEntry,
 ) -> sqlx::Result<()> {
@@ -83,13 +103,23 @@ async fn upsert_outbox<'c>(
     Ok(())
 }
 
-type ServerRow = (i64, String, String, String, i64, i64, i64, Option<String>);
+type ServerRow = (
+    i64,
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    i64,
+    Option<String>,
+    String,
+);
 
 const SERVER_COLUMNS: &str =
-    "id, name, address, version, started_ms, heartbeat_ms, lease_ms, instance";
+    "id, name, address, version, started_ms, heartbeat_ms, lease_ms, instance, prefix";
 
 fn server_record(row: ServerRow) -> ServerRecord {
-    let (id, name, address, version, started_ms, heartbeat_ms, lease_ms, instance) = row;
+    let (id, name, address, version, started_ms, heartbeat_ms, lease_ms, instance, prefix) = row;
     ServerRecord {
         id: id as u64,
         name,
@@ -99,12 +129,16 @@ fn server_record(row: ServerRow) -> ServerRecord {
         heartbeat_ms,
         lease_ms,
         instance,
+        prefix,
     }
 }
 
-fn parse_job(record: &str) -> Result<Job, StoreError> {
-    serde_json::from_str(record)
-        .map_err(|e| StoreError(format!("a job record in PostgreSQL is not valid: {e}")))
+/// A job from its record and the owner kept beside it.
+pub(super) fn parse_job((owner, record): (Option<i64>, String)) -> Result<Job, StoreError> {
+    let mut job: Job = serde_json::from_str(&record)
+        .map_err(|e| StoreError(format!("a job record in PostgreSQL is not valid: {e}")))?;
+    job.owner = owner.map(|o| o as u64);
+    Ok(job)
 }
 
 impl PostgresStore {
@@ -120,6 +154,35 @@ impl PostgresStore {
 }
 
 impl Store for PostgresStore {
+    fn shared(&self) -> Option<&dyn tango_core::SharedStore> {
+        Some(self)
+    }
+
+    fn outbox_claim(
+        &self,
+        now_ms: i64,
+        until_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        let rows: Vec<Row> = self.call("claiming callbacks", move |pool| async move {
+            // SKIP LOCKED: servers claiming at once take different ones.
+            sqlx::query_as(&format!(
+                "UPDATE outbox SET next_attempt_ms = $2 WHERE job_id IN (
+                   SELECT job_id FROM outbox WHERE next_attempt_ms <= $1
+                   ORDER BY next_attempt_ms LIMIT $3 FOR UPDATE SKIP LOCKED)
+                 RETURNING {OUTBOX_COLUMNS}"
+            ))
+            .bind(now_ms)
+            .bind(until_ms)
+            .bind(limit as i64)
+            .fetch_all(&pool)
+            .await
+        })?;
+        let mut entries: Vec<OutboxEntry> = rows.into_iter().map(outbox_entry).collect();
+        entries.sort_by_key(|e| e.job_id);
+        Ok(entries)
+    }
+
     fn next_job_id(&self) -> Result<JobId, StoreError> {
         self.next("job_ids")
     }
@@ -130,32 +193,39 @@ impl Store for PostgresStore {
 
     fn save_job(&self, job: &Job) -> Result<(), StoreError> {
         let row = JobRow::of(job)?;
-        self.call("saving a job", move |pool| async move {
+        let id = row.id;
+        let saved = self.call("saving a job", move |pool| async move {
             save(&pool, &row).await
-        })
+        })?;
+        saved.then_some(()).ok_or_else(|| not_owned(id))
     }
 
     fn finish_job(&self, job: &Job, callback: Option<&OutboxEntry>) -> Result<(), StoreError> {
         let row = JobRow::of(job)?;
+        let id = row.id;
         let callback = callback.cloned();
-        self.call("saving a finished job", move |pool| async move {
+        let saved = self.call("saving a finished job", move |pool| async move {
             let mut tx = pool.begin().await?;
-            save(&mut *tx, &row).await?;
+            if !save(&mut *tx, &row).await? {
+                return Ok(false);
+            }
             if let Some(entry) = &callback {
                 upsert_outbox(&mut *tx, entry).await?;
             }
-            tx.commit().await
-        })
+            tx.commit().await.map(|_| true)
+        })?;
+        saved.then_some(()).ok_or_else(|| not_owned(id))
     }
 
     fn get_job(&self, id: JobId) -> Result<Option<Job>, StoreError> {
-        let record: Option<String> = self.call("reading a job", move |pool| async move {
-            sqlx::query_scalar("SELECT record FROM jobs WHERE id = $1")
-                .bind(id as i64)
-                .fetch_optional(&pool)
-                .await
-        })?;
-        record.as_deref().map(parse_job).transpose()
+        let row: Option<(Option<i64>, String)> =
+            self.call("reading a job", move |pool| async move {
+                sqlx::query_as("SELECT owner, record FROM jobs WHERE id = $1")
+                    .bind(id as i64)
+                    .fetch_optional(&pool)
+                    .await
+            })?;
+        row.map(parse_job).transpose()
     }
 
     fn jobs_in_states(
@@ -165,18 +235,19 @@ impl Store for PostgresStore {
     ) -> Result<Vec<Job>, StoreError> {
         let names: Vec<&'static str> = states.iter().map(|s| s.as_str()).collect();
         let limit = limit.map(|l| l as i64);
-        let records: Vec<String> = self.call("listing jobs", move |pool| async move {
-            // LIMIT NULL is no limit.
-            sqlx::query_scalar(
-                "SELECT record FROM (SELECT id, record FROM jobs WHERE state = ANY($1)
+        let rows: Vec<(Option<i64>, String)> =
+            self.call("listing jobs", move |pool| async move {
+                // LIMIT NULL is no limit.
+                sqlx::query_as(
+                "SELECT owner, record FROM (SELECT id, owner, record FROM jobs WHERE state = ANY($1)
                  ORDER BY id DESC LIMIT $2) newest ORDER BY id ASC",
             )
             .bind(names)
             .bind(limit)
             .fetch_all(&pool)
             .await
-        })?;
-        records.iter().map(|r| parse_job(r)).collect()
+            })?;
+        rows.into_iter().map(parse_job).collect()
     }
 
     fn set_file(&self, dir: &str, name: &str, md5: &str) -> Result<(), StoreError> {
@@ -287,7 +358,8 @@ impl Store for PostgresStore {
                         .await?;
                 let id: i64 = sqlx::query_scalar(
                     "INSERT INTO servers (name, address, version, started_ms, heartbeat_ms,
-                     lease_ms, instance) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                     lease_ms, instance, prefix) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                     RETURNING id",
                 )
                 .bind(&server.name)
                 .bind(&server.address)
@@ -296,6 +368,7 @@ impl Store for PostgresStore {
                 .bind(server.heartbeat_ms)
                 .bind(server.lease_ms)
                 .bind(&server.instance)
+                .bind(&server.prefix)
                 .fetch_one(&mut *tx)
                 .await?;
                 tx.commit().await?;
@@ -306,7 +379,8 @@ impl Store for PostgresStore {
 
     fn heartbeat_server(&self, id: u64, now_ms: i64) -> Result<bool, StoreError> {
         self.call("renewing this server's heartbeat", move |pool| async move {
-            sqlx::query("UPDATE servers SET heartbeat_ms = $2 WHERE id = $1")
+            // A retired server's heartbeat is refused: it was taken over.
+            sqlx::query("UPDATE servers SET heartbeat_ms = $2 WHERE id = $1 AND retired_ms IS NULL")
                 .bind(id as i64)
                 .bind(now_ms)
                 .execute(&pool)

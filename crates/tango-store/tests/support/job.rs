@@ -31,5 +31,6 @@ pub fn job(id: u64, state: JobState) -> Job {
         phases: Phases::default(),
         outcome: None,
         backend_wait_ms: 0,
+        owner: None,
     }
 }

@@ -119,8 +119,18 @@ impl Cluster {
             pg,
             _dir: dir,
         };
-        let alive = cluster.clients[0].get(&format!("/info/{KEY}/")).await;
-        assert_eq!(alive["info"]["servers_alive"], SERVERS, "{alive}");
+        // Each server counts the others at its next heartbeat.
+        for c in &cluster.clients {
+            let start = Instant::now();
+            loop {
+                let info = c.get(&format!("/info/{KEY}/")).await;
+                if info["info"]["servers_alive"] == SERVERS {
+                    break;
+                }
+                assert!(start.elapsed() < LEASE, "{info}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         Some(cluster)
     }
 

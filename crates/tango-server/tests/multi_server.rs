@@ -459,9 +459,9 @@ async fn a_killed_servers_jobs_are_taken_over_within_its_lease() {
     let victim_id = cluster.server_id(VICTIM).await;
     // Killed while it runs several jobs.
     cluster
-        .wait_db("the victim runs 4 jobs", Duration::from_secs(30), |db| {
+        .wait_db("the victim holds 4 running jobs", Duration::from_secs(30), |db| {
             db.values()
-                .filter(|j| j.state == "running" && j.on(&victim))
+                .filter(|j| j.state == "running" && j.owner == Some(victim_id))
                 .count()
                 >= 4
         })
@@ -548,11 +548,11 @@ async fn a_server_frozen_past_its_lease_reports_none_of_its_lost_jobs() {
     let frozen_id = cluster.server_id(FROZEN).await;
     cluster
         .wait_db(
-            "the server to freeze runs 2 jobs",
+            "the server to freeze holds 2 running jobs",
             Duration::from_secs(30),
             |db| {
                 db.values()
-                    .filter(|j| j.state == "running" && j.on(&frozen))
+                    .filter(|j| j.state == "running" && j.owner == Some(frozen_id))
                     .count()
                     >= 2
             },
@@ -596,6 +596,7 @@ async fn a_server_frozen_past_its_lease_reports_none_of_its_lost_jobs() {
     let db = cluster.db_jobs();
     for id in &lost {
         let j = &db[id];
+        eprintln!("job {id} (frozen on s{FROZEN}, {frozen}): {j:?}");
         assert!(
             !j.on(&frozen),
             "job {id}'s result is the frozen server's: {j:?}"

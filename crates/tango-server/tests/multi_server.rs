@@ -156,7 +156,7 @@ impl Cluster {
         self.servers
             .iter()
             .enumerate()
-            .map(|(n, s)| format!("==== s{n} ({}) ====\n{}", s.prefix, tail(&s.log(), 60)))
+            .map(|(n, s)| format!("==== s{n} ({}) ====\n{}", s.prefix, tail(&s.log(), 150)))
             .collect()
     }
 
@@ -316,13 +316,20 @@ impl Cluster {
                 n => repeated.push((j.id, n)),
             }
         }
-        assert!(
-            missing.is_empty() && repeated.is_empty(),
-            "after {:?}: no callback for jobs {missing:?}; more than one for (job, callbacks) \
-             {repeated:?}\n{}",
-            start.elapsed(),
-            self.logs()
-        );
+        if !(missing.is_empty() && repeated.is_empty()) {
+            let db = self.db_jobs();
+            let servers = tokio::task::block_in_place(|| {
+                self.pg
+                    .psql("tango", "SELECT id, name, prefix, retired_ms FROM servers")
+            });
+            panic!(
+                "after {:?}: no callback for jobs {missing:?}; more than one for (job, \
+                 callbacks) {repeated:?}\n{:#?}\nservers:\n{servers}\n{}",
+                start.elapsed(),
+                missing.iter().map(|id| (id, &db[id])).collect::<Vec<_>>(),
+                self.logs()
+            );
+        }
         for j in jobs {
             let got = self.receiver.get(&j.tag());
             let body = String::from_utf8_lossy(&got[0].body).into_owned();
@@ -459,12 +466,16 @@ async fn a_killed_servers_jobs_are_taken_over_within_its_lease() {
     let victim_id = cluster.server_id(VICTIM).await;
     // Killed while it runs several jobs.
     cluster
-        .wait_db("the victim holds 4 running jobs", Duration::from_secs(30), |db| {
-            db.values()
-                .filter(|j| j.state == "running" && j.owner == Some(victim_id))
-                .count()
-                >= 4
-        })
+        .wait_db(
+            "the victim holds 4 running jobs",
+            Duration::from_secs(30),
+            |db| {
+                db.values()
+                    .filter(|j| j.state == "running" && j.owner == Some(victim_id))
+                    .count()
+                    >= 4
+            },
+        )
         .await;
     cluster.servers[VICTIM].kill9();
     let killed = Instant::now();
@@ -675,8 +686,9 @@ async fn a_postgres_restart_under_a_batch_loses_nothing() {
         assert_eq!(job.state, "done", "job {}: {job:?}", j.id);
         assert!(
             !job.trace.iter().any(|t| t.contains("Re-queued")),
-            "job {} was taken over: {job:?}",
-            j.id
+            "job {} was taken over: {job:?}\n{}",
+            j.id,
+            cluster.logs()
         );
     }
     // The same three servers, alive: none was taken for dead.

@@ -207,6 +207,18 @@ impl Inner {
 }
 
 impl Engine {
+    /// With a shared store, the live jobs of every server, oldest first.
+    pub(super) fn shared_live_jobs(&self) -> Option<Vec<Job>> {
+        self.inner.shared()?;
+        match (self.inner.store).jobs_in_states(&[JobState::Queued, JobState::Running], None) {
+            Ok(jobs) => Some(jobs),
+            Err(e) => {
+                warn!("cannot list the live jobs: {e}");
+                None
+            }
+        }
+    }
+
     /// Whether this server shares its store with other servers.
     pub fn is_shared(&self) -> bool {
         self.inner.cluster.is_some()
@@ -373,6 +385,18 @@ impl Engine {
 }
 
 impl Inner {
+    /// With a shared store and a `max_queued_per_submitter`, how many jobs
+    /// `job`'s submitter has queued on every server.
+    pub(super) async fn shared_queued_of(&self, job: &Job) -> Result<Option<usize>, StoreError> {
+        if self.config.max_queued_per_submitter.is_none() || self.shared().is_none() {
+            return Ok(None);
+        }
+        let (dir, who) = (job.courselab_dir.clone(), job.submitter.clone());
+        self.on_shared(move |s| s.queued_of(&dir, &who))
+            .await
+            .map(Some)
+    }
+
     pub(super) async fn courselab_exists(&self, dir: &str) -> Result<bool, EngineError> {
         if self.data.courselab_exists(dir) {
             return Ok(true);

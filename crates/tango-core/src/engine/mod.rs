@@ -366,21 +366,7 @@ impl Engine {
             return Err(EngineError::ShuttingDown);
         }
         let job = inner.validate(new).await?;
-        // With a shared store, every server's queued jobs count.
-        let shared_queued = match (inner.config.max_queued_per_submitter, inner.shared()) {
-            (Some(_), Some(_)) => {
-                let (dir, who) = (job.courselab_dir.clone(), job.submitter.clone());
-                Some(
-                    inner
-                        .on_store(move |s| match s.shared() {
-                            Some(shared) => shared.queued_of(&dir, &who),
-                            None => Ok(0),
-                        })
-                        .await?,
-                )
-            }
-            _ => None,
-        };
+        let shared_queued = inner.shared_queued_of(&job).await?;
         {
             let st = inner.lock();
             if let Some(existing) = st.same_live_request(&job) {
@@ -527,18 +513,6 @@ impl Engine {
             }
         }
         self.inner.lock().queued()
-    }
-
-    /// With a shared store, the live jobs of every server, oldest first.
-    fn shared_live_jobs(&self) -> Option<Vec<Job>> {
-        self.inner.shared()?;
-        match (self.inner.store).jobs_in_states(&[JobState::Queued, JobState::Running], None) {
-            Ok(jobs) => Some(jobs),
-            Err(e) => {
-                warn!("cannot list the live jobs: {e}");
-                None
-            }
-        }
     }
 
     /// Output printed so far by a running job.

@@ -97,14 +97,34 @@ impl Inner {
                 return;
             }
         };
-        let mut st = self.lock();
-        if self.server_id() != Some(me) {
-            // Fenced meanwhile: the store gives these back to the others.
-            return;
+        let mut busy = Vec::new();
+        {
+            let mut st = self.lock();
+            if self.server_id() != Some(me) {
+                // Fenced meanwhile: the store gives these back to the others.
+                return;
+            }
+            for job in claimed {
+                if st.live.contains_key(&job.id) {
+                    // This server ran it before it was fenced, and that run
+                    // is still winding down: when it ends it drops the job
+                    // by id, which would drop this claim too and leave the
+                    // job owned in the store and run by no one.
+                    busy.push(job);
+                    continue;
+                }
+                st.enqueue(&job, &self.config);
+                st.insert_live(job);
+            }
         }
-        for job in claimed {
-            st.enqueue(&job, &self.config);
-            st.insert_live(job);
+        for job in busy {
+            let id = job.id;
+            if let Err(e) = self.on_shared(move |s| s.release_job(&job, me)).await {
+                warn!(
+                    job = id,
+                    "cannot give back a job this server still winds down: {e}"
+                );
+            }
         }
     }
 

@@ -386,12 +386,14 @@ fn signal(pid: i32, sig: libc::c_int) {
 }
 
 /// Whether a trace line tells that the job was taken back from server
-/// `name` because its lease lapsed.
-fn requeued_from(trace: &[String], name: &str) -> bool {
-    let from = format!("Re-queued: server \"{name}\"");
+/// `name` (registry id `id`) because its lease lapsed. The server that
+/// retires it names it; one that re-queues the job later has only its id.
+fn requeued_from(trace: &[String], name: &str, id: u64) -> bool {
+    let named = format!("Re-queued: server \"{name}\" (id {id}),");
+    let by_id = format!("Re-queued: server {id},");
     trace
         .iter()
-        .any(|t| t.starts_with(&from) && t.contains("lease"))
+        .any(|t| (t.starts_with(&named) || t.starts_with(&by_id)) && t.contains("lease"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -523,7 +525,7 @@ async fn a_killed_servers_jobs_are_taken_over_within_its_lease() {
         let j = &db[id];
         assert!(!j.on(&victim), "job {id} ended on the killed server: {j:?}");
         assert!(
-            requeued_from(&j.trace, &format!("s{VICTIM}")),
+            requeued_from(&j.trace, &format!("s{VICTIM}"), victim_id),
             "job {id}: {j:?}"
         );
         // A takeover is no fault of the job's: no retry spent.
@@ -613,7 +615,7 @@ async fn a_server_frozen_past_its_lease_reports_none_of_its_lost_jobs() {
             "job {id}'s result is the frozen server's: {j:?}"
         );
         assert!(
-            requeued_from(&j.trace, &format!("s{FROZEN}")),
+            requeued_from(&j.trace, &format!("s{FROZEN}"), frozen_id),
             "job {id}: {j:?}"
         );
     }

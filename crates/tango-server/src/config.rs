@@ -158,6 +158,10 @@ pub struct ServerSettings {
     /// A server whose heartbeat is older than this is dead; the heartbeat
     /// is renewed every third of it.
     pub lease_secs: u64,
+    /// Where the other servers sharing the store reach this one
+    /// (`HOST:PORT`, asked for the output so far of a job it runs); unset:
+    /// the address it listens on, with the host name for 0.0.0.0 or ::.
+    pub address: Option<String>,
 }
 
 impl Default for ServerSettings {
@@ -165,6 +169,7 @@ impl Default for ServerSettings {
         ServerSettings {
             name: None,
             lease_secs: 15,
+            address: None,
         }
     }
 }
@@ -182,6 +187,14 @@ impl ServerSettings {
                 "[server] name must be 1 to 255 characters, or unset for the host name"
             );
         }
+        if let Some(address) = &self.address {
+            let port = address.trim().rsplit_once(':').map(|(_, port)| port);
+            anyhow::ensure!(
+                port.is_some_and(|p| p.parse::<u16>().is_ok()) && !address.contains('/'),
+                "[server] address is {address:?}: write HOST:PORT (how the other servers \
+                 reach this one), or leave it unset for the address tangod listens on"
+            );
+        }
         Ok(())
     }
 
@@ -190,12 +203,28 @@ impl ServerSettings {
         if let Some(name) = &self.name {
             return name.trim().to_string();
         }
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .ok()
-            .map(|h| h.trim().to_string())
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "tangod".to_string())
+        host_name()
     }
+
+    /// Where the other servers reach this one, listening on `listening`.
+    pub fn address(&self, listening: std::net::SocketAddr) -> String {
+        match &self.address {
+            Some(address) => address.trim().to_string(),
+            None if listening.ip().is_unspecified() => {
+                format!("{}:{}", host_name(), listening.port())
+            }
+            None => listening.to_string(),
+        }
+    }
+}
+
+/// The machine's host name, or "tangod" when it has none.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "tangod".to_string())
 }
 
 /// A pool of warm VMs that tangod keeps from its start: free VMs of the

@@ -105,7 +105,7 @@ pub async fn serve(
     let membership = servers::Membership::join(
         store.clone(),
         config.server.name(),
-        listener.local_addr()?.to_string(),
+        config.server.address(listener.local_addr()?),
         std::time::Duration::from_secs(config.server.lease_secs),
         instance,
         config.engine.prefix.clone(),

@@ -1,9 +1,10 @@
 //! deploy/grafana-dashboard.json reads only metrics tangod exports: every
-//! metric its queries name (and every label value they match on) is in the
-//! `/metrics` of a real tangod (sandbox backend) that ran jobs. The Docker
-//! hosts' metrics have samples only where the docker backend has hosts:
-//! those are checked against tangod's application over a backend of two
-//! hosts (tests/common/hosts_backend.rs).
+//! metric its queries name (every label value they match on, every label
+//! they group by) is in the `/metrics` of a real tangod (sandbox backend)
+//! that ran jobs; the Servers row charts the servers registry's metrics.
+//! The Docker hosts' metrics have samples only where the docker backend
+//! has hosts: those are checked against tangod's application over a
+//! backend of two hosts (tests/common/hosts_backend.rs).
 
 mod common;
 
@@ -72,6 +73,26 @@ fn selectors(expr: &str) -> Vec<Selector> {
         });
     }
     found
+}
+
+/// The labels of every `by (...)` in a PromQL expression.
+fn grouping_labels(expr: &str) -> Vec<String> {
+    let mut labels = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("by (") {
+        let inner = &rest[at + "by (".len()..];
+        let close = inner
+            .find(')')
+            .unwrap_or_else(|| panic!("unclosed by ( in {expr:?}"));
+        labels.extend(
+            inner[..close]
+                .split(',')
+                .map(|l| l.trim().to_string())
+                .filter(|l| !l.is_empty()),
+        );
+        rest = &inner[close..];
+    }
+    labels
 }
 
 /// Every PromQL text in the dashboard: panel target `expr`s (panels may be
@@ -169,7 +190,7 @@ fn dashboard_selectors() -> (Value, Vec<String>, Vec<(String, Selector)>) {
 }
 
 /// What the selectors ask for that the scrape lacks: a family, samples
-/// (unless `families_only`), a label value.
+/// (unless `families_only`), a label value, a label grouped by.
 fn missing<'a>(
     used: impl Iterator<Item = &'a (String, Selector)>,
     metrics: &Scrape,
@@ -193,7 +214,19 @@ fn missing<'a>(
         if name.ends_with("_bucket") && !series.iter().all(|l| l.contains_key("le")) {
             missing.push(format!("{name}: buckets without le"));
         }
-        // `instance` is the label Prometheus adds to every scraped series.
+        // A query of one metric groups by labels its series have (in a
+        // query of several, a label may be another metric's).
+        if selectors(query).len() == 1 {
+            for label in grouping_labels(query) {
+                // `instance` is the label Prometheus adds to every scraped
+                // series.
+                if label != "instance" && !series.iter().any(|l| l.contains_key(&label)) {
+                    missing.push(format!(
+                        "{name}: no series has the label {label} it is grouped by (in {query})"
+                    ));
+                }
+            }
+        }
         for (label, op, value) in &selector.matchers {
             if label == "instance" {
                 continue;
@@ -237,6 +270,28 @@ async fn grafana_dashboard_queries_only_exported_metrics() {
     assert!(
         panels_without_query.is_empty(),
         "panels with no PromQL target: {panels_without_query:?}"
+    );
+
+    // The Servers row (issue 21) charts the servers registry's metrics.
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let row = panels
+        .iter()
+        .position(|p| p["type"] == "row" && p["title"] == "Servers")
+        .expect("a Servers row");
+    let in_row: BTreeSet<String> = panels[row + 1..]
+        .iter()
+        .take_while(|p| p["type"] != "row")
+        .flat_map(crate::queries)
+        .flat_map(|q| selectors(&q).into_iter().map(|s| s.name))
+        .collect();
+    assert_eq!(
+        in_row,
+        BTreeSet::from(["tango_server_info".into(), "tango_servers_alive".into()]),
+        "the Servers row's metrics"
+    );
+    assert!(
+        queries.iter().any(|q| q.contains("by (server")),
+        "no panel lists the servers by name"
     );
 
     if !root_or_skip("grafana_dashboard_queries_only_exported_metrics") {
@@ -359,4 +414,9 @@ fn selectors_are_found_in_promql() {
         "tango_phase_seconds"
     );
     assert_eq!(family_of("tango_jobs_count", &types), "tango_jobs_count");
+    assert_eq!(
+        grouping_labels("max by (server, instance) (x) + sum by (le) (y)"),
+        ["server", "instance", "le"]
+    );
+    assert!(grouping_labels("sum(tango_queue_depth)").is_empty());
 }

@@ -310,13 +310,21 @@ impl Membership {
                 engine.fence(id).await;
             }
         }
-        if now - *last_ok >= self.me.lease_ms {
+        // The renewal itself may have waited out the store's absence (a
+        // connection that PostgreSQL's restart cut is waited for, not
+        // failed): measured after it, not before.
+        let renewed = now_ms();
+        if renewed - *last_ok >= self.me.lease_ms {
             // Frozen, or the store was away: another server may have
-            // counted this one dead meanwhile.
+            // counted this one dead meanwhile, and every other server's
+            // heartbeat is as late as this one's. Like a failed call, this
+            // holds off taking over from them for a lease, the time they
+            // need to renew theirs.
+            self.last_failure_ms.store(renewed, Ordering::Relaxed);
             tracing::warn!(
                 "this server's heartbeat lapsed: the last one stored was {:.1} s ago, over its \
                  lease of {} s",
-                (now - *last_ok) as f64 / 1000.0,
+                (renewed - *last_ok) as f64 / 1000.0,
                 self.me.lease_ms / 1000
             );
         }

@@ -97,14 +97,34 @@ impl Inner {
                 return;
             }
         };
-        let mut st = self.lock();
-        if self.server_id() != Some(me) {
-            // Fenced meanwhile: the store gives these back to the others.
-            return;
+        let mut busy = Vec::new();
+        {
+            let mut st = self.lock();
+            if self.server_id() != Some(me) {
+                // Fenced meanwhile: the store gives these back to the others.
+                return;
+            }
+            for job in claimed {
+                if st.live.contains_key(&job.id) {
+                    // This server ran it before it was fenced, and that run
+                    // is still winding down: when it ends it drops the job
+                    // by id, which would drop this claim too and leave the
+                    // job owned in the store and run by no one.
+                    busy.push(job);
+                    continue;
+                }
+                st.enqueue(&job, &self.config);
+                st.insert_live(job);
+            }
         }
-        for job in claimed {
-            st.enqueue(&job, &self.config);
-            st.insert_live(job);
+        for job in busy {
+            let id = job.id;
+            if let Err(e) = self.on_shared(move |s| s.release_job(&job, me)).await {
+                warn!(
+                    job = id,
+                    "cannot give back a job this server still winds down: {e}"
+                );
+            }
         }
     }
 
@@ -190,18 +210,18 @@ impl Inner {
     }
 
     /// A callback's body: its frozen file, or with a shared store, its
-    /// bytes there. None when it is gone.
-    pub(super) async fn callback_body(&self, entry: &OutboxEntry) -> Result<Vec<u8>, String> {
+    /// bytes there.
+    pub(super) async fn callback_body(&self, entry: &OutboxEntry) -> Result<Vec<u8>, BodyError> {
         if !entry.body_path.is_empty() {
             return tokio::fs::read(&entry.body_path)
                 .await
-                .map_err(|e| e.to_string());
+                .map_err(|e| BodyError::Gone(e.to_string()));
         }
         let id = entry.job_id;
         match self.on_shared(move |s| s.callback_body(id)).await {
             Ok(Some(body)) => Ok(body),
-            Ok(None) => Err("the store has no body for it".into()),
-            Err(e) => Err(e.to_string()),
+            Ok(None) => Err(BodyError::Gone("the store has no body for it".into())),
+            Err(e) => Err(BodyError::Unreachable(e.to_string())),
         }
     }
 }
@@ -419,6 +439,14 @@ impl Inner {
         st.remove_live(id);
         st.stopped_running(id);
     }
+}
+
+/// Why a callback's body cannot be had.
+pub(super) enum BodyError {
+    /// It is not there: the callback cannot be sent.
+    Gone(String),
+    /// The store did not answer (PostgreSQL restarting): it may later.
+    Unreachable(String),
 }
 
 #[cfg(test)]

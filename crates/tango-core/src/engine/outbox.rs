@@ -1,6 +1,7 @@
 //! The callback outbox: delivers each finished job's callback from the
 //! store's outbox, retrying with backoff until its deadline.
 
+use super::cluster::BodyError;
 use super::Inner;
 use crate::model::{now_ms, Job, JobId};
 use crate::store::OutboxEntry;
@@ -82,7 +83,21 @@ impl Inner {
     async fn deliver(self: Arc<Self>, mut entry: OutboxEntry) {
         let body = match self.callback_body(&entry).await {
             Ok(body) => body,
-            Err(e) => {
+            Err(BodyError::Unreachable(e)) => {
+                // The body is in the store, which is away for now: the
+                // callback waits for it rather than being dropped.
+                warn!(
+                    job = entry.job_id,
+                    "cannot read the callback's body from the store ({e}); trying again"
+                );
+                entry.next_attempt_ms = now_ms() + self.config.callback_initial_backoff_ms as i64;
+                if let Err(e) = self.store.outbox_update(&entry) {
+                    warn!(job = entry.job_id, "cannot reschedule callback: {e}");
+                }
+                self.outbox_wake.notify_one();
+                return;
+            }
+            Err(BodyError::Gone(e)) => {
                 warn!(
                     job = entry.job_id,
                     "callback body is gone ({e}); dropping the callback"

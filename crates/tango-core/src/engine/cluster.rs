@@ -137,18 +137,20 @@ impl Inner {
                 let temp = self.data.temp_path("fetch");
                 let (md5, into) = (input.md5.clone(), temp.clone());
                 let fetched = self.on_shared(move |s| s.fetch_blob(&md5, &into)).await;
+                // (why, whether the store was away: the job then waits for
+                // it without spending a retry, as for a backend away).
                 let placed = match fetched {
                     Ok(true) => tokio::fs::rename(&temp, &local)
                         .await
-                        .map_err(|e| format!("cannot keep the fetched bytes: {e}")),
-                    Ok(false) => Err("the store has no bytes for it".to_string()),
-                    Err(e) => Err(e.to_string()),
+                        .map_err(|e| (format!("cannot keep the fetched bytes: {e}"), false)),
+                    Ok(false) => Err(("the store has no bytes for it".to_string(), false)),
+                    Err(e) => Err((e.to_string(), true)),
                 };
-                if let Err(why) = placed {
+                if let Err((why, unavailable)) = placed {
                     let _ = tokio::fs::remove_file(&temp).await;
                     return Err(SystemFailure {
                         step: Step::CopyIn,
-                        unavailable: false,
+                        unavailable,
                         message: format!(
                             "cannot fetch input file {} (md5 {}) from the store: {why}",
                             input.local_file, input.md5

@@ -186,6 +186,11 @@ impl Inner {
         self.update_live(job);
 
         if self.shared().is_some() {
+            // The other servers show the running job with its VM.
+            let record = job.clone();
+            if let Err(e) = self.on_store(move |s| s.save_job(&record)).await {
+                warn!("cannot record the job's VM: {e}");
+            }
             self.fetch_inputs(job)
                 .await
                 .map_err(|failure| SystemFailure {

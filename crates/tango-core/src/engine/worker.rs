@@ -95,11 +95,15 @@ impl Inner {
                 return;
             }
             () = epoch.cancelled() => {
-                // Fenced: another server runs the job now.
-                if let Some(vm) = job.vm.clone() {
-                    self.destroy(&vm).await;
+                // Fenced: another server runs the job now. Its VM goes,
+                // and its slot with it. (Stopped while its VM was still
+                // being made, the job leaves that VM to the pool's own
+                // bookkeeping, as a shutdown does.)
+                if let Some(vm) = job.vm.take() {
+                    self.release_vm(*vm, false).await;
                 }
                 self.drop_unowned(job.id);
+                self.dispatch_wake.notify_one();
                 return;
             }
             executed = self.execute(&mut job, warm) => executed,

@@ -9,8 +9,9 @@
 //! `validate` (what `addJob` checks), `scheduler` (the policy choosing the
 //! next job, a pure type), `dispatch` (the queue and what starts next,
 //! restart recovery), `pools` (VM pools and placement), `worker` (one job's
-//! steps and retries), `outbox` (callback delivery) and `sweeps` (orphan
-//! VMs and unused upload blobs).
+//! steps and retries), `outbox` (callback delivery), `sweeps` (orphan
+//! VMs and unused upload blobs) and `cluster` (several servers sharing one
+//! store: claiming, takeover, fencing, one result a job).
 
 mod cluster;
 mod dispatch;

@@ -136,6 +136,18 @@ pub trait SharedStore: Send + Sync {
     fn outbox_signal(&self) -> std::sync::Arc<tokio::sync::Notify>;
 }
 
+/// Runs a store call on a thread for blocking work, off the async threads:
+/// a shared store's calls go over the network and wait while the database
+/// is away, and would hold an async thread (one per core) meanwhile.
+pub async fn call_blocking<T: Send + 'static>(
+    store: std::sync::Arc<dyn Store>,
+    call: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(move || call(&*store))
+        .await
+        .map_err(|e| StoreError(format!("a store call failed: {e}")))?
+}
+
 pub trait Store: Send + Sync + 'static {
     /// A fresh job id; ids increase and are never reused, across restarts.
     fn next_job_id(&self) -> Result<JobId, StoreError>;

@@ -23,6 +23,7 @@ use anyhow::Context;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+use tango_core::store::call_blocking;
 use tango_core::{now_ms, Engine, ServerRecord, Store};
 
 /// Records of servers dead this long are removed when a server starts:
@@ -93,16 +94,6 @@ fn refusal(others: &[ServerRecord], prefix: &str, now_ms: i64) -> Option<String>
     ))
 }
 
-/// Runs a store call off the async threads: PostgreSQL's take milliseconds,
-/// and up to its call timeout when the database is away.
-async fn blocking<T: Send + 'static>(
-    store: &Arc<dyn Store>,
-    call: impl FnOnce(&dyn Store) -> Result<T, tango_core::StoreError> + Send + 'static,
-) -> anyhow::Result<T> {
-    let store = store.clone();
-    Ok(tokio::task::spawn_blocking(move || call(&*store)).await??)
-}
-
 impl Membership {
     /// Registers this server. With a shared store (PostgreSQL), refuses
     /// while an alive server has the same VM prefix, leaving no record of
@@ -129,7 +120,7 @@ impl Membership {
             prefix,
         };
         let record = me.clone();
-        let (id, others) = blocking(&store, move |s| s.register_server(&record))
+        let (id, others) = call_blocking(store.clone(), move |s| s.register_server(&record))
             .await
             .context("cannot register this server in the store")?;
         me.id = id;
@@ -138,7 +129,7 @@ impl Membership {
             .partition(|s| earlier_run(s, me.instance.as_deref()));
         if shared {
             if let Some(why) = refusal(&others, &me.prefix, now_ms()) {
-                if let Err(e) = blocking(&store, move |s| s.remove_server(id)).await {
+                if let Err(e) = call_blocking(store.clone(), move |s| s.remove_server(id)).await {
                     tracing::warn!("cannot remove this server's record after refusing: {e:#}");
                 }
                 anyhow::bail!(why);
@@ -153,7 +144,7 @@ impl Membership {
             .collect();
         if !forget.is_empty() {
             let gone = forget.clone();
-            blocking(&store, move |s| {
+            call_blocking(store.clone(), move |s| {
                 gone.iter().try_for_each(|id| s.remove_server(*id))
             })
             .await
@@ -215,7 +206,7 @@ impl Membership {
                 continue;
             }
             let id = server.id;
-            let newly = blocking(&self.store, move |s| match s.shared() {
+            let newly = call_blocking(self.store.clone(), move |s| match s.shared() {
                 Some(shared) => shared.retire_server(id, now),
                 None => Ok(false),
             })
@@ -265,7 +256,7 @@ impl Membership {
 
     /// The servers as the store has them now, for the views.
     pub async fn fresh(&self) -> anyhow::Result<Vec<ServerView>> {
-        let list = blocking(&self.store, |s| s.servers()).await?;
+        let list = call_blocking(self.store.clone(), |s| s.servers()).await?;
         *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = list.clone();
         Ok(self.views(list, now_ms()))
     }
@@ -287,19 +278,21 @@ impl Membership {
     async fn beat(&self, last_ok: &mut i64) -> anyhow::Result<()> {
         let id = self.id();
         let now = now_ms();
-        let kept = match blocking(&self.store, move |s| s.heartbeat_server(id, now)).await {
-            Ok(kept) => kept,
-            Err(e) => {
-                self.last_failure_ms.store(now_ms(), Ordering::Relaxed);
-                return Err(e);
-            }
-        };
+        let kept =
+            match call_blocking(self.store.clone(), move |s| s.heartbeat_server(id, now)).await {
+                Ok(kept) => kept,
+                Err(e) => {
+                    self.last_failure_ms.store(now_ms(), Ordering::Relaxed);
+                    return Err(e.into());
+                }
+            };
         if !kept {
             let record = ServerRecord {
                 heartbeat_ms: now,
                 ..self.me.clone()
             };
-            let (id, _) = blocking(&self.store, move |s| s.register_server(&record)).await?;
+            let (id, _) =
+                call_blocking(self.store.clone(), move |s| s.register_server(&record)).await?;
             tracing::warn!(
                 id,
                 "this server's heartbeat was refused (another server took over its jobs, or its \
@@ -329,7 +322,7 @@ impl Membership {
             );
         }
         *last_ok = now;
-        let list = blocking(&self.store, |s| s.servers()).await?;
+        let list = call_blocking(self.store.clone(), |s| s.servers()).await?;
         *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = list;
         self.take_over().await
     }
@@ -357,7 +350,7 @@ impl Membership {
     /// server that died.
     pub async fn leave(&self) {
         let id = self.id();
-        if let Err(e) = blocking(&self.store, move |s| s.remove_server(id)).await {
+        if let Err(e) = call_blocking(self.store.clone(), move |s| s.remove_server(id)).await {
             tracing::warn!("cannot remove this server from the servers registry: {e:#}");
         }
     }

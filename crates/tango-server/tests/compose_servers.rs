@@ -203,13 +203,6 @@ fn the_example_compose_file_is_valid() {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
 /// HAProxy with the example's haproxy.cfg, listening on loopback ports and
 /// balancing over `servers` (name -> address), as a child process.
 struct Haproxy {

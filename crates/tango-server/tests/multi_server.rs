@@ -362,19 +362,6 @@ impl Cluster {
     }
 }
 
-/// `GET /v2/jobs/{id}` (answered 200).
-async fn v2_job(c: &Client, id: u64) -> Value {
-    let r = c
-        .http
-        .get(format!("{}/v2/jobs/{id}", c.url))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "GET /v2/jobs/{id} on {}", c.url);
-    r.json().await.unwrap()
-}
-
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n") + "\n"
@@ -434,7 +421,7 @@ async fn jobs_uploaded_added_and_polled_on_three_servers() {
     // Any server tells of any job: each one's record on every server.
     for j in jobs.iter().step_by(25) {
         for c in &cluster.clients {
-            let v = v2_job(c, j.id).await;
+            let v = c.v2_get(&format!("/v2/jobs/{}", j.id)).await;
             assert_eq!(v["state"], "done", "job {} on {}: {v}", j.id, c.url);
             assert_eq!(
                 v["vm"].as_str(),

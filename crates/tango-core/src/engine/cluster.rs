@@ -17,7 +17,9 @@
 use super::worker::{Step, SystemFailure};
 use super::{call, Engine, EngineError, Inner};
 use crate::model::{Job, JobId, JobState};
-use crate::store::{OutboxEntry, ServerRecord, SharedOutput, SharedStore, Store, StoreError};
+use crate::store::{
+    call_blocking, OutboxEntry, ServerRecord, SharedOutput, SharedStore, Store, StoreError,
+};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,16 +57,12 @@ impl Inner {
         self.epoch.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Runs a store call off the async threads (a shared store's calls go
-    /// over the network and wait while the database is away).
+    /// Runs a store call off the async threads ([`call_blocking`]).
     pub(super) async fn on_store<T: Send + 'static>(
         &self,
         call: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || call(&*store))
-            .await
-            .map_err(|e| StoreError(format!("a store call failed: {e}")))?
+        call_blocking(self.store.clone(), call).await
     }
 
     /// [`Self::on_store`] on the shared side.

@@ -136,7 +136,7 @@ fn target_dir() -> PathBuf {
 
 /// A free port below the kernel's ephemeral range (32768 and up), so that
 /// no outgoing connection takes it while tangod restarts on it.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
     // Spread test processes running at once over the range.

@@ -171,14 +171,7 @@ impl SharedStore for PostgresStore {
         })?;
         self.call("re-queuing a job", move |pool| async move {
             let mut tx = pool.begin().await?;
-            let taken = sqlx::query("UPDATE jobs SET owner = NULL WHERE id = $1 AND owner = $2")
-                .bind(row.id)
-                .bind(from as i64)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
-                > 0;
-            if !taken {
+            if !disown(&mut tx, row.id, from).await? {
                 return Ok(false);
             }
             save(&mut *tx, &row).await?;
@@ -229,17 +222,7 @@ impl SharedStore for PostgresStore {
         let callback = callback.cloned();
         self.call("saving a finished job", move |pool| async move {
             let mut tx = pool.begin().await?;
-            let mine = sqlx::query(
-                "UPDATE jobs SET owner = NULL WHERE id = $1 AND owner = $2
-                 AND state IN ('queued', 'running')",
-            )
-            .bind(row.id)
-            .bind(owner as i64)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                > 0;
-            if !mine {
+            if !disown(&mut tx, row.id, owner).await? {
                 return Ok(false);
             }
             save(&mut *tx, &row).await?;
@@ -322,6 +305,26 @@ impl SharedStore for PostgresStore {
     fn outbox_signal(&self) -> Arc<tokio::sync::Notify> {
         self.signals.outbox.clone()
     }
+}
+
+/// Takes live job `id` from server `owner` (it belongs to no server
+/// after), locking its row for the rest of `tx`; false when `owner` does
+/// not have it (another server released or finished it first). A server
+/// owns only live jobs: finishing a job clears its owner.
+async fn disown(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    id: i64,
+    owner: u64,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "UPDATE jobs SET owner = NULL WHERE id = $1 AND owner = $2
+         AND state IN ('queued', 'running')",
+    )
+    .bind(id)
+    .bind(owner as i64)
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected() > 0)
 }
 
 /// Fills `chunk` from `file` as far as it goes; how many bytes it holds.
